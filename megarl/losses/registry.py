@@ -1,0 +1,88 @@
+"""Name -> loss, with each loss's own defaults. ``build_loss(name, **overrides)`` is the only constructor."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from megarl.losses import astar_po, ppo, rpg, trpa, trw
+from megarl.losses.base import LossInput, local_counts, token_mask
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    fn: LossFn
+    defaults: Mapping[str, Any]
+    counts: Callable[[LossInput], dict[str, float]] | None = None  # None: tokens and seqs
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLoss:
+    """A loss with its hyperparameters bound. ``loss(inp) -> (scalar, metrics)``.
+
+    ``counts(inp)`` gives the additive normalisers of one micro-batch; sum them over the mini-batch and DP ranks
+    and pass the sums as ``LossInput.counts`` to make micro-batching exact (see ``megarl.losses.base``).
+    """
+
+    name: str
+    hparams: Mapping[str, Any]
+    spec: LossSpec
+
+    def __call__(self, inp: LossInput) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.spec.fn(inp, **self.hparams)
+
+    def counts(self, inp: LossInput) -> dict[str, float]:
+        return self.spec.counts(inp) if self.spec.counts else local_counts(token_mask(inp))
+
+
+def _rpg_entries() -> dict[str, LossSpec]:
+    out = {}
+    for div in rpg.DIVERGENCES:
+        out[f"rpg_{div}"] = LossSpec(functools.partial(rpg.rpg_differentiable, div=div), rpg.RPG_DEFAULTS)
+        out[f"rpg_rf_{div}"] = LossSpec(functools.partial(rpg.rpg_reinforce, div=div, rpg_style_clip=False),
+                                        rpg.RPG_DEFAULTS)
+        out[f"rpg_rf_{div}_clip"] = LossSpec(functools.partial(rpg.rpg_reinforce, div=div, rpg_style_clip=True),
+                                             rpg.RPG_DEFAULTS)
+    return out
+
+
+LOSSES: dict[str, LossSpec] = {
+    "grpo": LossSpec(ppo.grpo, ppo.PPO_DEFAULTS),
+    "dr_grpo": LossSpec(ppo.dr_grpo, {**ppo.PPO_DEFAULTS, "agg_mode": "seq-mean-token-sum-norm"}),
+    "dapo": LossSpec(ppo.dapo, {**ppo.PPO_DEFAULTS, "clip_high": 0.28, "clip_c": 10.0, "kl_coef": 0.0}),
+    "reinforce_pp": LossSpec(ppo.reinforce_pp, {**ppo.PPO_DEFAULTS, "clip_high": 0.28, "clip_c": 10.0,
+                                                "kl_coef": 1e-4, "kl_estimator": "k1"}),
+    "trw_indicator": LossSpec(trw.trw_indicator, {"clip_low": 0.2, "clip_high": 0.2, "clip_c": 3.0,
+                                                  **trw.TRW_COMMON}),
+    "trw_triangular": LossSpec(trw.trw_triangular, {**trw.TRIANGLE, **trw.TRW_COMMON}),
+    "trw_logistic": LossSpec(trw.trw_logistic, {"alpha": 10.0, "gamma": 1.0, "eta": 0.0, "rescale": False,
+                                                **trw.TRW_COMMON}),
+    "trw_entropy": LossSpec(trw.trw_entropy, {**trw.TRIANGLE, "lam": 0.5, "vocab_size": None, **trw.TRW_COMMON}),
+    "trpa": LossSpec(trpa.trpa, trpa.TRPA_DEFAULTS, trpa.trpa_counts),
+    "astar_po": LossSpec(astar_po.astar_po, astar_po.ASTAR_PO_DEFAULTS),
+    **_rpg_entries(),
+}
+
+
+def _unknown(kind: str, name: str, known: list[str], where: str = "") -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"Unknown {kind} '{name}'{where}. Known: {', '.join(sorted(known))}.{hint}"
+
+
+def build_loss(name: str, **overrides: Any) -> PolicyLoss:
+    """The loss ``name`` with its defaults, overridden by keyword. Unknown names and keys raise."""
+    if name not in LOSSES:
+        raise ValueError(_unknown("loss", name, list(LOSSES)))
+    spec = LOSSES[name]
+    bad = [k for k in overrides if k not in spec.defaults]
+    if bad:
+        raise TypeError(_unknown(f"hyperparameter of loss '{name}'", bad[0], list(spec.defaults)))
+    return PolicyLoss(name, {**spec.defaults, **overrides}, spec)

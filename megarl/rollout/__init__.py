@@ -1,0 +1,1 @@
+"""Rollout data handling that needs no engine: grouping, filtering, reward shaping."""
