@@ -1,0 +1,92 @@
+"""The one forward/backward entry point over Megatron's pipeline schedules, with swappable post-processors.
+
+A post-processor turns the last stage's vocab-parallel logits of one micro-batch into either
+
+- a loss: ``(loss scalar, {"metric": float, ...})`` -- the loss must already carry its global normaliser
+  (megarl losses do, see ``megarl.losses.base``), so nothing here divides by the number of micro-batches
+  (``TransformerConfig.calculate_per_token_loss=True`` switches Megatron's own division off); or
+- data to collect (forward_only): any tensor, returned per micro-batch on the last pipeline stage.
+
+Logits are [b, s, V_padded / tp] with columns past the real vocabulary still present; ``vocab`` helpers below
+mask them before any softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+PostProcess = Callable[[torch.Tensor, dict[str, Any]], Any]
+
+
+def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]], post: PostProcess, *,
+                     forward_only: bool) -> list[Any]:
+    """Run all micro-batches through the pipeline. Each micro-batch holds ``input_ids`` [b, s] (the same b and s
+    for all of them: pipeline stages exchange fixed shapes) plus whatever ``post`` reads.
+
+    Returns, on the last pipeline stage, one entry per micro-batch: the metrics dict (training) or the
+    collected data (forward_only). Other stages get an empty list. Gradients accumulate in ``param.grad``
+    (or the DDP buffers).
+    """
+    if not micro_batches:
+        return []
+    b, s = micro_batches[0]["input_ids"].shape
+    for mb in micro_batches:
+        if tuple(mb["input_ids"].shape) != (b, s):
+            raise ValueError(f"micro-batches must share one shape for the pipeline, got {(b, s)} and "
+                             f"{tuple(mb['input_ids'].shape)}; pad them to a common length.")
+
+    def step(data_iterator: Iterable, mdl: torch.nn.Module):
+        mb = next(data_iterator)
+        ids = mb["input_ids"]
+        logits = mdl(ids, mb.get("position_ids", position_ids_for(ids)), attention_mask=None)
+
+        def loss_func(output: torch.Tensor):
+            if forward_only:
+                return output.new_zeros(()), 1, {"data": post(output, mb)}
+            loss, metrics = post(output, mb)
+            return loss, 1, metrics
+
+        return logits, loss_func
+
+    out = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+    if not parallel_state.is_pipeline_last_stage():
+        return []
+    return [o["data"] for o in out] if forward_only else list(out)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set this TP rank's columns past the real vocabulary to -inf (they exist only for even sharding)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    width = logits.shape[-1]
+    start = tp_rank * width
+    if start + width <= vocab_size:
+        return logits
+    cols = torch.arange(start, start + width, device=logits.device)
+    return logits.masked_fill(cols >= vocab_size, float("-inf"))
+
+
+def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, vocab_size] from the TP shards (tests, sampling; not the training path)."""
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    return full[..., :vocab_size]
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) per position from vocab-parallel logits [b, s, V/tp], differentiable. -> [b, s] fp32
+
+    Plain reference path (Megatron's vocab-parallel cross entropy); the fused kernels replace it.
+    """
+    shard = mask_padded_vocab(logits.float() / temperature, vocab_size)
+    return -tensor_parallel.vocab_parallel_cross_entropy(shard, targets)

@@ -1,0 +1,100 @@
+"""Build a megatron-core GPTModel from a ModelArch, for the current TP/PP rank.
+
+The Transformer Engine layer spec is used when TE imports and CUDA is present (fused kernels, FP8-ready);
+otherwise megatron-core's local spec (pure torch modules), which is what runs on CPU. Both specs produce the same
+function; their parameter names differ only in the fused layer norms (see ``weights.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                      get_gpt_layer_with_transformer_engine_spec)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+
+from megarl.backends.megatron.cpu_compat import enable_cpu_compat
+from megarl.convert.arch import ModelArch, check_parallel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def te_available() -> bool:
+    """True when Transformer Engine's PyTorch extension imports (never on CPU-only machines)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # an ImportError, or TE's own error when CUDA/NCCL libraries are absent
+        return False
+    return True
+
+
+def default_layer_spec_name() -> str:
+    return "transformer_engine" if (te_available() and torch.cuda.is_available()) else "local"
+
+
+def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """The TransformerConfig equal in function to the HF model, for the parallel layout now initialised."""
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=arch.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        # fusions need apex/TE kernels; they are pure speed, never semantics
+        use_cpu_initialization=not on_gpu, bias_activation_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        apply_rope_fusion=False, calculate_per_token_loss=True,
+    )
+
+
+def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_spec: str | None = None,
+                seq_length: int | None = None) -> torch.nn.Module:
+    """The GPTModel stage of this rank (wrapped in Float16Module for bf16/fp16). parallel_state must be set up.
+
+    Weights are randomly initialised; load real ones with ``weights.load_hf_weights``.
+    """
+    enable_cpu_compat()
+    check_parallel(arch, parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_pipeline_model_parallel_world_size())
+    spec_name = layer_spec or default_layer_spec_name()
+    if spec_name == "transformer_engine":
+        if not te_available():
+            raise ValueError("model.layer_spec=transformer_engine but Transformer Engine does not import; "
+                             "install megarl[gpu] on a CUDA machine or set model.layer_spec=local.")
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    elif spec_name == "local":
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    else:
+        raise ValueError(f"model.layer_spec='{spec_name}' is unknown; use 'local' or 'transformer_engine'.")
+    config = transformer_config(arch, dtype)
+    model = GPTModel(
+        config, spec, vocab_size=arch.padded_vocab_size,
+        max_sequence_length=seq_length or arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True, share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope", rotary_base=arch.rope_theta,
+        rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    if dtype in (torch.bfloat16, torch.float16):
+        model = Float16Module(config, model)
+    model.megarl_arch = arch  # the padded vocab and the real vocab travel with the model
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside Float16Module / DDP wrappers."""
+    while not isinstance(model, GPTModel):
+        model = model.module
+    return model

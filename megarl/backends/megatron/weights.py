@@ -1,0 +1,122 @@
+"""Load Hugging Face weights into this rank's Megatron shard, and gather shards back into HF tensors.
+
+Both directions walk the family key map (``megarl.convert.families``) and the tensor ops of
+``megarl.convert.shard``; they hold one full tensor at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megarl.backends.megatron.model import unwrap
+from megarl.convert import shard as sh
+from megarl.convert.arch import ModelArch
+from megarl.convert.families import key_map
+from megarl.convert.families.rules import Rule
+
+# Under the Transformer Engine spec the pre-attention / pre-MLP norms are fused into the next linear layer.
+TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+            "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def _local_layers(model) -> dict[int, int]:
+    """local layer index -> global layer index on this pipeline stage."""
+    gpt = unwrap(model)
+    return {j: layer.layer_number - 1 for j, layer in enumerate(gpt.decoder.layers)}
+
+
+def _rule_for(name: str, rules: tuple[Rule, ...], layers: dict[int, int], tied: bool) -> tuple[Rule, int | None]:
+    m = _LAYER.match(name)
+    if m:
+        local, suffix = int(m.group(1)), m.group(2)
+        for te_suffix_from, te_suffix_to in TE_NAMES.items():
+            if suffix == te_suffix_to:
+                suffix = te_suffix_from
+        for r in rules:
+            if r.per_layer and r.mcore == f"decoder.layers.{{i}}.{suffix}":
+                return r, layers[local]
+    else:
+        for r in rules:
+            if r.mcore == name:
+                return r, None
+        if name == "output_layer.weight" and tied:  # last PP stage's copy of the tied embedding
+            return Rule(name, ("model.embed_tokens.weight",), "vocab"), None
+    raise KeyError(f"no HF tensor maps to Megatron parameter '{name}'")
+
+
+def load_hf_weights(model: torch.nn.Module, arch: ModelArch, get_hf: Callable[[str], torch.Tensor]) -> None:
+    """Copy HF tensors (``get_hf(name)``, e.g. a safetensors handle) into this rank's parameters.
+
+    Raises ValueError naming the tensor and both shapes when the checkpoint disagrees with the config.
+    """
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    rules, layers = key_map(arch), _local_layers(model)
+    for name, param in unwrap(model).named_parameters():
+        rule, layer = _rule_for(name, rules, layers, arch.tie_embeddings)
+        hf_names = tuple(n.replace("{i}", str(layer)) for n in rule.hf)
+        hf = tuple(get_hf(n) for n in hf_names)
+        _check_hf_shapes(rule, hf_names, hf, arch)
+        local = sh.shard(rule.kind, sh.to_mcore_full(rule.kind, hf, arch), tp, rank)
+        if local.shape != param.shape:
+            raise ValueError(f"{hf_names[0]}: gives Megatron '{name}' shape {tuple(local.shape)} on TP rank "
+                             f"{rank}, but the model built from config.json expects {tuple(param.shape)}.")
+        with torch.no_grad():
+            param.copy_(local.to(param.dtype))
+
+
+def expected_hf_shapes(rule: Rule, arch: ModelArch) -> tuple[tuple[int, ...], ...]:
+    """The shape config.json implies for each HF tensor of a rule."""
+    H, d = arch.hidden_size, arch.head_dim
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    leaf = rule.mcore.rsplit(".", 2)[-2:]
+    if rule.kind == "qkv":
+        return ((q, H), (kv, H), (kv, H)) if leaf[-1] == "weight" else ((q,), (kv,), (kv,))
+    if rule.kind == "gate_up":
+        return ((arch.ffn_hidden_size, H),) * 2
+    if rule.kind == "vocab":
+        return ((arch.vocab_size, H),)
+    if leaf[0] == "linear_proj":
+        return ((H, q),)
+    if leaf[0] == "linear_fc2":
+        return ((H, arch.ffn_hidden_size),)
+    if leaf[0] in ("q_layernorm", "k_layernorm"):
+        return ((d,),)
+    return ((H,),)
+
+
+def _check_hf_shapes(rule: Rule, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], arch: ModelArch):
+    for n, t, want in zip(names, tensors, expected_hf_shapes(rule, arch)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"tensor '{n}' has shape {tuple(t.shape)} but config.json implies {want}; the "
+                             f"checkpoint and its config.json disagree.")
+
+
+def _gather_tp(local: torch.Tensor, kind: str) -> torch.Tensor:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1 or kind == "replicated":
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return sh.unshard(kind, parts)
+
+
+def export_stage_hf(model: torch.nn.Module, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) for the parameters of THIS pipeline stage, gathered over TP.
+
+    Every TP rank of the stage must iterate in step (it all-gathers). The last stage's copy of a tied
+    embedding is skipped: the first stage exports ``model.embed_tokens.weight``.
+    """
+    rules, layers = key_map(arch), _local_layers(model)
+    for name, param in unwrap(model).named_parameters():
+        if name == "output_layer.weight" and arch.tie_embeddings:
+            continue
+        rule, layer = _rule_for(name, rules, layers, arch.tie_embeddings)
+        full = _gather_tp(param.detach(), rule.kind)
+        for hf_name, t in zip(rule.hf, sh.to_hf(rule.kind, full, arch)):
+            yield hf_name.replace("{i}", str(layer)), t

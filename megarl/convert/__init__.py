@@ -1,0 +1,1 @@
+"""HF <-> Megatron conversion: architectures, per-family key maps, shard/unshard tensor ops. No Megatron import."""

@@ -1,0 +1,136 @@
+"""A model's architecture read from a Hugging Face ``config.json``: plain data, no Megatron, no transformers.
+
+Supported families (all pre-norm RMSNorm decoders with SwiGLU MLPs and RoPE):
+
+    Llama   LlamaForCausalLM     GQA, optional tied embeddings, llama3 rope scaling
+    Mistral MistralForCausalLM   as Llama; sliding window recorded (sequences must fit inside it)
+    Qwen2   Qwen2ForCausalLM     q/k/v bias (Qwen2 and Qwen2.5), tied or untied embeddings
+    Qwen3   Qwen3ForCausalLM     per-head RMSNorm on q and k (qk-norm), explicit head_dim
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+            "Qwen3ForCausalLM": "qwen3"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+VOCAB_PAD_MULTIPLE = 128  # padded vocab is independent of TP, so checkpoints reshard between TP sizes
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's architecture or one of its options cannot be built."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelArch:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_scaling_factor: float | None = None  # llama3-style scaling (Llama 3.1+), None = off
+    sliding_window: int | None = None
+    hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocab rounded up to a multiple of 128; rows past vocab_size are zero and masked out of softmaxes."""
+        return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, float | None]:
+    """(theta, llama3 factor) from either transformers-4 (rope_theta/rope_scaling) or -5 (rope_parameters)."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return float(theta), None
+    if kind == "llama3":
+        src = params if params.get("rope_type") == "llama3" else scaling
+        # megatron-core hard-codes these three; anything else would silently diverge from HF
+        expect = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        for key, value in expect.items():
+            if float(src.get(key, value)) != value:
+                raise UnsupportedModel(f"rope scaling llama3 with {key}={src.get(key)} is not supported "
+                                       f"(megatron-core implements only {key}={value}).")
+        return float(theta), float(src.get("factor", 8.0))
+    raise UnsupportedModel(f"rope_type '{kind}' is not supported; supported: default, llama3.")
+
+
+def read_arch(cfg: dict[str, Any], source: str = "config.json") -> ModelArch:
+    """Parse an HF config dict. Raises UnsupportedModel with one line naming what is wrong."""
+    archs = cfg.get("architectures") or []
+    family = next((FAMILIES[a] for a in archs if a in FAMILIES), None) or MODEL_TYPES.get(cfg.get("model_type", ""))
+    if family is None:
+        raise UnsupportedModel(f"{source}: architecture {archs or cfg.get('model_type')} is not supported. "
+                               f"Supported: {', '.join(sorted(FAMILIES))}.")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModel(f"{source}: hidden_act='{act}' is not supported (SwiGLU with silu only).")
+    if family in ("llama", "mistral") and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise UnsupportedModel(f"{source}: attention_bias/mlp_bias=True is not supported for {family}.")
+    if family == "qwen3" and cfg.get("attention_bias"):
+        raise UnsupportedModel(f"{source}: attention_bias=True is not supported for qwen3.")
+    heads = int(cfg["num_attention_heads"])
+    theta, factor = _rope(cfg)
+    window = cfg.get("sliding_window") if (family == "mistral" or cfg.get("use_sliding_window")) else None
+    return ModelArch(
+        family=family, vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+        num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+        ffn_hidden_size=int(cfg["intermediate_size"]), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta, rope_scaling_factor=factor,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
+        qk_norm=family == "qwen3", sliding_window=int(window) if window else None, hf_config=dict(cfg))
+
+
+def read_arch_dir(hf_dir: str | Path) -> ModelArch:
+    """Read ``HF_DIR/config.json``; a missing directory or file is a one-line error."""
+    path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).is_dir():
+        raise FileNotFoundError(f"{hf_dir}: no such directory (expected a Hugging Face model directory).")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; a Hugging Face model directory holds config.json.")
+    return read_arch(json.loads(path.read_text()), str(path))
+
+
+def check_parallel(arch: ModelArch, tp: int, pp: int, world_size: int | None = None) -> None:
+    """Validate TP/PP against the model and the world size, naming the config key and the valid values."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"parallel.tp ({tp}) and parallel.pp ({pp}) must be >= 1.")
+    valid_tp = [d for d in range(1, arch.num_kv_heads + 1)
+                if arch.num_kv_heads % d == 0 and arch.num_heads % d == 0]
+    if arch.num_heads % tp or arch.num_kv_heads % tp:
+        raise ValueError(f"parallel.tp={tp} must divide num_attention_heads ({arch.num_heads}) and "
+                         f"num_key_value_heads ({arch.num_kv_heads}); valid values: "
+                         f"{', '.join(map(str, valid_tp))}.")
+    if arch.ffn_hidden_size % tp:
+        raise ValueError(f"parallel.tp={tp} must divide intermediate_size ({arch.ffn_hidden_size}).")
+    if arch.num_layers % pp:
+        valid_pp = [d for d in range(1, arch.num_layers + 1) if arch.num_layers % d == 0]
+        raise ValueError(f"parallel.pp={pp} must divide num_hidden_layers ({arch.num_layers}); valid values: "
+                         f"{', '.join(map(str, valid_pp))}.")
+    if world_size is not None and world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp * pp}; "
+                         f"launch a multiple of {tp * pp} processes or change parallel.tp/parallel.pp.")

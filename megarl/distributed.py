@@ -1,0 +1,84 @@
+"""Process-group bootstrap: torchrun (single or multi node, env:// rendezvous) or a plain single process.
+
+NCCL when CUDA is present, gloo otherwise. Megatron's TP/PP/DP groups are made on top of this by
+``megarl.backends.megatron.parallel``. ``distributed()`` tears everything down on normal exit and on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...), or make a group of one."""
+    if "RANK" not in os.environ:  # plain `python` / `megarl ...`: a world of one on this host
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    backend = default_backend()
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        else:  # share the host's cores between the local ranks instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dist.init_process_group(backend, init_method="env://",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, dist.get_backend())
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(timeout_minutes: int = 30):
+    """``with distributed() as info:`` -- the process group for the body, destroyed however the body ends."""
+    info = init_distributed(timeout_minutes)
+    try:
+        yield info
+    finally:
+        shutdown_distributed()
+
+
+def all_reduce_sum(values: dict[str, float], group=None) -> dict[str, float]:
+    """Sum a dict of floats over a process group (counts of the losses, metrics)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                     device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    dist.all_reduce(t, group=group)
+    return dict(zip(keys, t.tolist()))
