@@ -10,7 +10,15 @@ import torch
 
 from megarl.losses import LOSSES, LossInput, build_loss
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """References here are float64 loops; restore the default afterwards so no other test inherits it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def make_batch(seed=0, B=6, T=7, spread=0.3, groups=(0, 0, 0, 1, 1, 1)):

@@ -1,7 +1,7 @@
 """torchrun worker: build every tiny family as a Megatron model at the launched TP/PP layout, compare its logits
 and gradients with HF transformers (the independent reference), and save them for cross-layout comparison.
 
-    torchrun --nproc-per-node N tests/dist/worker_parity.py --tp T --pp P --out DIR
+    torchrun --nproc-per-node N tests/parallel/worker_parity.py --tp T --pp P --out DIR
 """
 
 from __future__ import annotations

