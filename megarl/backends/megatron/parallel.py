@@ -42,6 +42,15 @@ def destroy_model_parallel() -> None:
 
 @contextlib.contextmanager
 def model_parallel(dims: ParallelDims, seed: int = 1234):
+    """Megatron's groups for the body. Inside groups of the same sizes it reuses them and leaves them up."""
+    if parallel_state.model_parallel_is_initialized():
+        have = ParallelDims(parallel_state.get_tensor_model_parallel_world_size(),
+                            parallel_state.get_pipeline_model_parallel_world_size())
+        if have != dims:
+            raise ValueError(f"model parallel groups already exist with tp={have.tp} pp={have.pp}; cannot switch "
+                             f"to tp={dims.tp} pp={dims.pp} inside them.")
+        yield dims
+        return
     init_model_parallel(dims, seed)
     try:
         yield dims
