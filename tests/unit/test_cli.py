@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,10 @@ def test_demo_generates_with_megatron_and_matches_hf(megarl_cache):
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("HF transformers greedy decoding: identical") == 2
     assert "The capital of France is Paris." in r.stdout and r.stdout.rstrip().endswith("demo ok")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[2] / "tools").glob("*.py")))
+def test_tools_wrappers_forward_to_the_cli(script):
+    tool = Path(__file__).parents[2] / "tools" / script
+    r = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("usage: megarl convert"), r.stderr
