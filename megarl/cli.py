@@ -73,6 +73,33 @@ def cmd_convert_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _people(spec: str) -> list[int]:
+    """'3' -> [3]; '2-8' -> [2, ..., 8]; '3,5' -> [3, 5]."""
+    try:
+        if "-" in spec:
+            lo, hi = map(int, spec.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--people '{spec}' is not N, N-M or N,M,...") from None
+
+
+def cmd_data_kk(args: argparse.Namespace) -> int:
+    from megarl.data.kk_dataset import write_kk_dataset
+
+    counts = write_kk_dataset(args.out, args.train, args.test, _people(args.people), args.seed, args.template)
+    for split, n in counts.items():
+        print(f"{args.out}/{split}.parquet: {n} puzzles")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from megarl.data.parquet import describe
+
+    print(describe(args.file, args.rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megarl", description="Megatron-core RL post-training for LLM reasoning.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -139,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--pp", type=int, default=1)
     ver.add_argument("--tol", type=float, default=1e-4, help="maximum |logit difference| (fp32)")
     ver.set_defaults(func=cmd_convert_verify)
+
+    data = sub.add_parser("data", help="datasets in verl's parquet layout", description="Dataset tools.")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    kk = dsub.add_parser("kk", help="generate Knights-and-Knaves puzzles (train/test parquet)",
+                         description="Generate seeded Knights-and-Knaves puzzles, each checked by brute force to have "
+                                     "exactly one solution, as verl-layout train.parquet and test.parquet.")
+    kk.add_argument("--out", required=True, help="output directory")
+    kk.add_argument("--train", type=int, default=1000, help="number of training puzzles")
+    kk.add_argument("--test", type=int, default=100, help="number of test puzzles")
+    kk.add_argument("--people", default="3", help="people per puzzle: N, N-M or N,M,... (2 to 8)")
+    kk.add_argument("--seed", type=int, default=0)
+    kk.add_argument("--template", default="instruct", choices=["instruct", "base"],
+                    help="instruct: system prompt + chat template; base: raw completion template")
+    kk.set_defaults(func=cmd_data_kk)
+    insp = dsub.add_parser("inspect", help="schema, rows per data_source and sample rows of a parquet file",
+                           description="Validate a verl-layout parquet file and print its schema, rows per "
+                                       "data_source and sample rows.")
+    insp.add_argument("file")
+    insp.add_argument("--rows", type=int, default=2, help="sample rows to print")
+    insp.set_defaults(func=cmd_data_inspect)
     return p
 
 

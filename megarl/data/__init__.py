@@ -1,0 +1,1 @@
+"""Datasets in verl's parquet layout, the Knights-and-Knaves generator, prompt templates."""

@@ -1,0 +1,132 @@
+"""Reward execution that cannot take a run down: a process pool, a per-call timeout, failures scored and counted.
+
+Math verification can hang (sympy on adversarial LaTeX, catastrophic regex backtracking in C where no signal
+gets through) or raise. Each call therefore runs in a worker process, under two limits:
+
+- per call: a SIGALRM timer of ``timeout_s`` inside the worker interrupts Python-level hangs (sympy, parsing);
+- per batch: calls not done by ``timeout_s * (ceil(n / workers) + 1)`` are abandoned (C-level hangs ignore
+  signals) and the pool is replaced, which kills the stuck workers.
+
+A call that raises or times out gets the failed-answer score of its reward and is counted in the stats, so one bad
+response costs one timeout, never the run.
+
+Why not concurrent.futures: a ProcessPoolExecutor cannot kill one hung worker, and a timed-out future keeps
+its worker busy forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing as mp
+import signal
+import time
+from typing import Any
+
+from megarl.rewards import compute_score, reward_name
+
+FAILED_SCORE = {"kk": {"score": -3.0, "acc": False, "level": 4}, "gsm8k": {"score": 0.0, "acc": False},
+                "math": {"score": 0.0, "acc": False}, "math_dapo": {"score": -1.0, "acc": False}}
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardRequest:
+    data_source: str
+    solution_str: str
+    ground_truth: Any
+    extra_info: dict | None = None
+
+
+def _score(req: RewardRequest, options: dict, score_fn=compute_score) -> dict:
+    return score_fn(req.data_source, req.solution_str, req.ground_truth, req.extra_info, **options)
+
+
+class _CallTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _CallTimeout()
+
+
+def _score_in_worker(req: RewardRequest, options: dict, timeout_s: float, score_fn) -> dict:
+    """Worker side: score under a per-call alarm; errors come back as data, not as pickled exceptions."""
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return _score(req, options, score_fn)
+    except _CallTimeout:
+        return {"__failure__": "timeouts", "why": f"timed out after {timeout_s}s"}
+    except Exception as e:  # a bad response must not end the run
+        return {"__failure__": "errors", "why": f"{type(e).__name__}: {e}"}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def failed(req: RewardRequest, why: str) -> dict:
+    return {**FAILED_SCORE[reward_name(req.data_source)], "error": why}
+
+
+class RewardExecutor:
+    """``score(requests) -> (results, stats)``; results in request order, stats = counts of errors/timeouts.
+
+    ``num_workers=0`` scores in this process (no timeout protection): for debugging and tiny runs.
+    ``score_fn`` (a module-level function with compute_score's signature) replaces the built-in rewards.
+    """
+
+    def __init__(self, num_workers: int = 2, timeout_s: float = 10.0, options: dict | None = None,
+                 score_fn=compute_score):
+        if num_workers < 0 or timeout_s <= 0:
+            raise ValueError(f"reward.num_workers ({num_workers}) must be >= 0 and reward.timeout_s ({timeout_s}) > 0.")
+        self.num_workers, self.timeout_s, self.options = num_workers, timeout_s, dict(options or {})
+        self.score_fn = score_fn
+        self._pool = None
+
+    def _pool_get(self):
+        if self._pool is None:
+            # spawn, not fork: the trainer process holds torch threads and process groups that must not be forked
+            self._pool = mp.get_context("spawn").Pool(self.num_workers)
+        return self._pool
+
+    def score(self, requests: list[RewardRequest]) -> tuple[list[dict], dict[str, int]]:
+        for r in requests:
+            reward_name(r.data_source)  # unknown sources are a configuration error, not a failed answer
+        stats = {"errors": 0, "timeouts": 0}
+        if self.num_workers == 0:
+            results = []
+            for r in requests:
+                try:
+                    results.append(_score(r, self.options, self.score_fn))
+                except Exception as e:  # a bad response must not end the run
+                    stats["errors"] += 1
+                    results.append(failed(r, f"{type(e).__name__}: {e}"))
+            return results, stats
+        pool = self._pool_get()
+        pending = [pool.apply_async(_score_in_worker, (r, self.options, self.timeout_s, self.score_fn))
+                   for r in requests]
+        deadline = time.monotonic() + self.timeout_s * (math.ceil(len(requests) / self.num_workers) + 1)
+        results, abandoned = [], False
+        for req, job in zip(requests, pending):
+            try:
+                out = job.get(timeout=max(0.0, deadline - time.monotonic()))
+            except mp.TimeoutError:
+                out, abandoned = {"__failure__": "timeouts", "why": f"no result within the batch deadline"}, True
+            if "__failure__" in out:
+                stats[out["__failure__"]] += 1
+                out = failed(req, out["why"])
+            results.append(out)
+        if abandoned:  # kill the workers stuck in C-level hangs
+            self.close()
+        return results, stats
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,147 @@
+"""Every branch of every reward, on hand-written responses; dispatch; the fault-tolerant executor."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from megarl.rewards import compute_score, reward_name
+from megarl.rewards.executor import RewardExecutor, RewardRequest
+from tests.unit.reward_helpers import deaf_hang, sleepy_or_real
+
+KK_TRUTH = {"solution_text_format": "(1) Zoey is a knight\n(2) Oliver is a knave"}
+GOOD = "Zoey tells the truth, so Oliver lies.</think>\n<answer> (1) Zoey is a knight\n(2) Oliver is a knave </answer>"
+
+
+def kk(text):
+    return compute_score("kk_logic", text, KK_TRUTH)
+
+
+@pytest.mark.parametrize("text,score,level", [
+    (GOOD, 3.0, 1),                                                                         # right
+    ("<think>x</think><answer>(1) Zoey is a knave\n(2) Oliver is a knave</answer>", -0.5, 2),  # wrong roles
+    ("<think>x</think><answer>Zoey is a knight.</answer>", -1.0, 3),                      # one role for two people
+    ("<think>x</think><answer>Zoey: knight, Oliver: knave</answer>", -1.0, 3),            # unparseable phrasing
+    ("<think>x</think><answer>  </answer>", -1.0, 4),                                     # format ok, empty answer
+    ("<think>x</think> no answer tags at all", -3.0, 4),                                  # tags missing
+    (GOOD + "<answer>(1) Zoey is a knight</answer>", -3.0, 4),                            # two answers
+    ("<think>x<answer>(1) Zoey is a knight\n(2) Oliver is a knave</answer></think>", -3.0, 4),  # wrong order
+    ("<think><think>x</think><answer>(1) Zoey is a knight\n(2) Oliver is a knave</answer>", -3.0, 4),  # 2 <think>
+])
+def test_kk_every_branch(text, score, level):
+    r = kk(text)
+    assert (r["score"], r["level"], r["acc"]) == (score, level, level == 1)
+
+
+def test_kk_same_score_with_or_without_the_prompts_think():
+    own = kk("<think>" + GOOD)          # the response opens its own <think>
+    supplied = kk(GOOD)                  # the prompt ended with <think>
+    with_header = kk("<|im_start|>assistant\n<think>" + GOOD)
+    assert own == supplied == with_header and own["level"] == 1
+
+
+def test_kk_names_are_matched_as_words():
+    truth = {"solution_text_format": "(1) Ava is a knight\n(2) Avan is a knave"}
+    r = compute_score("kk_logic", "x</think><answer>(1) Avan is a knave (2) Ava is a knight</answer>", truth)
+    assert r["level"] == 1
+
+
+@pytest.mark.parametrize("text,gt,method,score,pred", [
+    ("So the total is #### 1,234", "1234", "strict", 1.0, "1234"),
+    ("#### 12\nthen #### 13", "13", "strict", 0.0, "12"),          # strict takes the FIRST marker
+    ("The answer is 42.", "42", "strict", 0.0, None),               # no marker
+    ("#### $-7", "-7", "strict", 0.0, None),                        # '$' before the number: no match
+    ("First 3 apples, then 4, so 7.", "7", "flexible", 0.0, "7."),  # upstream quirk: the trailing "." stays
+    ("I got 3 then 1,000", "1000", "flexible", 1.0, "1000"),
+    ("no digits here", "5", "flexible", 0.0, None),
+])
+def test_gsm8k_branches(text, gt, method, score, pred):
+    r = compute_score("openai/gsm8k", text, gt, gsm8k_method=method)
+    assert (r["score"], r["pred"]) == (score, pred)
+    assert r["acc"] == (score == 1.0)
+
+
+@pytest.mark.parametrize("text,gt,acc,judge", [
+    ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", True, "string"),
+    ("\\boxed{\\dfrac12}", "\\frac{1}{2}", True, "string"),             # dfrac, shorthand
+    ("\\boxed{0.5}", "\\frac{1}{2}", True, "string"),                   # Hendrycks special case
+    ("\\boxed{x = 3}", "3", True, "string"),                            # short lhs dropped
+    ("\\boxed{5 \\text{ cm}}", "5", True, "string"),                    # units
+    ("first \\boxed{1} then \\boxed{\\{1, 2\\}}", "\\{1, 2\\}", True, "string"),  # last box, nested braces
+    ("\\boxed{\\sqrt{8}}", "2\\sqrt{2}", True, "math_verify"),          # only math-verify sees this
+    ("\\boxed{0.25}", "\\frac{1}{4}", True, "math_verify"),
+    ("\\boxed{3}", "4", False, None),
+    ("the answer is 3", "3", False, None),                              # no box
+    ("\\boxed{3", "3", False, None),                                    # unbalanced
+])
+def test_math_boxed_branches(text, gt, acc, judge):
+    r = compute_score("DigitalLearningGmbH/MATH-lighteval", text, gt)
+    assert (r["acc"], r["judge"], r["score"]) == (acc, judge, 1.0 if acc else 0.0)
+
+
+def test_math_ground_truth_may_carry_a_box_and_math_verify_can_be_off():
+    assert compute_score("lighteval/MATH", "\\boxed{7}", "so \\boxed{7}")["acc"]
+    assert not compute_score("lighteval/MATH", "\\boxed{\\sqrt{8}}", "2\\sqrt{2}", use_math_verify=False)["acc"]
+
+
+@pytest.mark.parametrize("text,gt,score,pred", [
+    ("...\nAnswer: 540", "540", 1.0, "540"),
+    ("Answer: $\\boxed{540}$", "540", 1.0, "540"),
+    ("Answer: x = 540", "540", 1.0, "540"),
+    ("Answer: 540 degrees", "540", 1.0, "540"),
+    ("Answer: 1,000", "1000", 1.0, "1000"),
+    ("answer : \\frac12", "\\frac{1}{2}", 1.0, "\\frac{1}{2}"),
+    ("Answer: 3\nlater... Answer: 541", "540", -1.0, "541"),             # the last Answer line counts
+    ("I think it is 540.", "540", -1.0, "[INVALID]"),
+    ("Answer: 540" + "\n" + "x" * 400, "540", -1.0, "[INVALID]"),        # only the last 300 characters are read
+])
+def test_math_dapo_branches(text, gt, score, pred):
+    r = compute_score("math_dapo", text, gt)
+    assert (r["score"], r["pred"], r["acc"]) == (score, pred, score == 1.0)
+
+
+def test_dispatch_by_data_source():
+    assert [reward_name(s) for s in ("kk_logic", "openai/gsm8k", "lighteval/MATH", "math_dapo", "aime2025",
+                                     "amc_23")] == ["kk", "gsm8k", "math", "math_dapo", "math_dapo", "math_dapo"]
+    with pytest.raises(ValueError, match=r"no reward for data_source 'squad'; known: kk_logic, openai/gsm8k"):
+        compute_score("squad", "x", "y")
+
+
+def test_executor_scores_in_order_and_counts_errors():
+    reqs = [RewardRequest("math_dapo", "Answer: 5", "5"), RewardRequest("kk_logic", GOOD, {}),   # KeyError inside
+            RewardRequest("openai/gsm8k", "raise", "1"), RewardRequest("openai/gsm8k", "#### 1", "1")]
+    with RewardExecutor(num_workers=2, timeout_s=20, score_fn=sleepy_or_real) as ex:
+        results, stats = ex.score(reqs)
+    assert [r["score"] for r in results] == [1.0, -3.0, 0.0, 1.0]
+    assert results[1]["level"] == 4 and "KeyError" in results[1]["error"] and "boom" in results[2]["error"]
+    assert stats == {"errors": 2, "timeouts": 0}
+    local, local_stats = RewardExecutor(num_workers=0, score_fn=sleepy_or_real).score(reqs)
+    assert [r["score"] for r in local] == [1.0, -3.0, 0.0, 1.0] and local_stats["errors"] == 2
+
+
+def test_executor_per_call_timeout_keeps_the_batch_going():
+    reqs = [RewardRequest("math_dapo", "sleep", "5"), RewardRequest("math_dapo", "Answer: 5", "5")]
+    t = time.monotonic()
+    with RewardExecutor(num_workers=1, timeout_s=1.0, score_fn=sleepy_or_real) as ex:
+        results, stats = ex.score(reqs)
+        assert time.monotonic() - t < 30
+        assert [r["score"] for r in results] == [-1.0, 1.0] and stats == {"errors": 0, "timeouts": 1}
+        again, _ = ex.score([RewardRequest("math_dapo", "Answer: 6", "6")])  # the same pool still works
+        assert again[0]["acc"]
+
+
+def test_executor_hard_deadline_kills_a_hang_that_ignores_signals():
+    reqs = [RewardRequest("openai/gsm8k", "hang", "1"), RewardRequest("openai/gsm8k", "#### 1", "1")]
+    t = time.monotonic()
+    with RewardExecutor(num_workers=2, timeout_s=1.0, score_fn=deaf_hang) as ex:
+        results, stats = ex.score(reqs)
+        assert time.monotonic() - t < 30
+        assert [r["score"] for r in results] == [0.0, 1.0] and stats["timeouts"] == 1
+        assert ex._pool is None  # replaced: the stuck worker is gone
+        assert ex.score([RewardRequest("openai/gsm8k", "#### 2", "2")])[0][0]["acc"]
+
+
+def test_unknown_source_is_a_config_error_not_a_failed_answer():
+    with pytest.raises(ValueError, match="no reward for data_source"):
+        RewardExecutor(num_workers=0).score([RewardRequest("mystery", "x", "y")])
