@@ -1,0 +1,98 @@
+"""Fused output projection + log-prob/entropy, chunked over tokens: the [T, V] logits never exist.
+
+Forward, for each chunk of C tokens: z = (h_c @ W_r^T) / temperature in fp32 ([C, V_r]), reduced to logp, entropy,
+lse and E_p[z] per token; only those [T] vectors are kept. Backward recomputes each chunk's logits and applies
+
+    d logp / d z_v = 1[v = target] - p_v          d H / d z_v = -p_v (z_v - E_p[z])
+
+    dz = (g_logp (onehot - p) - g_H p (z - E_p[z])) / temperature
+    grad_h_c = dz @ W_r   (summed over TP ranks: every rank's vocabulary shard contributes)
+    grad_W_r += dz^T @ h_c
+
+Peak extra memory is two [C, V_r] fp32 buffers, independent of T; by default C is chosen so that one buffer
+holds about 32M values (128 MiB). The matmuls run in the weights' dtype (fp32 accumulation inside) and only the
+chunk's logits are upcast: no fp32 copy of the [V_r, H] weight is made. grad_W accumulates in the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megarl.kernels.reference import shard_columns
+from megarl.kernels.tp import acc_dtype, all_reduce_max, tp_size
+
+
+def _chunk_stats(h, w, targets, temperature, vocab_size, group):
+    """fp32 logits of a chunk and its (lse, E_p[z], z_target) after TP reductions (no autograd)."""
+    z = (h @ w.t()).to(acc_dtype(h.dtype)) / temperature  # [C, V_r]
+    cols = shard_columns(z.shape[-1], group, z.device)
+    valid = cols < vocab_size
+    z = z.masked_fill(~valid, float("-inf"))
+    m = all_reduce_max(z.max(-1).values, group)
+    e = torch.exp(z - m[:, None])
+    hit = cols[None, :] == targets[:, None]
+    parts = torch.stack([e.sum(-1), (e * z.masked_fill(~valid, 0.0)).sum(-1),
+                         torch.where(hit, z, torch.zeros_like(z)).sum(-1)])  # [3, C]
+    if tp_size(group) > 1:
+        dist.all_reduce(parts, group=group)
+    s, ezs, zt = parts
+    lse = m + torch.log(s)
+    return z, valid, cols, lse, ezs / s, zt
+
+
+class FusedLinearLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, vocab_size, group, chunk):
+        T = hidden.shape[0]
+        logp = torch.empty(T, dtype=acc_dtype(hidden.dtype), device=hidden.device)
+        ent = torch.empty_like(logp)
+        lse_all, ez_all = torch.empty_like(logp), torch.empty_like(logp)
+        with torch.no_grad():
+            for a in range(0, T, chunk):
+                _, _, _, lse, ez, zt = _chunk_stats(hidden[a:a + chunk], weight, targets[a:a + chunk], temperature,
+                                                    vocab_size, group)
+                logp[a:a + chunk], ent[a:a + chunk] = zt - lse, lse - ez
+                lse_all[a:a + chunk], ez_all[a:a + chunk] = lse, ez
+        ctx.save_for_backward(hidden, weight, targets, lse_all, ez_all)
+        ctx.cfg = (temperature, vocab_size, group, chunk)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse_all, ez_all = ctx.saved_tensors
+        temperature, vocab_size, group, chunk = ctx.cfg
+        g_logp = torch.zeros_like(lse_all) if g_logp is None else g_logp.to(lse_all.dtype)
+        g_ent = torch.zeros_like(lse_all) if g_ent is None else g_ent.to(lse_all.dtype)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros_like(weight)
+        for a in range(0, hidden.shape[0], chunk):
+            h, tgt = hidden[a:a + chunk], targets[a:a + chunk]
+            z = (h @ weight.t()).to(acc_dtype(h.dtype)).div_(temperature)  # [C, V_r]; becomes dz in place
+            cols = shard_columns(z.shape[-1], group, z.device)
+            valid = cols < vocab_size
+            p = torch.exp(z - lse_all[a:a + chunk, None]).masked_fill_(~valid, 0.0)
+            # dz = g_logp * onehot - p * (g_logp + g_H * (z - E_p[z])), two [C, V_r] buffers in all
+            z.sub_(ez_all[a:a + chunk, None]).mul_(g_ent[a:a + chunk, None]).add_(g_logp[a:a + chunk, None])
+            dz = z.mul_(p).neg_()
+            del p
+            local = tgt - cols[0]
+            mine = (local >= 0) & (local < dz.shape[1])
+            rows = torch.arange(len(tgt), device=dz.device)[mine]
+            dz[rows, local[mine]] += g_logp[a:a + chunk][mine]
+            dz.masked_fill_(~valid, 0.0).div_(temperature)
+            dz = dz.to(weight.dtype)
+            grad_h[a:a + chunk] = dz @ weight
+            grad_w.addmm_(dz.t(), h)
+        if tp_size(group) > 1:
+            dist.all_reduce(grad_h, group=group)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def logprob_entropy_fused_linear(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 temperature: float = 1.0, vocab_size: int | None = None, group=None,
+                                 chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [T, H], weight shard [V_r, H], targets [T] -> (logp [T], entropy [T]) fp32, chunked over tokens."""
+    vocab = vocab_size if vocab_size is not None else weight.shape[0] * tp_size(group)
+    chunk_tokens = chunk_tokens or max(1, (1 << 25) // weight.shape[0])
+    return FusedLinearLogprobEntropy.apply(hidden, weight, targets, float(temperature), vocab, group, chunk_tokens)

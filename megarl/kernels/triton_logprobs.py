@@ -1,0 +1,128 @@
+"""Triton kernels over the logits shard [T, V_r]: log p(target) and entropy without an fp32 [T, V] copy.
+
+Forward, one program per token: an online softmax over vocabulary tiles keeps, in fp32 registers, the running
+max m, S = sum exp(z - m), W = sum exp(z - m) z and the target logit. The host then combines the per-rank
+partials over the TP group (M = max m_r; S = sum S_r e^{m_r - M}; W likewise), so one all-reduce of four [T]
+vectors replaces any exchange of logits:
+
+    lse = M + log S        logp = z_target - lse        H = lse - W / S
+
+Backward, one program per token: dz = (g_logp (onehot - p) - g_H p (z - W/S)) / temperature, written straight
+into the gradient of the logits in their own dtype.
+
+On machines without CUDA the same kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, set here
+before the kernels are defined): exact but slow, used by the CPU tests. Triton reads that variable when a kernel
+is decorated, so this module must be imported before any other Triton kernel on such machines.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from megarl.kernels.tp import tp_rank, tp_size  # noqa: E402
+
+NEG = -1.0e30  # a finite "minus infinity": keeps exp(m_old - m_new) defined when a tile is all padding
+
+
+@triton.jit
+def _fwd_kernel(logits_ptr, stride, targets_ptr, m_ptr, s_ptr, w_ptr, t_ptr, V_r, v0, vocab_size, inv_temp,
+                BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row)
+    m = tl.full((), NEG, tl.float32)
+    s = tl.zeros((), tl.float32)
+    w = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    for start in range(0, V_r, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        valid = (cols < V_r) & (v0 + cols < vocab_size)
+        z = tl.load(logits_ptr + row * stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        z = tl.where(valid, z, NEG)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        scale = tl.exp(m - m_new)
+        e = tl.where(valid, tl.exp(z - m_new), 0.0)
+        s = s * scale + tl.sum(e, axis=0)
+        w = w * scale + tl.sum(tl.where(valid, e * z, 0.0), axis=0)
+        t += tl.sum(tl.where(valid & (v0 + cols == target), z, 0.0), axis=0)
+        m = m_new
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    tl.store(w_ptr + row, w)
+    tl.store(t_ptr + row, t)
+
+
+@triton.jit
+def _bwd_kernel(logits_ptr, grad_ptr, stride, targets_ptr, lse_ptr, ez_ptr, g_lp_ptr, g_ent_ptr, V_r, v0,
+                vocab_size, inv_temp, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    ez = tl.load(ez_ptr + row)
+    g_lp = tl.load(g_lp_ptr + row)
+    g_ent = tl.load(g_ent_ptr + row)
+    for start in range(0, V_r, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_shard = cols < V_r
+        valid = in_shard & (v0 + cols < vocab_size)
+        z = tl.load(logits_ptr + row * stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        p = tl.where(valid, tl.exp(z - lse), 0.0)
+        onehot = tl.where(valid & (v0 + cols == target), 1.0, 0.0)
+        dz = (g_lp * (onehot - p) - g_ent * p * (z - ez)) * inv_temp
+        dz = tl.where(valid, dz, 0.0)
+        tl.store(grad_ptr + row * stride + cols, dz.to(grad_ptr.dtype.element_ty), mask=in_shard)
+
+
+def _block(width: int) -> int:
+    return min(4096, triton.next_power_of_2(max(width, 16)))
+
+
+class TritonLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, vocab_size, group):
+        logits = logits.contiguous()
+        T, V_r = logits.shape
+        v0 = tp_rank(group) * V_r
+        parts = torch.empty(4, T, dtype=torch.float32, device=logits.device)  # m, S, W, z_target
+        _fwd_kernel[(T,)](logits, logits.stride(0), targets, parts[0], parts[1], parts[2], parts[3], V_r, v0,
+                          vocab_size, 1.0 / temperature, BLOCK=_block(V_r))
+        m, s, w, t = parts
+        if tp_size(group) > 1:
+            big_m = m.clone()
+            dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+            scale = torch.exp(m - big_m)
+            red = torch.stack([s * scale, w * scale, t])
+            dist.all_reduce(red, group=group)
+            m, (s, w, t) = big_m, red
+        lse = m + torch.log(s)
+        ez = w / s
+        ctx.save_for_backward(logits, targets, lse, ez)
+        ctx.cfg = (temperature, vocab_size, v0)
+        return t - lse, lse - ez
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        logits, targets, lse, ez = ctx.saved_tensors
+        temperature, vocab_size, v0 = ctx.cfg
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
+        grad = torch.empty_like(logits)
+        T, V_r = logits.shape
+        _bwd_kernel[(T,)](logits, grad, logits.stride(0), targets, lse, ez, g_lp, g_ent, V_r, v0, vocab_size,
+                          1.0 / temperature, BLOCK=_block(V_r))
+        return grad, None, None, None, None
+
+
+def logprob_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                           vocab_size: int | None = None, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits shard [T, V_r] (bf16/fp16/fp32), targets [T] -> (logp [T], entropy [T]) fp32."""
+    vocab = vocab_size if vocab_size is not None else logits.shape[-1] * tp_size(group)
+    return TritonLogprobEntropy.apply(logits, targets.contiguous(), float(temperature), vocab, group)

@@ -1,0 +1,93 @@
+"""Log-prob / entropy implementations against a float64 oracle: values and gradients, temperature != 1, padded
+vocabularies, chunk sizes that do not divide T. (TP=2 lives in tests/parallel/test_kernels_tp.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megarl.kernels import token_logprobs_entropy
+
+V_REAL, V_PAD = 300, 384
+
+
+def oracle(logits64: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """float64 log_softmax over the real vocabulary."""
+    lp = torch.log_softmax(logits64[:, :V_REAL] / temperature, -1)
+    return lp.gather(1, targets[:, None]).squeeze(1), -(lp.exp() * lp).sum(-1)
+
+
+def weighted(lp, ent, a, b):
+    return (a * lp).sum() + (b * ent).sum()
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    T = 11
+    return dict(logits=torch.randn(T, V_PAD, generator=g, dtype=torch.float64) * 4,
+                targets=torch.randint(0, V_REAL, (T,), generator=g),
+                hidden=torch.randn(T, 24, generator=g, dtype=torch.float64),
+                weight=torch.randn(V_PAD, 24, generator=g, dtype=torch.float64) * 0.5,
+                a=torch.randn(T, generator=g, dtype=torch.float64), b=torch.randn(T, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("impl,dtype,tol", [("torch", torch.float64, 1e-12), ("torch", torch.float32, 2e-5),
+                                            ("triton", torch.float32, 2e-5), ("triton", torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logits_paths_match_the_float64_oracle(data, impl, dtype, tol, temperature):
+    x = data["logits"].to(dtype)
+    ref_in = x.detach().double().clone().requires_grad_(True)  # the oracle sees exactly the rounded inputs
+    lp_o, ent_o = oracle(ref_in, data["targets"], temperature)
+    weighted(lp_o, ent_o, data["a"], data["b"]).backward()
+    x = x.detach().clone().requires_grad_(True)
+    lp, ent = token_logprobs_entropy(logits=x, targets=data["targets"], temperature=temperature,
+                                     vocab_size=V_REAL, impl=impl)
+    assert lp.dtype in (torch.float32, torch.float64)
+    weighted(lp.double(), ent.double(), data["a"], data["b"]).backward()
+    vtol = tol or 2e-5  # bf16 inputs: the kernel computes in fp32 from the same rounded values
+    torch.testing.assert_close(lp.double(), lp_o.detach(), rtol=vtol, atol=vtol * 10)
+    torch.testing.assert_close(ent.double(), ent_o.detach(), rtol=vtol, atol=vtol * 10)
+    gtol = tol or 1e-2  # the bf16 gradient is rounded to bf16 on store
+    torch.testing.assert_close(x.grad.double(), ref_in.grad, rtol=gtol, atol=gtol * 0.1)
+    assert torch.count_nonzero(x.grad[:, V_REAL:]) == 0  # padded columns get no gradient
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 11, 64])
+@pytest.mark.parametrize("temperature", [1.0, 1.3])
+def test_fused_linear_matches_the_oracle_without_logits(data, chunk, temperature):
+    h = data["hidden"].clone().requires_grad_(True)
+    w = data["weight"].clone().requires_grad_(True)
+    lp, ent = token_logprobs_entropy(hidden=h, weight=w, targets=data["targets"], temperature=temperature,
+                                     vocab_size=V_REAL, chunk_tokens=chunk)
+    weighted(lp, ent, data["a"], data["b"]).backward()
+    h0, w0 = data["hidden"].clone().requires_grad_(True), data["weight"].clone().requires_grad_(True)
+    lp_o, ent_o = oracle(h0 @ w0.t(), data["targets"], temperature)
+    weighted(lp_o, ent_o, data["a"], data["b"]).backward()
+    torch.testing.assert_close(lp, lp_o.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, ent_o.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h.grad, h0.grad, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(w.grad, w0.grad, rtol=1e-11, atol=1e-12)
+
+
+def test_only_logprob_gradient(data):
+    x = data["logits"].clone().requires_grad_(True)
+    lp, _ = token_logprobs_entropy(logits=x, targets=data["targets"], vocab_size=V_REAL, impl="triton")
+    lp.sum().backward()  # entropy unused: its gradient arrives as None
+    ref = data["logits"].clone().requires_grad_(True)
+    oracle(ref, data["targets"], 1.0)[0].sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_calls_name_the_fix(data):
+    with pytest.raises(ValueError, match="exactly one of logits"):
+        token_logprobs_entropy(targets=data["targets"])
+    with pytest.raises(ValueError, match="kernels.impl='cuda' is unknown"):
+        token_logprobs_entropy(logits=data["logits"], targets=data["targets"], impl="cuda")
+    with pytest.raises(ValueError, match="needs the output-layer weight"):
+        token_logprobs_entropy(hidden=data["hidden"], targets=data["targets"])
+    with pytest.raises(ValueError, match="takes hidden"):
+        token_logprobs_entropy(logits=data["logits"], targets=data["targets"], impl="fused_linear")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="Transformer Engine does not import"):
+            token_logprobs_entropy(logits=data["logits"], targets=data["targets"], impl="te")
