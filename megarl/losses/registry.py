@@ -64,7 +64,7 @@ LOSSES: dict[str, LossSpec] = {
     "trw_triangular": LossSpec(trw.trw_triangular, {**trw.TRIANGLE, **trw.TRW_COMMON}),
     "trw_logistic": LossSpec(trw.trw_logistic, {"alpha": 10.0, "gamma": 1.0, "eta": 0.0, "rescale": False,
                                                 **trw.TRW_COMMON}),
-    "trw_entropy": LossSpec(trw.trw_entropy, {**trw.TRIANGLE, "lam": 0.5, "vocab_size": None, **trw.TRW_COMMON}),
+    "trw_entropy": LossSpec(trw.trw_entropy, {**trw.TRIANGLE, "lam": 0.5, **trw.TRW_COMMON}),
     "trpa": LossSpec(trpa.trpa, trpa.TRPA_DEFAULTS, trpa.trpa_counts),
     "astar_po": LossSpec(astar_po.astar_po, astar_po.ASTAR_PO_DEFAULTS),
     **_rpg_entries(),

@@ -12,13 +12,12 @@ README (see ALGORITHMS.md 3.3 for the reasoning):
   ``sign_aware=True`` applies the window only on the side PPO clips (upper for A>0, lower for A<0).
 - logistic:   w = sigma(-alpha*|log rho|) * sigma(gamma*A) + eta   (w <= 0.5+eta; ``rescale=True`` multiplies the
   product by 4 so that w(rho=1, A=0) = 1, matching GRPO's effective step size).
-- entropy:    w = w_triangular * (1 + lam * 1[A>0] * min(1, -logp_old / log|V|)): an extra push for rare
-  (high-surprisal) tokens with positive advantage. Needs ``vocab_size``.
+- entropy:    w = w_triangular * (1 + lam * 1[A>0] * (1 - pi_old(y_t))): the README's "extra boost for rare but
+  high-advantage actions", with rarity measured as 1 - pi_old(y_t) in [0, 1) -- bounded, and free of the
+  vocabulary size that a surprisal / log|V| normalisation would need.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -56,10 +55,10 @@ def logistic_weight(rho: torch.Tensor, adv: torch.Tensor, alpha: float, gamma: f
     return (4.0 * w if rescale else w) + eta
 
 
-def entropy_boost(old_logprobs: torch.Tensor, adv: torch.Tensor, lam: float, vocab_size: int) -> torch.Tensor:
-    """Multiplier 1 + lam * 1[A>0] * min(1, surprisal / log|V|). [B, T]"""
-    surprisal = (-old_logprobs / math.log(vocab_size)).clamp(0.0, 1.0)
-    return 1.0 + lam * (adv > 0).to(old_logprobs.dtype) * surprisal
+def entropy_boost(old_logprobs: torch.Tensor, adv: torch.Tensor, lam: float) -> torch.Tensor:
+    """Multiplier 1 + lam * 1[A>0] * (1 - pi_old(y_t)). [B, T]"""
+    rarity = 1.0 - torch.exp(old_logprobs)
+    return 1.0 + lam * (adv > 0).to(old_logprobs.dtype) * rarity
 
 
 def trw_loss(inp: LossInput, weight: torch.Tensor, *, name: str, kl_coef: float, agg_mode: str,
@@ -102,15 +101,11 @@ def trw_logistic(inp: LossInput, *, alpha: float, gamma: float, eta: float, resc
 
 
 def trw_entropy(inp: LossInput, *, clip_low: float, clip_high: float, w0: float, w2: float, sign_aware: bool,
-                lam: float, vocab_size: int | None, **common) -> tuple[torch.Tensor, dict[str, float]]:
+                lam: float, **common) -> tuple[torch.Tensor, dict[str, float]]:
     """TRW-GRPO with the triangular weight boosted on rare positive-advantage tokens."""
-    if vocab_size is None or vocab_size < 2:
-        raise ValueError("loss 'trw_entropy' needs vocab_size (the model's vocabulary size, used to normalise "
-                         "surprisal by log|V|): build_loss('trw_entropy', vocab_size=...). The trainer sets it.")
     rho, adv = _rho_adv(inp, "trw_entropy")
     old = require(inp, "old_logprobs", "trw_entropy")
-    w = triangular_weight(rho, adv, clip_low, clip_high, w0, w2, sign_aware) * entropy_boost(old, adv, lam,
-                                                                                             vocab_size)
+    w = triangular_weight(rho, adv, clip_low, clip_high, w0, w2, sign_aware) * entropy_boost(old, adv, lam)
     return trw_loss(inp, w, name="trw_entropy", **common)
 
 

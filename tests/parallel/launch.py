@@ -17,7 +17,8 @@ def torchrun(target: str, nproc: int, *args: str, timeout: int = 600, extra: tup
     cmd += list(extra) if extra else ["--standalone"]
     cmd += [str(REPO / target)] if target.endswith(".py") else ["-m", target]
     cmd += list(args)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -55,7 +55,7 @@ def main() -> None:
             n_tok = targets.numel()
 
             def loss_post(out, b):
-                lp = token_logprobs(out, b["targets"], arch.vocab_size)
+                lp, _ = token_logprobs(out, b["targets"], arch.vocab_size)
                 return -lp.sum() / n_tok, {}
 
             # the trainer's path: Megatron DDP buffers, then finalize_model_grads (DP all-reduce, tied

@@ -194,16 +194,14 @@ def test_trw_logistic_value_and_stop_gradient():
 def test_trw_entropy_boost_only_for_positive_advantage():
     inp = make_batch(7, spread=0.05)
     base, _ = build_loss("trw_triangular")(inp)
-    boosted, _ = build_loss("trw_entropy", vocab_size=50, lam=0.0)(inp)
+    boosted, _ = build_loss("trw_entropy", lam=0.0)(inp)
     assert boosted.item() == pytest.approx(base.item(), rel=1e-12)
-    with pytest.raises(ValueError, match="vocab_size"):
-        build_loss("trw_entropy")(inp)
-    lp = torch.tensor([[-2.0], [-2.0]], requires_grad=True)
-    one = LossInput(logprobs=lp, old_logprobs=torch.tensor([[-2.0], [-2.0]]), mask=torch.ones(2, 1),
+    lp = torch.tensor([[math.log(0.2)], [math.log(0.2)]], requires_grad=True)
+    one = LossInput(logprobs=lp, old_logprobs=lp.detach().clone(), mask=torch.ones(2, 1),
                     advantages=torch.tensor([[1.0], [-1.0]]))
-    loss, _ = build_loss("trw_entropy", vocab_size=55, lam=0.5)(one)
-    # rho = 1 -> triangular weight 1; boost 1 + 0.5 * 2/log(55) for the A>0 token only
-    assert loss.item() == pytest.approx((-(1 + 0.5 * 2 / math.log(55)) + 1.0) / 2, rel=1e-12)
+    loss, _ = build_loss("trw_entropy", lam=0.5)(one)
+    # rho = 1 -> triangular weight 1; the A>0 token (pi_old = 0.2) gets 1 + 0.5 * 0.8 = 1.4, the A<0 token 1
+    assert loss.item() == pytest.approx((-1.4 + 1.0) / 2, rel=1e-12)
 
 
 # ---------------------------------------------------------------- TRPA
@@ -280,10 +278,6 @@ def subset(inp: LossInput, idx) -> LossInput:
     return LossInput(logprobs=inp.logprobs[idx], **kw)
 
 
-def loss_kwargs(name):
-    return {"vocab_size": 64} if name == "trw_entropy" else {}
-
-
 INVARIANCE_CASES = [(n, m) for n in sorted(LOSSES) for m in
                     (["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
                      if "agg_mode" in LOSSES[n].defaults else [None])]
@@ -291,7 +285,7 @@ INVARIANCE_CASES = [(n, m) for n in sorted(LOSSES) for m in
 
 @pytest.mark.parametrize("name,mode", INVARIANCE_CASES)
 def test_micro_batches_and_ranks_reproduce_the_whole_batch_gradient(name, mode):
-    loss_fn = build_loss(name, **loss_kwargs(name), **({"agg_mode": mode, "norm_len": 9} if mode else {}))
+    loss_fn = build_loss(name, **({"agg_mode": mode, "norm_len": 9} if mode else {}))
     inp = make_batch(12, spread=0.5)
     full, _ = loss_fn(inp)
     full.backward()
@@ -335,7 +329,7 @@ def test_missing_field_names_the_field():
 
 
 def test_issue_defaults():
-    d = {n: build_loss(n, **loss_kwargs(n)).hparams for n in LOSSES}
+    d = {n: build_loss(n).hparams for n in LOSSES}
     assert (d["grpo"]["clip_low"], d["grpo"]["clip_high"], d["grpo"]["clip_c"], d["grpo"]["kl_coef"]) == \
         (0.2, 0.2, 3.0, 1e-3)
     assert d["dr_grpo"]["agg_mode"] == "seq-mean-token-sum-norm"

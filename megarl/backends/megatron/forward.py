@@ -20,6 +20,8 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarl.kernels import token_logprobs_entropy
+
 PostProcess = Callable[[torch.Tensor, dict[str, Any]], Any]
 
 
@@ -30,7 +32,8 @@ def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
 def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]], post: PostProcess, *,
                      forward_only: bool) -> list[Any]:
     """Run all micro-batches through the pipeline. Each micro-batch holds ``input_ids`` [b, s] (the same b and s
-    for all of them: pipeline stages exchange fixed shapes) plus whatever ``post`` reads.
+    for all of them: pipeline stages exchange fixed shapes), optionally ``position_ids`` and ``model_kwargs``
+    (extra GPTModel.forward arguments, e.g. a KV-cache inference context), plus whatever ``post`` reads.
 
     Returns, on the last pipeline stage, one entry per micro-batch: the metrics dict (training) or the
     collected data (forward_only). Other stages get an empty list. Gradients accumulate in ``param.grad``
@@ -47,7 +50,8 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
     def step(data_iterator: Iterable, mdl: torch.nn.Module):
         mb = next(data_iterator)
         ids = mb["input_ids"]
-        logits = mdl(ids, mb.get("position_ids", position_ids_for(ids)), attention_mask=None)
+        logits = mdl(ids, mb.get("position_ids", position_ids_for(ids)), attention_mask=None,
+                     **mb.get("model_kwargs", {}))
 
         def loss_func(output: torch.Tensor):
             if forward_only:
@@ -83,11 +87,15 @@ def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return full[..., :vocab_size]
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) per position from vocab-parallel logits [b, s, V/tp], differentiable. -> [b, s] fp32
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), entropy) per position from vocab-parallel logits [b, s, V/tp], differentiable -> [b, s] each.
 
-    Plain reference path (Megatron's vocab-parallel cross entropy); the fused kernels replace it.
+    Goes through ``megarl.kernels`` (Triton on CUDA, the torch reference elsewhere) over the TP group; the padded
+    vocabulary columns are excluded there.
     """
-    shard = mask_padded_vocab(logits.float() / temperature, vocab_size)
-    return -tensor_parallel.vocab_parallel_cross_entropy(shard, targets)
+    b, s, width = logits.shape
+    lp, ent = token_logprobs_entropy(logits=logits.reshape(b * s, width), targets=targets.reshape(-1),
+                                     temperature=temperature, vocab_size=vocab_size,
+                                     group=parallel_state.get_tensor_model_parallel_group(), impl=impl)
+    return lp.view(b, s), ent.view(b, s)
