@@ -10,25 +10,18 @@ vectors replaces any exchange of logits:
 Backward, one program per token: dz = (g_logp (onehot - p) - g_H p (z - W/S)) / temperature, written straight
 into the gradient of the logits in their own dtype.
 
-On machines without CUDA the same kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, set here
-before the kernels are defined): exact but slow, used by the CPU tests. Triton reads that variable when a kernel
-is decorated, so this module must be imported before any other Triton kernel on such machines.
+On machines without CUDA the same kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, which
+``megarl/__init__.py`` sets before anything imports Triton): exact but slow, used by the CPU tests.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from megarl.kernels.tp import tp_rank, tp_size  # noqa: E402
+from megarl.kernels.tp import tp_rank, tp_size
 
 NEG = -1.0e30  # a finite "minus infinity": keeps exp(m_old - m_new) defined when a tile is all padding
 
@@ -81,6 +74,13 @@ def _bwd_kernel(logits_ptr, grad_ptr, stride, targets_ptr, lse_ptr, ez_ptr, g_lp
         tl.store(grad_ptr + row * stride + cols, dz.to(grad_ptr.dtype.element_ty), mask=in_shard)
 
 
+def _launch(kernel, grid, *args, **meta):
+    if not torch.cuda.is_available() and type(kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError("Triton kernels need CUDA or Triton's interpreter, and Triton was imported before "
+                           "TRITON_INTERPRET=1 was set; import megarl first or export TRITON_INTERPRET=1.")
+    kernel[grid](*args, **meta)
+
+
 def _block(width: int) -> int:
     return min(4096, triton.next_power_of_2(max(width, 16)))
 
@@ -92,8 +92,8 @@ class TritonLogprobEntropy(torch.autograd.Function):
         T, V_r = logits.shape
         v0 = tp_rank(group) * V_r
         parts = torch.empty(4, T, dtype=torch.float32, device=logits.device)  # m, S, W, z_target
-        _fwd_kernel[(T,)](logits, logits.stride(0), targets, parts[0], parts[1], parts[2], parts[3], V_r, v0,
-                          vocab_size, 1.0 / temperature, BLOCK=_block(V_r))
+        _launch(_fwd_kernel, (T,), logits, logits.stride(0), targets, parts[0], parts[1], parts[2], parts[3], V_r, v0,
+                vocab_size, 1.0 / temperature, BLOCK=_block(V_r))
         m, s, w, t = parts
         if tp_size(group) > 1:
             big_m = m.clone()
@@ -116,8 +116,8 @@ class TritonLogprobEntropy(torch.autograd.Function):
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
         grad = torch.empty_like(logits)
         T, V_r = logits.shape
-        _bwd_kernel[(T,)](logits, grad, logits.stride(0), targets, lse, ez, g_lp, g_ent, V_r, v0, vocab_size,
-                          1.0 / temperature, BLOCK=_block(V_r))
+        _launch(_bwd_kernel, (T,), logits, grad, logits.stride(0), targets, lse, ez, g_lp, g_ent, V_r, v0, vocab_size,
+                1.0 / temperature, BLOCK=_block(V_r))
         return grad, None, None, None, None
 
 
