@@ -1,0 +1,50 @@
+"""Imports point one way (STYLE.md section 1): megatron.core only inside megarl/backends/megatron, vllm only in a
+vLLM backend, and the pure layers (losses, advantages, rollout, rewards, data, kernels, convert) never import a
+backend or the CLI. Checked on the source with ast, so a lazy import inside a function counts too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[2] / "megarl"
+PURE = ("losses", "advantages.py", "rollout", "rewards", "data", "kernels", "convert")
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def files(part: str) -> list[Path]:
+    p = PKG / part
+    return [p] if p.suffix == ".py" else sorted(p.rglob("*.py"))
+
+
+@pytest.mark.parametrize("part", PURE)
+def test_pure_layers_import_no_backend_framework_or_cli(part):
+    for f in files(part):
+        bad = {m for m in imports_of(f) if m.split(".")[0] in ("megatron", "vllm")
+               or m.startswith(("megarl.backends", "megarl.cli", "megarl.demo"))}
+        assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}"
+
+
+def test_megatron_is_imported_only_by_its_backend():
+    for f in sorted(PKG.rglob("*.py")):
+        if "backends/megatron" in f.as_posix():
+            continue
+        bad = {m for m in imports_of(f) if m.split(".")[0] == "megatron"}
+        assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}; only megarl/backends/megatron may"
+
+
+def test_backends_never_import_the_cli_or_entry_points():
+    for f in sorted((PKG / "backends").rglob("*.py")):
+        bad = {m for m in imports_of(f) if m.startswith(("megarl.cli", "megarl.demo"))}
+        assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}"
