@@ -1,0 +1,240 @@
+"""Run configuration: one tree of frozen dataclasses; defaults live only here.
+
+    cfg = load_config("configs/preset.yaml", ["train.steps=8", "parallel.tp=2"])
+
+A YAML preset holds only the keys it changes; ``key=value`` overrides apply after it and are coerced by the field's
+annotation. Unknown keys are errors that name the closest valid key; cross-section rules are checked by
+``RunConfig.validate`` before any model is built. ``to_dict`` gives the resolved tree (written into ``run.dir``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+frozen = dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+
+
+@frozen
+class RunSection:
+    dir: str = "runs/default"  # everything a run writes: config, metrics.jsonl, checkpoints
+    seed: int = 1234
+
+
+@frozen
+class ModelSection:
+    hf_dir: str | None = None  # an HF model directory (or the converted Megatron checkpoint's hf/)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    layer_spec: Literal["auto", "local", "transformer_engine"] = "auto"
+
+
+@frozen
+class ParallelSection:
+    tp: int = 1  # tensor-parallel size; must divide the attention heads and KV groups
+    pp: int = 1  # pipeline-parallel size; must divide the layers
+
+
+@frozen
+class RolloutSection:
+    group_size: int = 8  # samples per prompt (n)
+    max_tokens: int = 256  # response tokens per sample
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@frozen
+class AlgoSection:
+    loss: str = "grpo"  # a name of megarl.losses.LOSSES
+    advantage: str = "grpo"  # a name of megarl.advantages.ADVANTAGES
+    loss_hparams: dict = dataclasses.field(default_factory=dict)  # overrides of the loss's own defaults
+
+
+@frozen
+class TrainSection:
+    steps: int = 4  # RL steps (rollout + update); a larger value on a re-run resumes
+    prompts_per_step: int = 8  # prompts per RL step, over all data-parallel ranks
+    minibatches_per_step: int = 1  # optimizer steps per RL step
+    micro_batch_tokens: int = 4096  # token budget of one micro-batch on one DP rank
+
+
+@frozen
+class OptimSection:
+    name: Literal["adamw", "schedulefree"] = "adamw"
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup_steps: int = 0  # optimizer steps
+    schedule: Literal["constant", "cosine"] = "constant"
+
+
+@frozen
+class CheckpointSection:
+    interval: int = 0  # RL steps between checkpoints; 0 = only at the end
+    keep_last: int = 2
+
+
+@frozen
+class RewardSection:
+    num_workers: int = 2  # reward processes; 0 = score in the trainer process
+    timeout_s: float = 10.0  # per call
+
+
+@frozen
+class RunConfig:
+    run: RunSection = dataclasses.field(default_factory=RunSection)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    algo: AlgoSection = dataclasses.field(default_factory=AlgoSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+
+    def validate(self, world_size: int = 1) -> RunConfig:
+        """Cross-section rules, checked before any model is built; raises ValueError naming the key and fix."""
+        from megarl.advantages import ADVANTAGES
+        from megarl.losses import build_loss
+
+        build_loss(self.algo.loss, **self.algo.loss_hparams)  # unknown loss / hyperparameter -> named error
+        if self.algo.advantage not in ADVANTAGES:
+            close = difflib.get_close_matches(self.algo.advantage, ADVANTAGES, n=1)
+            raise ValueError(f"algo.advantage='{self.algo.advantage}' is unknown; known: {', '.join(ADVANTAGES)}."
+                             + (f" Did you mean '{close[0]}'?" if close else ""))
+        # TRPA pairs within groups; group advantages compare within groups; A*-PO samples one response per prompt
+        group_relative = self.algo.loss == "trpa" or (self.algo.loss != "astar_po" and
+                                                      self.algo.advantage != "reinforce_pp")
+        if group_relative and self.rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size={self.rollout.group_size} leaves nothing to compare against; "
+                             f"algo.advantage='{self.algo.advantage}' needs >= 2. Set rollout.group_size>=2.")
+        mp = self.parallel.tp * self.parallel.pp
+        if world_size % mp:
+            raise ValueError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {mp}.")
+        dp = world_size // mp
+        if self.train.prompts_per_step % (dp * self.train.minibatches_per_step):
+            raise ValueError(f"train.prompts_per_step ({self.train.prompts_per_step}) must be divisible by "
+                             f"data-parallel size ({dp}) x train.minibatches_per_step "
+                             f"({self.train.minibatches_per_step}) = {dp * self.train.minibatches_per_step}.")
+        for key, value, low in (("train.steps", self.train.steps, 1), ("rollout.max_tokens", self.rollout.max_tokens, 1),
+                                ("checkpoint.interval", self.checkpoint.interval, 0),
+                                ("checkpoint.keep_last", self.checkpoint.keep_last, 1)):
+            if value < low:
+                raise ValueError(f"{key}={value} must be >= {low}.")
+        return self
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: _field_type(RunConfig, f.name) for f in dataclasses.fields(RunConfig)}
+
+
+def _field_type(cls: type, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, annotation, key: str):
+    """A YAML or command-line value converted to the declared type; ValueError naming the key otherwise."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, args))}.")
+        return value
+    if annotation is bool or annotation == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{key}={value!r} is not a boolean (true/false).")
+    if annotation in (int, float):
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or (annotation is int and float(number) != int(float(number))):
+                raise ValueError
+            return annotation(number) if annotation is float else int(float(number))
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}={value!r} is not a valid {annotation.__name__}.") from None
+    if annotation is str:
+        return str(value)
+    if annotation is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}={value!r} must be a mapping, e.g. {key}='{{clip_high: 0.28}}'.")
+        return dict(value)
+    return value
+
+
+def _unknown(key: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=1)
+    return ValueError(f"unknown config key '{key}'." + (f" Did you mean '{close[0]}'?" if close else
+                                                         f" Valid sections: {', '.join(sorted(_sections()))}."))
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _sections().items() for f in dataclasses.fields(cls)]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), world_size: int | None = None) -> RunConfig:
+    """Defaults, then the YAML preset, then ``key=value`` overrides; validated if ``world_size`` is given."""
+    tree: dict[str, dict] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such config file.")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}.")
+        for section, values in data.items():
+            if section not in _sections():
+                raise _unknown(str(section), list(_sections()))
+            if not isinstance(values, dict):
+                raise ValueError(f"{p}: section '{section}' must be a mapping of keys.")
+            for k, v in values.items():
+                tree.setdefault(section, {})[k] = v
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not key=value (e.g. train.steps=8).")
+        key, value = item.split("=", 1)
+        if "." not in key:
+            raise _unknown(key, _all_keys())
+        section, name = key.split(".", 1)
+        if section not in _sections():
+            raise _unknown(key, _all_keys())
+        tree.setdefault(section, {})[name] = value
+    sections = {}
+    for section, values in tree.items():
+        if section not in _sections():
+            raise _unknown(section, list(_sections()))
+        cls = _sections()[section]
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in values.items():
+            if name not in names:
+                raise _unknown(f"{section}.{name}", _all_keys())
+            kwargs[name] = _coerce(value, _field_type(cls, name), f"{section}.{name}")
+        sections[section] = cls(**kwargs)
+    cfg = RunConfig(**sections)
+    return cfg.validate(world_size) if world_size is not None else cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
