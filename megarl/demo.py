@@ -47,6 +47,7 @@ def run_demo(tp: int = 1, pp: int = 1, max_new_tokens: int = 24, check_hf: bool 
                 load_hf_weights(model, arch, f.get_tensor)
             say(f"megatron   GPTModel tp={tp} pp={pp} dp={info.world_size // (tp * pp)} on {info.backend}, "
                 f"ready in {time.perf_counter() - t0:.1f}s")
+            generator = MegatronGenerator(model, arch)
             hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval() if check_hf else None
             mismatches = 0
             for question in PROMPTS:
@@ -54,7 +55,7 @@ def run_demo(tp: int = 1, pp: int = 1, max_new_tokens: int = 24, check_hf: bool 
                                               tokenize=True, return_dict=False)
                 t = time.perf_counter()
                 greedy = SamplingParams(max_tokens=max_new_tokens, temperature=0, stop_ids=(IM_END_ID,))
-                answer = MegatronGenerator(model, arch).generate([ids], 1, greedy)[0][0].token_ids
+                answer = generator.generate([ids], 1, greedy)[0][0].token_ids
                 dt = time.perf_counter() - t
                 say(f"\nuser       {question}\nassistant  {tok.decode(answer, skip_special_tokens=True).strip()}")
                 say(f"           ({len(answer)} tokens in {dt:.1f}s, greedy, Megatron KV-cache generator)")

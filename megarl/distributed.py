@@ -33,7 +33,7 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,7 +54,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
         if torchrun:
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
         else:  # plain `python` / `megarl ...`: a world of one; no environment variables set (children inherit them)
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, dist.get_backend())
 

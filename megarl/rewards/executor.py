@@ -110,7 +110,7 @@ class RewardExecutor:
             try:
                 out = job.get(timeout=max(0.0, deadline - time.monotonic()))
             except mp.TimeoutError:
-                out, abandoned = {"__failure__": "timeouts", "why": f"no result within the batch deadline"}, True
+                out, abandoned = {"__failure__": "timeouts", "why": "no result within the batch deadline"}, True
             if "__failure__" in out:
                 stats[out["__failure__"]] += 1
                 out = failed(req, out["why"])

@@ -16,14 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from megarl.convert.tiny import TINY_FAMILIES, tiny_hf_model
+from tests.cli import megarl
 from tests.parallel.launch import torchrun
 
 MODELS = (*TINY_FAMILIES, "llama_bf16")
-
-
-def megarl(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "megarl.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 def read_all(d: Path) -> dict[str, torch.Tensor]:

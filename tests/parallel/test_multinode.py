@@ -4,21 +4,15 @@ localhost) forming one TP=2 group across them; and a parallel job whose ranks fa
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from megarl.distributed import free_port
 from tests.parallel.launch import REPO, torchrun
 
 pytestmark = pytest.mark.dist
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_one_tensor_parallel_group(tmp_path):

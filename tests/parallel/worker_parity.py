@@ -32,7 +32,7 @@ def main() -> None:
     from megarl.convert.tiny import tiny_hf_model
     from megarl.distributed import distributed
 
-    with distributed() as info, model_parallel(ParallelDims(args.tp, args.pp)):
+    with distributed(), model_parallel(ParallelDims(args.tp, args.pp)):
         torch.manual_seed(123)
         ids = torch.randint(0, 300, (2, 12))
         targets = torch.randint(0, 300, (2, 12))

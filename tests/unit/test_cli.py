@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +10,7 @@ from pathlib import Path
 import pytest
 
 from megarl.cli import build_parser
-
-
-def megarl(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "megarl.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+from tests.cli import megarl
 
 
 def all_commands():

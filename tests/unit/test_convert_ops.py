@@ -127,3 +127,16 @@ def test_padded_vocab_rows_are_zero():
     full = sh.to_mcore_full("vocab", (emb,), a)
     assert full.shape == (384, 64) and torch.count_nonzero(full[300:]) == 0
     assert isinstance(a, ModelArch)
+
+
+def test_reader_refuses_dtypes_it_does_not_convert(tmp_path):
+    from safetensors.torch import save_file
+
+    from megarl.convert.hf_io import HFReader
+
+    save_file({"model.norm.weight": torch.ones(4), "q": torch.zeros(4, dtype=torch.int8)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"tensor 'q' has dtype I8; megarl converts floating-point checkpoints"):
+        HFReader(tmp_path).dtypes()
+    save_file({"model.norm.weight": torch.ones(4, dtype=torch.bfloat16)}, str(tmp_path / "model.safetensors"))
+    assert HFReader(tmp_path).dtypes() == {torch.bfloat16}

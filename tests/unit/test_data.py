@@ -6,8 +6,6 @@ from __future__ import annotations
 import itertools
 import random
 import re
-import subprocess
-import sys
 
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from megarl.data.kk_puzzles import generate_puzzle
 from megarl.data.parquet import DataError, describe, read_rows, write_rows
 from megarl.data.prompts import render_prompt
 from megarl.rewards import compute_score
+from tests.cli import megarl
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL = REPO / "data" / "eval"
@@ -138,9 +137,6 @@ def test_prompt_rendering_chat_and_raw(smollm2_dir, tmp_path):
 
 
 def test_data_cli(tmp_path):
-    def megarl(*a):
-        return subprocess.run([sys.executable, "-m", "megarl.cli", *a], capture_output=True, text=True, timeout=120)
-
     r = megarl("data", "kk", "--out", str(tmp_path), "--train", "5", "--test", "2", "--people", "2-4")
     assert r.returncode == 0 and "train.parquet: 5 puzzles" in r.stdout
     r = megarl("data", "inspect", str(tmp_path / "train.parquet"), "--rows", "1")
