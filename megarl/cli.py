@@ -100,6 +100,50 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from megarl.config import load_config
+    from megarl.trainer import run_training
+
+    run_training(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from megarl.trainer.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, n=args.n, temperature=args.temperature,
+                                  max_tokens=args.max_tokens, tp=args.tp, pp=args.pp, max_prompts=args.max_prompts,
+                                  seed=args.seed, reward_workers=args.reward_workers)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def add_train_parsers(sub) -> None:
+    train = sub.add_parser("train", help="RL training from a YAML preset and key=value overrides",
+                           description="Train (or resume: the same command with a larger train.steps continues from "
+                                       "the latest checkpoint in run.dir). Under torchrun, parallel.tp x parallel.pp "
+                                       "must divide the number of ranks; the rest is data parallel.")
+    train.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); defaults when omitted")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=8 parallel.tp=2")
+    train.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="avg@k and pass@k of a checkpoint on parquet files",
+                        description="Sample --n responses per prompt of each --data file from CHECKPOINT (an HF "
+                                    "directory or a megarl checkpoint such as RUN/checkpoints/step_000010) and print "
+                                    "avg@k and pass@k per data_source as JSON.")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", action="append", required=True, help="verl-layout parquet file (repeatable)")
+    ev.add_argument("--n", type=int, default=4, help="samples per prompt (k)")
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--max-tokens", type=int, default=1024)
+    ev.add_argument("--max-prompts", type=int, default=0, help="first N prompts only (0 = all)")
+    ev.add_argument("--tp", type=int, default=1)
+    ev.add_argument("--pp", type=int, default=1)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--reward-workers", type=int, default=2)
+    ev.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megarl", description="Megatron-core RL post-training for LLM reasoning.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -110,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     env.add_argument("--sequence-parallel", action="store_true", help="check a setup that wants sequence parallel")
     env.add_argument("--json", action="store_true", help="machine-readable output")
     env.set_defaults(func=cmd_env)
+    add_train_parsers(sub)
 
     demo = sub.add_parser("demo", help="SmolLM2-135M-Instruct as a Megatron model, answering chat prompts",
                           description="Build the bundled SmolLM2-135M-Instruct as a Megatron model and greedy-"

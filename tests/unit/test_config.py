@@ -16,7 +16,7 @@ def test_defaults_preset_and_overrides_layer_in_order(tmp_path):
                                               "model.hf_dir=none", "algo.loss_hparams={clip_high: 0.3}"])
     assert cfg.train.steps == 8 and cfg.rollout.group_size == 4 and cfg.run.dir == "runs/tiny"
     assert cfg.rollout.temperature == 0.7 and cfg.parallel.tp == 2 and cfg.model.hf_dir is None
-    assert cfg.algo.loss_hparams == {"clip_high": 0.3} and cfg.optim.lr == RunConfig().optim.lr
+    assert cfg.algo.loss_hparams == {"clip_high": 0.3} and cfg.optim.weight_decay == RunConfig().optim.weight_decay
     save_config(cfg, tmp_path / "config.yaml")  # the resolved tree round-trips through YAML
     again = load_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)

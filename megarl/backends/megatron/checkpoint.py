@@ -39,6 +39,25 @@ def load_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
                          f"architecture.")
 
 
+def save_training_state(model: torch.nn.Module, optimizer, ckpt_dir: Path) -> None:
+    """Model and optimizer state (Adam moments or schedule-free z / second moments, step counters) into one
+    torch_dist checkpoint. Collective. The model part alone is what ``load_model`` reads, so a training checkpoint
+    is also a model checkpoint for ``mcore-to-hf`` and ``megarl eval``."""
+    msd = unwrap(model).sharded_state_dict()
+    dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(msd)}, str(ckpt_dir))
+
+
+def load_training_state(model: torch.nn.Module, optimizer, ckpt_dir: Path) -> None:
+    """Restore what ``save_training_state`` wrote, at the same or another TP/PP layout (the non-distributed
+    optimizer's state is resharded like the weights). Collective."""
+    gpt = unwrap(model)
+    msd = gpt.sharded_state_dict()
+    osd = optimizer.sharded_state_dict(msd, is_loading=True)
+    state = dist_checkpointing.load({"model": msd, "optimizer": osd}, str(ckpt_dir))
+    gpt.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])  # bf16: also restores the fp32 main weights
+
+
 def write_meta(out: Path, arch: ModelArch, dtype: torch.dtype, source: str) -> None:
     meta = {"format": FORMAT, "source": source, "dtype": str(dtype).removeprefix("torch."),
             "hf_config": arch.hf_config}

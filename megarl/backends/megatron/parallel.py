@@ -56,3 +56,9 @@ def model_parallel(dims: ParallelDims, seed: int = 1234):
         yield dims
     finally:
         destroy_model_parallel()
+
+
+def dp_info() -> tuple[int, int, object]:
+    """(data-parallel rank, size, group) of this rank."""
+    return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+            parallel_state.get_data_parallel_group())

@@ -1,0 +1,85 @@
+"""The policy's optimizer: megatron-core's (chained, optionally distributed) optimizer with AdamW, or schedule-free
+AdamW (the ``schedulefree`` package) inside the same wrappers, plus megatron-core's LR/WD scheduler.
+
+Megatron's wrappers own what must be parallel-aware: copying DDP's ``main_grad`` into ``grad``, the gradient norm
+over TP/PP without counting replicated parameters twice, clipping, bf16 main-weight copies, and the sharded
+optimizer state for dist-checkpointing. Schedule-free AdamW (Defazio et al. 2024) is swapped in as the inner
+torch optimizer, so it inherits all of that.
+
+Schedule-free keeps two points: y, where gradients are taken (``train()`` mode), and the average x, the point
+whose loss the method guarantees (``eval()`` mode). megarl samples rollouts and computes old log-probs at x, and
+updates at y (ALGORITHMS.md 4.6: verl's RPG calls ``eval()`` before old log-probs and ``train()`` before the
+update). Checkpoints always hold y plus the optimizer state; the exported HF model is x.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+# keys of torch.optim.AdamW's param groups that mean nothing to schedule-free AdamW
+_TORCH_ADAMW_KEYS = ("amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+                     "decoupled_weight_decay")
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def build_optimizer(model_chunks: list[torch.nn.Module], *, name: str, lr: float, min_lr: float, weight_decay: float,
+                    betas: tuple[float, float], grad_clip: float, bf16: bool, distributed: bool, warmup_steps: int,
+                    total_steps: int, schedule: str):
+    """(optimizer, scheduler) for DDP-wrapped model chunks. ``total_steps`` counts optimizer steps."""
+    config = OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+                             adam_beta1=betas[0], adam_beta2=betas[1], clip_grad=grad_clip, bf16=bf16,
+                             params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                             use_distributed_optimizer=distributed)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    if name == "schedulefree":
+        _use_schedulefree(optimizer, betas)
+    elif name != "adamw":
+        raise ValueError(f"optim.name='{name}' is unknown; use 'adamw' or 'schedulefree'.")
+    decay_style = {"constant": "constant", "cosine": "cosine"}[schedule]
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr, lr_warmup_steps=warmup_steps,
+        lr_decay_steps=max(total_steps, warmup_steps + 1), lr_decay_style=decay_style, start_wd=weight_decay,
+        end_wd=weight_decay, wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+        # on resume the schedule follows the current config (a longer train.steps stretches the cosine), and the
+        # step count comes from the checkpoint
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+    return optimizer, scheduler
+
+
+def _use_schedulefree(optimizer, betas: tuple[float, float]) -> None:
+    try:
+        from schedulefree import AdamWScheduleFree
+    except ImportError as e:  # upstream verl silently falls back to AdamW; a different algorithm is not a fallback
+        raise ImportError("optim.name=schedulefree needs the schedulefree package: pip install schedulefree.") from e
+    for sub in _sub_optimizers(optimizer):
+        if sub.optimizer is None:
+            continue
+        groups = [{k: v for k, v in g.items() if k not in _TORCH_ADAMW_KEYS} for g in sub.optimizer.param_groups]
+        sub.optimizer = AdamWScheduleFree(groups, lr=groups[0]["lr"], betas=betas)
+        sub.init_state_fn = _init_schedulefree_state
+        sub.optimizer.train()
+
+
+def _init_schedulefree_state(opt, config=None) -> None:
+    """Empty state of every parameter (dist-checkpoint loading needs the tensors to exist before it fills them)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if "z" not in opt.state[p]:
+                opt.state[p]["z"] = torch.clone(p.detach())
+                opt.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def set_eval_point(optimizer, evaluate: bool) -> None:
+    """Schedule-free only: put the model at x (``evaluate=True``) or back at y. A no-op for AdamW."""
+    for sub in _sub_optimizers(optimizer):
+        inner = sub.optimizer
+        if inner is None or not hasattr(inner, "eval"):
+            continue
+        inner.eval() if evaluate else inner.train()
+        if hasattr(sub, "_copy_main_params_to_model_params"):  # bf16: the fp32 main copy moved; follow it
+            sub._copy_main_params_to_model_params()

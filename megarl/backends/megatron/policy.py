@@ -1,0 +1,190 @@
+"""The actor and the reference model on Megatron: log-probs of rollouts, and the policy-gradient update.
+
+Both run every micro-batch through ``forward_backward`` (any TP/PP layout); per-token log-probs and entropies come
+from the vocab-parallel kernels of ``megarl.kernels`` applied to the logits at response positions only (the
+prompt's logits are never fed to the kernel). Results are broadcast from the last pipeline stage so that every rank
+holds the same rollout tensors.
+
+The update of one mini-batch (``MegatronPolicy.train_step``):
+
+    counts  = sum over micro-batches and DP ranks of loss.counts(micro-batch)      (global normalisers)
+    grads   = sum over micro-batches of d loss(micro-batch; counts) / d theta     (Megatron DDP sums over DP:
+                                                                                  calculate_per_token_loss=True)
+    step    : clip the global grad norm, optimizer step, LR scheduler step
+
+so the result is independent of how the mini-batch is split over micro-batches and DP ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+from megarl.backends.megatron.forward import forward_backward, token_logprobs
+from megarl.backends.megatron.model import transformer_config, unwrap
+from megarl.backends.megatron.optim import build_optimizer, set_eval_point
+from megarl.convert.arch import ModelArch
+from megarl.distributed import all_reduce_sum
+from megarl.losses.base import LossInput
+from megarl.rollout.batch import MicroBatch, Rollouts, make_micro_batches, row_field
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _broadcast_from_last_stage(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return t
+    buf = t.contiguous() if t is not None else torch.empty(shape, dtype=torch.float32, device=_device())
+    dist.broadcast(buf, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return buf
+
+
+def _mb_inputs(mb: MicroBatch) -> dict:
+    dev = _device()
+    return {"input_ids": mb.input_ids.to(dev), "mb": mb}
+
+
+def response_logprobs(model: torch.nn.Module, arch: ModelArch, logits: torch.Tensor, mb: MicroBatch,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, entropy) of the micro-batch's response tokens from its vocab-parallel logits -> [b, R] each."""
+    pos = mb.resp_positions.to(logits.device)
+    picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # [b, R, V/tp]
+    return token_logprobs(picked, mb.resp_tokens.to(logits.device), arch.vocab_size, temperature)
+
+
+@torch.no_grad()
+def rollout_logprobs(model: torch.nn.Module, arch: ModelArch, ro: Rollouts, token_budget: int,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, entropy) [B, R] float32 of every response of ``ro`` under ``model``, on every rank."""
+    model.eval()
+    if len(ro) == 0:  # dynamic sampling emptied this replica
+        return torch.zeros(0, 1), torch.zeros(0, 1)
+    mbs = make_micro_batches(ro, ro.groups(), token_budget)
+    out = forward_backward(model, [_mb_inputs(mb) for mb in mbs],
+                           lambda logits, d: torch.stack(response_logprobs(model, arch, logits, d["mb"],
+                                                                           temperature)).float(),
+                           forward_only=True)
+    shape = (2, len(ro), ro.max_response_len)
+    full = None
+    if out:
+        full = torch.zeros(shape, dtype=torch.float32, device=_device())
+        for mb, t in zip(mbs, out):
+            full[:, torch.tensor(mb.rows), : t.shape[-1]] = t * mb.mask.to(t.device)
+    full = _broadcast_from_last_stage(full, shape).cpu()
+    return full[0], full[1]
+
+
+class MegatronReference:
+    """A frozen copy of the initial policy (the KL reference of GRPO, TRPA, A*-PO). ``offload`` keeps it in host
+    memory between uses on GPU machines."""
+
+    def __init__(self, model: torch.nn.Module, arch: ModelArch, offload: bool = False):
+        self.model, self.arch, self.offload = model, arch, offload and torch.cuda.is_available()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self.offload:
+            self.model.cpu()
+
+    def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> torch.Tensor:
+        if self.offload:
+            self.model.to(_device())
+        try:
+            return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature)[0]
+        finally:
+            if self.offload:
+                self.model.cpu()
+                torch.cuda.empty_cache()
+
+
+class MegatronPolicy:
+    """The trained model: Megatron DDP around the GPTModel stage of this rank, its optimizer and scheduler."""
+
+    def __init__(self, model: torch.nn.Module, arch: ModelArch, optim: dict, total_optimizer_steps: int):
+        self.arch = arch
+        self.model = DistributedDataParallel(transformer_config(arch, unwrap(model).config.params_dtype),
+                                             DistributedDataParallelConfig(use_distributed_optimizer=optim["distributed"]),
+                                             model)
+        self.optimizer, self.scheduler = build_optimizer(
+            [self.model], bf16=unwrap(model).config.bf16, total_steps=total_optimizer_steps, **optim)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model.module
+
+    def rollout_point(self, active: bool) -> None:
+        """Schedule-free: weights at the averaged point x for rollouts and old log-probs (``active=True``), back
+        at y for updates. No effect with AdamW."""
+        set_eval_point(self.optimizer, active)
+
+    def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature)
+
+    def train_step(self, ro: Rollouts, groups: list[list[int]], loss_fn: Callable, token_budget: int,
+                   temperature: float) -> dict[str, float]:
+        """One optimizer step on the mini-batch made of ``groups`` (row indices of ``ro``). Every rank calls it,
+        also with no groups (dynamic sampling can empty a rank): its DP all-reduce is still needed."""
+        self.model.train()
+        mbs = make_micro_batches(ro, groups, token_budget)
+        inputs = [self._loss_input(ro, mb, mb.mask.new_zeros(mb.mask.shape), None) for mb in mbs]
+        local = {}
+        for inp in inputs:
+            for k, v in loss_fn.counts(inp).items():
+                local[k] = local.get(k, 0.0) + v
+        keys = ("tokens", "seqs", "pref_terms")
+        counts = all_reduce_sum({k: local.get(k, 0.0) for k in keys},
+                                parallel_state.get_data_parallel_group())
+
+        def post(logits, d):
+            mb = d["mb"]
+            lp, ent = response_logprobs(self.model, self.arch, logits, mb, temperature)
+            loss, metrics = loss_fn(self._loss_input(ro, mb, lp, ent, counts))
+            return loss, {"loss/total": float(loss.detach()), **{f"loss/{k}": v for k, v in metrics.items()}}
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        per_mb = forward_backward(self.model, [_mb_inputs(mb) for mb in mbs], post, forward_only=False)
+        finalize_model_grads([self.model])
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(1)
+        return self._reduce_metrics(per_mb, ok, grad_norm)
+
+    def _loss_input(self, ro: Rollouts, mb: MicroBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None,
+                    counts: dict | None = None) -> LossInput:
+        dev = logprobs.device
+
+        def f(t):
+            x = row_field(t, mb)
+            return None if x is None else x.to(dev)
+
+        return LossInput(logprobs=logprobs, mask=mb.mask.to(dev), old_logprobs=f(ro.old_logprobs),
+                         ref_logprobs=f(ro.ref_logprobs), advantages=f(ro.advantages),
+                         rewards=f(ro.rewards), group_ids=f(ro.group_ids), levels=f(ro.levels),
+                         v_star=f(ro.v_star), entropy=entropy, counts=counts)
+
+    def _reduce_metrics(self, per_mb: list[dict], ok: bool, grad_norm) -> dict[str, float]:
+        """``loss/total`` summed over micro-batches and DP ranks (each micro-batch carries its share of the global
+        normaliser, so the sum is the mini-batch loss); other loss metrics averaged over micro-batches. Only the
+        last stage's TP rank 0 contributes, once per data-parallel replica."""
+        contributes = (parallel_state.is_pipeline_last_stage() and
+                       parallel_state.get_tensor_model_parallel_rank() == 0)
+        sums: dict[str, float] = {"_mbs": float(len(per_mb)) if contributes else 0.0}
+        for m in per_mb if contributes else []:
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+        names: list = [None] * dist.get_world_size()  # an emptied rank has no names; every rank reduces all
+        dist.all_gather_object(names, sorted(sums))
+        total = all_reduce_sum({k: sums.get(k, 0.0) for k in sorted(set().union(*map(set, names)))})
+        n = max(total.pop("_mbs"), 1.0)
+        out = {k: (v if k == "loss/total" else v / n) for k, v in total.items()}
+        out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        out["optim/lr"] = float(self.optimizer.param_groups[0]["lr"])
+        out["optim/skipped"] = 0.0 if ok else 1.0
+        return out

@@ -1,0 +1,140 @@
+"""``build(cfg)``: everything the RL loop needs, made from the run configuration on every rank.
+
+Called inside ``megarl.distributed.distributed()`` and Megatron's ``model_parallel`` groups. The reference policy
+follows the algorithm (``reference_kind``); the generator is the native Megatron one, which runs the policy's own
+modules, so its weights are the trainer's without a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megarl.backends.megatron.generator import MegatronGenerator
+from megarl.backends.megatron.model import DTYPES, build_model
+from megarl.backends.megatron.policy import MegatronPolicy, MegatronReference
+from megarl.backends.megatron.weights import load_hf_weights
+from megarl.backends.protocols import SamplingParams
+from megarl.config import RunConfig
+from megarl.convert.arch import ModelArch, read_arch_dir
+from megarl.convert.bundled import resolve_model_spec
+from megarl.convert.hf_io import HFReader
+from megarl.data.kk_dataset import write_kk_dataset
+from megarl.data.source import PromptSource
+from megarl.losses import build_loss
+from megarl.losses.registry import LOSSES, PolicyLoss
+from megarl.rewards.executor import RewardExecutor
+
+
+def reference_kind(cfg: RunConfig) -> str:
+    """'fixed' (a frozen initial model), 'old' (the rollout policy) or 'none', per ALGORITHMS.md 5.3."""
+    if cfg.algo.reference != "auto":
+        return cfg.algo.reference
+    loss = cfg.algo.loss
+    if loss.startswith("rpg") or loss == "reinforce_pp":
+        return "old"  # RPG and its REINFORCE++ baselines: pi_ref := pi_old every step
+    if loss in ("trpa", "astar_po"):
+        return "fixed"
+    return "fixed" if float(loss_hparams(cfg).get("kl_coef", 0.0)) > 0 else "none"
+
+
+def loss_hparams(cfg: RunConfig) -> dict:
+    """The loss's defaults and overrides; Dr. GRPO's constant length normaliser defaults to rollout.max_tokens."""
+    hp = {**LOSSES[cfg.algo.loss].defaults, **cfg.algo.loss_hparams}
+    if "norm_len" in hp and hp["norm_len"] is None:
+        hp["norm_len"] = float(cfg.rollout.max_tokens)
+    return hp
+
+
+def check_reference(cfg: RunConfig, kind: str) -> None:
+    needs = cfg.algo.loss in ("trpa", "astar_po") or float(loss_hparams(cfg).get("kl_coef", 0.0)) > 0 or \
+        cfg.algo.loss.startswith("rpg")
+    if kind == "none" and needs:
+        raise ValueError(f"algo.reference=none but loss '{cfg.algo.loss}' regularises toward a reference; use "
+                         f"algo.reference=auto, or set its kl_coef to 0 in algo.loss_hparams.")
+
+
+@dataclasses.dataclass
+class Components:
+    cfg: RunConfig
+    arch: ModelArch
+    model_dir: Path
+    tokenizer: Any
+    policy: MegatronPolicy
+    reference: MegatronReference | None
+    ref_kind: str
+    generator: MegatronGenerator
+    source: PromptSource
+    executor: RewardExecutor
+    loss: PolicyLoss
+    sampling: SamplingParams
+
+
+def load_weights_into(model: torch.nn.Module, arch: ModelArch, hf_dir: Path) -> None:
+    reader = HFReader(hf_dir)
+    try:
+        load_hf_weights(model, arch, reader.get)
+    finally:
+        reader.close()
+
+
+def once_per_node_then_all(fn):
+    """Run ``fn`` on local rank 0 first (it writes caches/files), then on every rank (they read them)."""
+    import os
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        fn()
+    dist.barrier()
+    return fn()
+
+
+def train_files(cfg: RunConfig) -> list[str]:
+    if cfg.data.train_files:
+        return list(cfg.data.train_files)
+    out = Path(cfg.run.dir) / "data"
+
+    def make():
+        if not (out / "train.parquet").is_file():
+            write_kk_dataset(out, cfg.data.generate_size, max(1, cfg.data.generate_size // 8),
+                             list(cfg.data.kk_people), seed=cfg.run.seed, template=cfg.data.template)
+        return [str(out / "train.parquet")]
+
+    return once_per_node_then_all(make)
+
+
+def build(cfg: RunConfig) -> Components:
+    from transformers import AutoTokenizer
+
+    model_dir = once_per_node_then_all(lambda: resolve_model_spec(cfg.model.hf_dir, cfg.run.dir, cfg.run.seed))
+    arch = read_arch_dir(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = DTYPES[cfg.model.dtype]
+    spec = None if cfg.model.layer_spec == "auto" else cfg.model.layer_spec
+    model = build_model(arch, dtype=dtype, layer_spec=spec, init_weights=False)
+    load_weights_into(model, arch, model_dir)
+    o = cfg.optim
+    optim = dict(name=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
+                 grad_clip=o.grad_clip, distributed=o.distributed, warmup_steps=o.warmup_steps,
+                 schedule=o.schedule)
+    policy = MegatronPolicy(model, arch, optim, cfg.train.steps * cfg.train.minibatches_per_step)
+    kind = reference_kind(cfg)
+    check_reference(cfg, kind)
+    reference = None
+    if kind == "fixed":
+        ref_model = build_model(arch, dtype=dtype, layer_spec=spec, init_weights=False)
+        load_weights_into(ref_model, arch, model_dir)
+        reference = MegatronReference(ref_model, arch, offload=torch.cuda.is_available())
+    source = PromptSource(train_files(cfg), tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                          seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    stop = tuple(sorted({t for t in (tokenizer.eos_token_id, arch.hf_config.get("eos_token_id"))
+                         if isinstance(t, int)}))
+    sampling = SamplingParams(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
+                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_ids=stop, seed=cfg.run.seed)
+    executor = RewardExecutor(cfg.reward.num_workers, cfg.reward.timeout_s)
+    return Components(cfg, arch, Path(model_dir), tokenizer, policy, reference, kind,
+                      MegatronGenerator(policy.module, arch), source, executor,
+                      build_loss(cfg.algo.loss, **loss_hparams(cfg)), sampling)

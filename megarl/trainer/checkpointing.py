@@ -1,0 +1,99 @@
+"""Run checkpoints: ``run.dir/checkpoints/step_NNNNNN/``, written atomically, the last N kept.
+
+    megarl.json, hf/        as a model checkpoint of ``megarl convert`` (so mcore-to-hf and eval read it)
+    model/                  torch_dist: model + optimizer state (loadable at another TP/PP layout)
+    trainer_state.json      step, prompt-stream position, LR scheduler state
+    rng/rank_R.pt           every rank's Python / NumPy / torch RNG states
+
+A checkpoint is written into ``.step_NNNNNN.tmp`` and renamed only after every rank has finished, so a run killed at
+any moment leaves either a complete checkpoint or none; resume ignores (and removes) the temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_STEP = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of the run, or None."""
+    root = checkpoint_root(run_dir)
+    done = [p for p in root.glob("step_*") if _STEP.match(p.name) and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(_STEP.match(p.name).group(1)), default=None)
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_root(run_dir) / f"step_{step:06d}"
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: str | Path, step: int, trainer_state: dict, write_model, keep_last: int) -> Path:
+    """Collective. ``write_model(tmp_dir)`` writes megarl.json, hf/ and model/ (every rank calls it)."""
+    final = step_dir(run_dir, step)
+    tmp = final.parent / f".{final.name}.tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    write_model(tmp)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{dist.get_rank()}.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = sorted((p for p in checkpoint_root(run_dir).glob("step_*") if _STEP.match(p.name)),
+                     key=lambda p: int(_STEP.match(p.name).group(1)))
+        for p in old[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    rng = ckpt / "rng" / f"rank_{dist.get_rank()}.pt"
+    if rng.is_file():  # absent when resuming at a different world size: nothing to restore for new ranks
+        set_rng_state(torch.load(rng, weights_only=False))
+    return state
+
+
+def remove_partial(run_dir: str | Path) -> None:
+    """Delete temporary checkpoint directories a killed run left (main rank, before anything is written)."""
+    for tmp in checkpoint_root(run_dir).glob(".step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

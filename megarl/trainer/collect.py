@@ -1,0 +1,133 @@
+"""Rollout collection for one RL step: prompts -> n samples each -> rewards (with DAPO shaping and dynamic sampling)
+-> advantages, and the rollout metrics. Runs on every rank; data-parallel replicas draw disjoint prompts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megarl.advantages import compute_advantages
+from megarl.backends.protocols import SamplingParams
+from megarl.data.source import Prompt, PromptSource
+from megarl.rewards.executor import RewardExecutor, RewardRequest
+from megarl.rollout.batch import Rollouts
+from megarl.rollout.shaping import dynamic_sampling_keep, overlong_penalty
+
+
+def generate(generator, prompts: list[Prompt], n: int, sampling: SamplingParams) -> Rollouts:
+    outs = generator.generate([p.ids for p in prompts], n, sampling)
+    ro = Rollouts([], [], [], [], torch.tensor([p.uid for p in prompts for _ in range(n)], dtype=torch.int64))
+    for p, completions in zip(prompts, outs):
+        for c in completions:
+            ro.prompt_ids.append(p.ids)
+            ro.response_ids.append(c.token_ids)
+            ro.sampler_logprobs.append(c.logprobs)
+            ro.finish_reasons.append(c.finish_reason)
+    return ro
+
+
+def score(ro: Rollouts, prompts: list[Prompt], n: int, tokenizer, executor: RewardExecutor, *, max_tokens: int,
+          overlong_buffer: int, overlong_factor: float) -> dict[str, float]:
+    """Fill rewards, acc, levels and v_star of ``ro``; returns the executor's failure counts."""
+    reqs = [RewardRequest(p.data_source, tokenizer.decode(ro.response_ids[i * n + j], skip_special_tokens=True),
+                          p.ground_truth, p.extra_info) for i, p in enumerate(prompts) for j in range(n)]
+    results, stats = executor.score(reqs)
+    rewards = torch.tensor([float(r["score"]) for r in results], dtype=torch.float64)
+    if overlong_buffer:
+        rewards = rewards + overlong_penalty(ro.response_lengths, max_tokens, overlong_buffer, overlong_factor)
+    ro.rewards = rewards
+    ro.acc = torch.tensor([float(bool(r.get("acc", False))) for r in results], dtype=torch.float64)
+    if all("level" in r for r in results):
+        ro.levels = torch.tensor([int(r["level"]) for r in results], dtype=torch.int64)
+    if all(p.v_star is not None for p in prompts):
+        ro.v_star = torch.tensor([p.v_star for p in prompts for _ in range(n)], dtype=torch.float64)
+    return {f"reward/{k}": float(v) for k, v in stats.items()}
+
+
+def concat(parts: list[Rollouts]) -> Rollouts:
+    out = Rollouts([], [], [], [], torch.cat([p.group_ids for p in parts]))
+    for p in parts:
+        out.prompt_ids += p.prompt_ids
+        out.response_ids += p.response_ids
+        out.sampler_logprobs += p.sampler_logprobs
+        out.finish_reasons += p.finish_reasons
+    for f in ("rewards", "acc", "levels", "v_star"):
+        vals = [getattr(p, f) for p in parts]
+        setattr(out, f, torch.cat(vals) if all(v is not None for v in vals) else None)
+    return out
+
+
+def _dp_sum(x: float, group) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, group=group)
+    return float(t.item())
+
+
+def collect(step: int, position: int, *, source: PromptSource, generator, tokenizer, executor: RewardExecutor,
+            sampling: SamplingParams, n: int, prompts_per_rank: int, dp_rank: int, dp_size: int, dp_group,
+            dynamic_sampling: bool, max_rounds: int, reward_opts: dict) -> tuple[Rollouts, int, dict[str, float]]:
+    """This rank's scored rollouts for the step, the new stream position, and counters.
+
+    Without dynamic sampling: one round of ``prompts_per_rank`` prompts. With it (DAPO), groups whose responses all
+    have the same accuracy are dropped and further rounds of prompts are drawn until every replica together holds
+    ``prompts_per_rank * dp_size`` groups or ``max_rounds`` rounds are spent; all replicas run the same rounds.
+    """
+    parts, kept_groups, rounds, stats = [], 0, 0, {}
+    target = prompts_per_rank * dp_size
+    while True:
+        start = position + dp_rank * prompts_per_rank
+        prompts = source.take(start, prompts_per_rank)
+        position += prompts_per_rank * dp_size
+        seed = sampling.seed * 1_000_003 + step * 1009 + rounds * 101 + dp_rank
+        ro = generate(generator, prompts, n, SamplingParams(**{**sampling.__dict__, "seed": seed}))
+        for k, v in score(ro, prompts, n, tokenizer, executor, **reward_opts).items():
+            stats[k] = stats.get(k, 0.0) + v
+        rounds += 1
+        if dynamic_sampling:
+            stats["rollout/sampled_groups"] = stats.get("rollout/sampled_groups", 0.0) + len(prompts)
+            ro = ro.select(dynamic_sampling_keep(ro.acc, ro.group_ids))
+        parts.append(ro)
+        kept_groups += len(ro.groups())
+        if not dynamic_sampling or rounds >= max_rounds or _dp_sum(kept_groups, dp_group) >= target:
+            break
+    ro = concat(parts)
+    if dynamic_sampling:  # at most this replica's share; surplus groups are discarded as upstream does
+        ro = ro.select([i for g in ro.groups()[:prompts_per_rank] for i in g])
+    stats["rollout/rounds"] = float(rounds)
+    return ro, position, stats
+
+
+def gather_dp(values: list, group) -> list:
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, values, group=group)
+    return out
+
+
+def advantages_over_dp(ro: Rollouts, name: str, dp_group) -> tuple[torch.Tensor, dict[str, float]]:
+    """Advantages of this rank's rows computed over the whole step (all DP replicas), so batch-level estimators
+    (REINFORCE++ whitening) see the global batch; and the global reward / length metrics."""
+    local = (ro.rewards.tolist() if ro.rewards is not None else [], ro.group_ids.tolist(),
+             ro.response_lengths.tolist(), ro.acc.tolist() if ro.acc is not None else [],
+             [f == "length" for f in ro.finish_reasons])
+    parts = gather_dp(local, dp_group)
+    me = dist.get_rank(dp_group)
+    offset = sum(len(p[1]) for p in parts[:me])
+    rewards = torch.tensor([r for p in parts for r in p[0]], dtype=torch.float64)
+    gids = torch.tensor([g for p in parts for g in p[1]], dtype=torch.int64)
+    lengths = torch.tensor([n for p in parts for n in p[2]], dtype=torch.int64)
+    acc = torch.tensor([a for p in parts for a in p[3]], dtype=torch.float64)
+    clipped = torch.tensor([c for p in parts for c in p[4]], dtype=torch.float64)
+    metrics = {"rollout/responses": float(len(rewards))}
+    if len(rewards) == 0:
+        return torch.zeros(0, 1), metrics
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+    adv = compute_advantages(name, rewards=rewards, group_ids=gids, mask=mask)
+    mine = adv[offset: offset + len(ro)].float()
+    metrics.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1
+                    else 0.0, "reward/acc": float(acc.mean()), "response/length_mean": float(lengths.double().mean()),
+                    "response/length_max": float(lengths.max()), "response/clip_ratio": float(clipped.mean())})
+    return mine[:, : ro.max_response_len], metrics

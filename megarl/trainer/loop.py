@@ -1,0 +1,95 @@
+"""The RL loop. Every rank runs it; Megatron's groups split the work (TP/PP inside a replica, prompts over DP).
+
+    for step in 1..train.steps:
+        rollouts   = n samples of each prompt at the policy's rollout point      (native Megatron generator)
+        rewards    = rule rewards (+ DAPO overlong shaping; dynamic sampling drops uninformative groups)
+        old, ref   = log-probs of the samples under pi_old and the reference     (ref := old for RPG)
+        advantages = the configured estimator over the whole step               (TRPA levels, A*-PO V* ride along)
+        for each mini-batch: one optimizer step over equal-shaped micro-batches with global normalisers
+        log metrics; checkpoint every checkpoint.interval; evaluate every eval.interval
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megarl.config import RunConfig, save_config, to_dict
+from megarl.metrics import MetricsLogger, Timer, truncate_metrics
+from megarl.rollout.batch import split_groups
+from megarl.trainer import checkpointing
+from megarl.trainer.build import Components
+from megarl.trainer.collect import advantages_over_dp, collect
+from megarl.trainer.evaluate import evaluate_files
+from megarl.backends.megatron.parallel import dp_info
+from megarl.trainer.state import export_hf, resume, save_checkpoint, step_metrics
+
+
+def train(c: Components) -> dict[str, float]:
+    """Run (or resume) the configured RL training; returns the last step's metrics."""
+    cfg = c.cfg
+    dp_rank, dp_size, dp_group = dp_info()
+    step, position = resume(c)
+    log = MetricsLogger(cfg.run.dir, total_steps=cfg.train.steps, start_step=step, enabled=dist.get_rank() == 0,
+                        progress=cfg.metrics.progress, tensorboard=cfg.metrics.tensorboard, wandb=cfg.metrics.wandb,
+                        wandb_project=cfg.metrics.wandb_project, config=to_dict(cfg))
+    temperature = cfg.rollout.temperature or 1.0
+    budget, per_rank = cfg.train.micro_batch_tokens, cfg.train.prompts_per_step // dp_size
+    metrics: dict[str, float] = {}
+    with log:
+        while step < cfg.train.steps:
+            step, timer, t0 = step + 1, Timer(), time.perf_counter()
+            c.policy.rollout_point(True)  # schedule-free: sample and score pi_old at the averaged point x
+            with timer("generation"):
+                ro, position, stats = collect(
+                    step, position, source=c.source, generator=c.generator, tokenizer=c.tokenizer,
+                    executor=c.executor, sampling=c.sampling, n=cfg.rollout.group_size, prompts_per_rank=per_rank,
+                    dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, dynamic_sampling=cfg.rollout.dynamic_sampling,
+                    max_rounds=cfg.rollout.max_sampling_rounds,
+                    reward_opts=dict(max_tokens=cfg.rollout.max_tokens, overlong_buffer=cfg.rollout.overlong_buffer,
+                                     overlong_factor=cfg.rollout.overlong_factor))
+            with timer("old_logprobs"):
+                ro.old_logprobs, entropy = c.policy.logprobs(ro, budget, temperature)
+            with timer("ref_logprobs"):
+                ro.ref_logprobs = {"old": ro.old_logprobs, "none": None}.get(c.ref_kind) if c.reference is None \
+                    else c.reference.logprobs(ro, budget, temperature)
+            c.policy.rollout_point(False)
+            ro.advantages, rollout_metrics = advantages_over_dp(ro, cfg.algo.advantage, dp_group)
+            with timer("update"):
+                updates = [c.policy.train_step(ro, groups, c.loss, budget, temperature)
+                           for groups in split_groups(ro.groups(), cfg.train.minibatches_per_step)]
+            metrics = step_metrics(ro, entropy, updates, stats, rollout_metrics, timer, time.perf_counter() - t0,
+                                   dp_group)
+            if cfg.eval.interval and step % cfg.eval.interval == 0 and cfg.data.val_files:
+                with timer("eval"):
+                    metrics.update(evaluate_files(c, list(cfg.data.val_files)))
+            log.log(step, metrics)
+            if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps:
+                save_checkpoint(c, step, position)
+        if cfg.data.val_files and not (cfg.eval.interval and step % cfg.eval.interval == 0):
+            final = evaluate_files(c, list(cfg.data.val_files))
+            log.write("eval  " + "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    if cfg.checkpoint.export_hf:
+        export_hf(c, Path(cfg.run.dir) / "hf")
+    c.executor.close()
+    return metrics
+
+
+def prepare_run_dir(cfg: RunConfig) -> None:
+    """Main rank: create run.dir, refuse an incompatible earlier config, write the resolved one, drop stale
+    temporaries and metrics past the checkpoint that will be resumed."""
+    run = Path(cfg.run.dir)
+    if dist.get_rank() == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        from megarl.trainer.state import check_compatible
+
+        check_compatible(cfg, run / "config.yaml")
+        save_config(cfg, run / "config.yaml")
+        checkpointing.remove_partial(run)
+        latest = checkpointing.latest_checkpoint(run)
+        truncate_metrics(run / "metrics.jsonl", int(latest.name.split("_")[1]) if latest else 0)
+    dist.barrier()
+    torch.manual_seed(cfg.run.seed)

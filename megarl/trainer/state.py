@@ -1,0 +1,135 @@
+"""What the loop saves, restores and reports besides the update itself: checkpoints and resume, the HF export,
+the per-step metrics reduced over data parallel, and the check that a resumed run keeps its algorithm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megarl.backends.megatron.checkpoint import load_training_state, save_training_state, write_meta
+from megarl.backends.megatron.export import export_hf_weights
+from megarl.backends.megatron.model import DTYPES
+from megarl.config import RunConfig, load_config, to_dict
+from megarl.convert.hf_io import ShardedWriter, atomic_output_dir, copy_side_files
+from megarl.metrics import Timer
+from megarl.rollout.batch import Rollouts
+from megarl.trainer import checkpointing
+from megarl.trainer.build import Components
+
+# keys that may change between the runs of one run.dir (how long, how often, how parallel, where to log)
+RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "eval.", "metrics.", "parallel.", "reward.num_workers",
+                     "reward.timeout_s", "data.val_files")
+
+
+def check_compatible(cfg: RunConfig, saved: Path) -> None:
+    """Refuse to continue a run.dir whose earlier config differs in anything but RESUMABLE_CHANGES."""
+    if not saved.is_file():
+        return
+    old, new = _flat(to_dict(load_config(saved))), _flat(to_dict(cfg))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+               and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        raise ValueError(f"{saved}: run.dir holds a run with other settings ({diff}). Resuming would mix two "
+                         f"experiments; use a new run.dir, or the same settings (only train.steps, checkpoint.*, "
+                         f"eval.*, metrics.*, parallel.*, reward workers may change).")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and not prefix:
+            out.update(_flat(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume(c: Components) -> tuple[int, int]:
+    """(step, prompt-stream position) of the latest checkpoint of run.dir, with every state restored; (0, 0)."""
+    latest = checkpointing.latest_checkpoint(c.cfg.run.dir)
+    if latest is None:
+        return 0, 0
+    load_training_state(c.policy.module, c.policy.optimizer, latest / "model")
+    state = checkpointing.load_trainer_state(latest)
+    c.policy.scheduler.load_state_dict(state["scheduler"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {latest} (step {state['step']})", flush=True)
+    return int(state["step"]), int(state["position"])
+
+
+def save_checkpoint(c: Components, step: int, position: int) -> Path:
+    def write_model(tmp: Path) -> None:
+        if dist.get_rank() == 0:
+            (tmp / "hf").mkdir()
+            copy_side_files(c.model_dir, tmp / "hf")
+            write_meta(tmp, c.arch, DTYPES[c.cfg.model.dtype], str(c.model_dir))
+            (tmp / "model").mkdir()
+        dist.barrier()
+        save_training_state(c.policy.module, c.policy.optimizer, tmp / "model")
+
+    state = {"step": step, "position": position, "scheduler": c.policy.scheduler.state_dict()}
+    return checkpointing.save(c.cfg.run.dir, step, state, write_model, c.cfg.checkpoint.keep_last)
+
+
+def export_hf(c: Components, out: Path) -> None:
+    """The policy as a Hugging Face model directory (schedule-free: the averaged point x). Collective."""
+    c.policy.rollout_point(True)
+    try:
+        main = dist.get_rank() == 0
+        ctx = atomic_output_dir(out, overwrite=True) if main else None
+        tmp = ctx.__enter__() if main else None
+        writer = ShardedWriter(tmp) if main else None
+        for bucket in export_hf_weights(c.policy.module, c.arch, bucket_bytes=64 << 20):
+            for name, tensor in bucket if main else ():
+                writer.add(name, tensor.cpu())
+        if main:
+            writer.close()
+            copy_side_files(c.model_dir, tmp)
+            ctx.__exit__(None, None, None)
+        dist.barrier()
+    finally:
+        c.policy.rollout_point(False)
+
+
+def _reduce(values: dict[str, float], group, op=dist.ReduceOp.SUM) -> dict[str, float]:
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op, group=group)
+    return dict(zip(keys, t.cpu().tolist()))
+
+
+def step_metrics(ro: Rollouts, entropy: torch.Tensor, updates: list[dict], stats: dict[str, float],
+                 global_metrics: dict[str, float], timer: Timer, seconds: float, dp_group) -> dict[str, float]:
+    """Metrics of one step, equal on every rank: ``stats`` (this replica's counters) summed over replicas,
+    ``global_metrics`` (already over all replicas) as they are, update statistics averaged over the step's
+    mini-batches, timings and throughput."""
+    out = _reduce({k: v for k, v in stats.items() if k != "rollout/rounds"}, dp_group)
+    out["rollout/rounds"] = stats.get("rollout/rounds", 1.0)
+    out.update(global_metrics)
+    mask = ro.response_mask() if len(ro) else torch.zeros(0, 1)
+    diff = 0.0
+    if len(ro):
+        sampler = torch.zeros_like(ro.old_logprobs)
+        for i, lps in enumerate(ro.sampler_logprobs):
+            sampler[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
+        diff = float(((sampler - ro.old_logprobs).abs() * mask).max())
+    out["rollout/logprob_diff_max"] = _reduce({"d": diff}, dp_group, dist.ReduceOp.MAX)["d"]
+    tokens = float(sum(len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids)))
+    sums = _reduce({"ent": float((entropy * mask).sum()) if len(ro) else 0.0, "n": float(mask.sum()),
+                    "tokens": tokens, "groups": float(len(ro.groups()))}, dp_group)
+    out["actor/entropy"] = sums["ent"] / max(sums["n"], 1.0)
+    out["rollout/groups"] = sums["groups"]
+    out["perf/tokens_per_s"] = sums["tokens"] / max(seconds, 1e-9)
+    for k in sorted({k for u in updates for k in u}):
+        vals = [u[k] for u in updates if k in u]
+        out[k] = sum(vals) / len(vals)
+    out.update(timer.metrics())
+    out["time/step"] = seconds
+    return out
