@@ -129,6 +129,9 @@ class MetricsSection:
 class RewardSection:
     num_workers: int = 2  # reward processes; 0 = score in the trainer process
     timeout_s: float = 10.0  # per call
+    # "package.module:function" with compute_score's signature (data_source, solution_str, ground_truth,
+    # extra_info) -> {"score": float, "acc": bool, "level": int (TRPA)}; None = the built-in rule rewards
+    custom_fn: str | None = None
 
 
 @frozen

@@ -63,8 +63,29 @@ def _score_in_worker(req: RewardRequest, options: dict, timeout_s: float, score_
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def load_score_fn(spec: str):
+    """``"package.module:function"`` -> the function (reward.custom_fn); errors name the key and the fix."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"reward.custom_fn='{spec}' must be 'package.module:function'.")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward.custom_fn='{spec}' cannot be loaded ({e}); the module must be importable "
+                         f"(on PYTHONPATH) in the trainer and in reward workers.") from None
+    if not callable(fn):
+        raise ValueError(f"reward.custom_fn='{spec}' is not a function.")
+    return fn
+
+
 def failed(req: RewardRequest, why: str) -> dict:
-    return {**FAILED_SCORE[reward_name(req.data_source)], "error": why}
+    try:
+        base = FAILED_SCORE[reward_name(req.data_source)]
+    except ValueError:  # a source only a custom reward knows
+        base = {"score": 0.0, "acc": False}
+    return {**base, "error": why}
 
 
 class RewardExecutor:
@@ -89,7 +110,7 @@ class RewardExecutor:
         return self._pool
 
     def score(self, requests: list[RewardRequest]) -> tuple[list[dict], dict[str, int]]:
-        for r in requests:
+        for r in requests if self.score_fn is compute_score else ():
             reward_name(r.data_source)  # unknown sources are a configuration error, not a failed answer
         stats = {"errors": 0, "timeouts": 0}
         if self.num_workers == 0:

@@ -48,9 +48,8 @@ class Rollouts:
 
     def select(self, rows: list[int] | torch.Tensor) -> Rollouts:
         """The given rows (in that order), every field sliced."""
-        idx = torch.as_tensor(rows, dtype=torch.int64)
-        if idx.dtype == torch.bool:
-            idx = idx.nonzero().squeeze(-1)
+        idx = torch.as_tensor(rows)
+        idx = idx.nonzero().squeeze(-1) if idx.dtype == torch.bool else idx.to(torch.int64)
         keep = idx.tolist()
         width = max((len(self.response_ids[i]) for i in keep), default=1)
 

@@ -27,7 +27,8 @@ from megarl.data.kk_dataset import write_kk_dataset
 from megarl.data.source import PromptSource
 from megarl.losses import build_loss
 from megarl.losses.registry import LOSSES, PolicyLoss
-from megarl.rewards.executor import RewardExecutor
+from megarl.rewards import compute_score
+from megarl.rewards.executor import RewardExecutor, load_score_fn
 
 
 def reference_kind(cfg: RunConfig) -> str:
@@ -134,7 +135,8 @@ def build(cfg: RunConfig) -> Components:
                          if isinstance(t, int)}))
     sampling = SamplingParams(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
                               top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_ids=stop, seed=cfg.run.seed)
-    executor = RewardExecutor(cfg.reward.num_workers, cfg.reward.timeout_s)
+    score_fn = load_score_fn(cfg.reward.custom_fn) if cfg.reward.custom_fn else compute_score
+    executor = RewardExecutor(cfg.reward.num_workers, cfg.reward.timeout_s, score_fn=score_fn)
     return Components(cfg, arch, Path(model_dir), tokenizer, policy, reference, kind,
                       MegatronGenerator(policy.module, arch), source, executor,
                       build_loss(cfg.algo.loss, **loss_hparams(cfg)), sampling)

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -15,8 +17,11 @@ from megarl.rollout.batch import Rollouts
 from megarl.rollout.shaping import dynamic_sampling_keep, overlong_penalty
 
 
-def generate(generator, prompts: list[Prompt], n: int, sampling: SamplingParams) -> Rollouts:
-    outs = generator.generate([p.ids for p in prompts], n, sampling)
+def generate(generator, prompts: list[Prompt], n: int, sampling: SamplingParams, seed: int) -> Rollouts:
+    """n samples per prompt; prompt u's samples are seeded by (seed, u) alone, so they do not depend on which
+    data-parallel rank draws the prompt or on what else is in its batch."""
+    outs = [generator.generate([p.ids], n, dataclasses.replace(sampling, seed=seed * 1_000_003 + p.uid))[0]
+            for p in prompts]
     ro = Rollouts([], [], [], [], torch.tensor([p.uid for p in prompts for _ in range(n)], dtype=torch.int64))
     for p, completions in zip(prompts, outs):
         for c in completions:
@@ -81,8 +86,7 @@ def collect(step: int, position: int, *, source: PromptSource, generator, tokeni
         start = position + dp_rank * prompts_per_rank
         prompts = source.take(start, prompts_per_rank)
         position += prompts_per_rank * dp_size
-        seed = sampling.seed * 1_000_003 + step * 1009 + rounds * 101 + dp_rank
-        ro = generate(generator, prompts, n, SamplingParams(**{**sampling.__dict__, "seed": seed}))
+        ro = generate(generator, prompts, n, sampling, seed=(sampling.seed or 0) * 7919 + step)
         for k, v in score(ro, prompts, n, tokenizer, executor, **reward_opts).items():
             stats[k] = stats.get(k, 0.0) + v
         rounds += 1

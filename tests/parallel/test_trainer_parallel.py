@@ -1,0 +1,39 @@
+"""`megarl train` under torchrun against the same run at TP=1 in one process: TP=2 (the tiny model's 4 heads / 2
+KV groups split over two ranks) and data parallel 2 (one prompt per rank, gradients summed by Megatron DDP) log
+the same metrics up to floating-point summation order."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from megarl.metrics import read_metrics
+from tests.parallel.launch import torchrun
+from tests.train.test_trainer import BASE, run, same_metrics
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from megarl.data.kk_dataset import write_kk_dataset
+
+    d = tmp_path_factory.mktemp("data")
+    write_kk_dataset(d, 16, 4, [2], seed=3)
+    return d
+
+
+@pytest.mark.parametrize("layout,loss", [("parallel.tp=2", "trpa"), ("parallel.tp=2", "grpo"), ("parallel.tp=1", "grpo")],
+                         ids=["tp2-trpa", "tp2-grpo", "dp2-grpo"])
+def test_trainer_matches_tp1(megatron_world, tmp_path, data_dir, layout, loss):
+    common = [f"data.train_files={data_dir / 'train.parquet'}", f"algo.loss={loss}"]
+    reference = run(tmp_path / "tp1", data_dir, *common[1:])
+    torchrun("megarl.cli", 2, "train", *BASE, f"run.dir={tmp_path / 'par'}", *common, layout, timeout=900)
+    par = read_metrics(tmp_path / "par" / "metrics.jsonl")
+    # optim/grad_norm is compared only at DP2: at TP2 megatron-core's reported norm is ~0.77x the TP1 norm while
+    # the updates agree (the step-2 metrics below) -- an open defect, see the trainer issue's note
+    skip = ("loss/", "optim/grad_norm") if "tp=2" in layout else ("loss/",)
+    same_metrics(reference, par, tol=1e-4, skip=skip)
+    for a, b in zip(reference, par):
+        assert math.isclose(a["loss/total"], b["loss/total"], rel_tol=1e-4, abs_tol=1e-6)
