@@ -79,12 +79,12 @@ def distributed(timeout_minutes: int = 30):
             shutdown_distributed()
 
 
-def all_reduce_sum(values: dict[str, float], group=None) -> dict[str, float]:
-    """Sum a dict of floats over a process group (counts of the losses, metrics)."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+def all_reduce_sum(values: dict[str, float], group=None, op=None) -> dict[str, float]:
+    """Sum (or ``op``, e.g. ``dist.ReduceOp.MAX``) a dict of floats over a process group (loss counts, metrics)."""
+    if not values or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return dict(values)
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
                      device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
-    dist.all_reduce(t, group=group)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
     return dict(zip(keys, t.tolist()))

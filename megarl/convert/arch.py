@@ -108,6 +108,12 @@ def read_arch(cfg: dict[str, Any], source: str = "config.json") -> ModelArch:
         qk_norm=family == "qwen3", sliding_window=int(window) if window else None, hf_config=dict(cfg))
 
 
+def stop_ids(tokenizer, arch: "ModelArch") -> tuple[int, ...]:
+    """End-of-response token ids: the tokenizer's EOS and the model config's (they differ for some instruct models)."""
+    ids = {tokenizer.eos_token_id, arch.hf_config.get("eos_token_id")}
+    return tuple(sorted(t for t in ids if isinstance(t, int)))
+
+
 def read_arch_dir(hf_dir: str | Path) -> ModelArch:
     """Read ``HF_DIR/config.json``; a missing directory or file is a one-line error."""
     path = Path(hf_dir) / "config.json"

@@ -20,7 +20,7 @@ from megarl.backends.megatron.policy import MegatronPolicy, MegatronReference
 from megarl.backends.megatron.weights import load_hf_weights
 from megarl.backends.protocols import SamplingParams
 from megarl.config import RunConfig
-from megarl.convert.arch import ModelArch, read_arch_dir
+from megarl.convert.arch import ModelArch, read_arch_dir, stop_ids
 from megarl.convert.bundled import resolve_model_spec
 from megarl.convert.hf_io import HFReader
 from megarl.data.kk_dataset import write_kk_dataset
@@ -131,8 +131,7 @@ def build(cfg: RunConfig) -> Components:
         reference = MegatronReference(ref_model, arch, offload=torch.cuda.is_available())
     source = PromptSource(train_files(cfg), tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
                           seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-    stop = tuple(sorted({t for t in (tokenizer.eos_token_id, arch.hf_config.get("eos_token_id"))
-                         if isinstance(t, int)}))
+    stop = stop_ids(tokenizer, arch)
     sampling = SamplingParams(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
                               top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_ids=stop, seed=cfg.run.seed)
     score_fn = load_score_fn(cfg.reward.custom_fn) if cfg.reward.custom_fn else compute_score

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megarl.advantages import compute_advantages
 from megarl.backends.protocols import SamplingParams
+from megarl.distributed import all_reduce_sum
 from megarl.data.source import Prompt, PromptSource
 from megarl.rewards.executor import RewardExecutor, RewardRequest
 from megarl.rollout.batch import Rollouts
@@ -63,14 +64,6 @@ def concat(parts: list[Rollouts]) -> Rollouts:
     return out
 
 
-def _dp_sum(x: float, group) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, group=group)
-    return float(t.item())
-
-
 def collect(step: int, position: int, *, source: PromptSource, generator, tokenizer, executor: RewardExecutor,
             sampling: SamplingParams, n: int, prompts_per_rank: int, dp_rank: int, dp_size: int, dp_group,
             dynamic_sampling: bool, max_rounds: int, reward_opts: dict) -> tuple[Rollouts, int, dict[str, float]]:
@@ -95,7 +88,7 @@ def collect(step: int, position: int, *, source: PromptSource, generator, tokeni
             ro = ro.select(dynamic_sampling_keep(ro.acc, ro.group_ids))
         parts.append(ro)
         kept_groups += len(ro.groups())
-        if not dynamic_sampling or rounds >= max_rounds or _dp_sum(kept_groups, dp_group) >= target:
+        if not dynamic_sampling or rounds >= max_rounds or all_reduce_sum({"k": kept_groups}, dp_group)["k"] >= target:
             break
     ro = concat(parts)
     if dynamic_sampling:  # at most this replica's share; surplus groups are discarded as upstream does

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch.distributed as dist
-
 from megarl.backends.megatron.parallel import dp_info
 from megarl.backends.protocols import SamplingParams
 from megarl.data.source import PromptSource
 from megarl.rewards.executor import RewardExecutor, RewardRequest
 from megarl.rewards.passk import eval_metrics
 from megarl.trainer.build import Components
+from megarl.trainer.collect import gather_dp
 
 
 def evaluate(generator, tokenizer, executor: RewardExecutor, files: list[str], sampling: SamplingParams, k: int,
@@ -30,9 +29,7 @@ def evaluate(generator, tokenizer, executor: RewardExecutor, files: list[str], s
     results, _ = executor.score(reqs) if reqs else ([], {})
     local = [(p.data_source, [bool(r.get("acc", False)) for r in results[i * k:(i + 1) * k]])
              for i, p in enumerate(mine)]
-    gathered = [None] * dist.get_world_size(dp_group)
-    dist.all_gather_object(gathered, local, group=dp_group)
-    rows = [r for part in gathered for r in part]
+    rows = [r for part in gather_dp(local, dp_group) for r in part]
     return eval_metrics([s for s, _ in rows], [c for _, c in rows], k)
 
 
@@ -60,7 +57,7 @@ def evaluate_checkpoint(path: str, files: list[str], *, n: int, temperature: flo
     from megarl.backends.megatron.generator import MegatronGenerator
     from megarl.backends.megatron.model import build_model
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
-    from megarl.convert.arch import read_arch_dir
+    from megarl.convert.arch import read_arch_dir, stop_ids
     from megarl.distributed import distributed
     from megarl.trainer.build import load_weights_into
 
@@ -80,7 +77,7 @@ def evaluate_checkpoint(path: str, files: list[str], *, n: int, temperature: flo
             load_weights_into(model, arch, p)
             tok_dir = p
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        stop = tuple(t for t in {tokenizer.eos_token_id, arch.hf_config.get("eos_token_id")} if isinstance(t, int))
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_ids=stop, seed=seed)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_ids=stop_ids(tokenizer, arch),
+                                  seed=seed)
         with RewardExecutor(reward_workers) as executor:
             return evaluate(MegatronGenerator(model, arch), tokenizer, executor, files, sampling, n, max_prompts)

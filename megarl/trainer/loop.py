@@ -25,7 +25,7 @@ from megarl.trainer.build import Components
 from megarl.trainer.collect import advantages_over_dp, collect
 from megarl.trainer.evaluate import evaluate_files
 from megarl.backends.megatron.parallel import dp_info
-from megarl.trainer.state import export_hf, resume, save_checkpoint, step_metrics
+from megarl.trainer.state import check_compatible, export_hf, resume, save_checkpoint, step_metrics
 
 
 def train(c: Components) -> dict[str, float]:
@@ -84,8 +84,6 @@ def prepare_run_dir(cfg: RunConfig) -> None:
     run = Path(cfg.run.dir)
     if dist.get_rank() == 0:
         run.mkdir(parents=True, exist_ok=True)
-        from megarl.trainer.state import check_compatible
-
         check_compatible(cfg, run / "config.yaml")
         save_config(cfg, run / "config.yaml")
         checkpointing.remove_partial(run)

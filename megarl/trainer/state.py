@@ -13,6 +13,7 @@ from megarl.backends.megatron.export import export_hf_weights
 from megarl.backends.megatron.model import DTYPES
 from megarl.config import RunConfig, load_config, to_dict
 from megarl.convert.hf_io import ShardedWriter, atomic_output_dir, copy_side_files
+from megarl.distributed import all_reduce_sum
 from megarl.metrics import Timer
 from megarl.rollout.batch import Rollouts
 from megarl.trainer import checkpointing
@@ -94,23 +95,12 @@ def export_hf(c: Components, out: Path) -> None:
         c.policy.rollout_point(False)
 
 
-def _reduce(values: dict[str, float], group, op=dist.ReduceOp.SUM) -> dict[str, float]:
-    if not values:
-        return {}
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=op, group=group)
-    return dict(zip(keys, t.cpu().tolist()))
-
-
 def step_metrics(ro: Rollouts, entropy: torch.Tensor, updates: list[dict], stats: dict[str, float],
                  global_metrics: dict[str, float], timer: Timer, seconds: float, dp_group) -> dict[str, float]:
     """Metrics of one step, equal on every rank: ``stats`` (this replica's counters) summed over replicas,
     ``global_metrics`` (already over all replicas) as they are, update statistics averaged over the step's
     mini-batches, timings and throughput."""
-    out = _reduce({k: v for k, v in stats.items() if k != "rollout/rounds"}, dp_group)
+    out = all_reduce_sum({k: v for k, v in stats.items() if k != "rollout/rounds"}, dp_group)
     out["rollout/rounds"] = stats.get("rollout/rounds", 1.0)
     out.update(global_metrics)
     mask = ro.response_mask() if len(ro) else torch.zeros(0, 1)
@@ -120,9 +110,9 @@ def step_metrics(ro: Rollouts, entropy: torch.Tensor, updates: list[dict], stats
         for i, lps in enumerate(ro.sampler_logprobs):
             sampler[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
         diff = float(((sampler - ro.old_logprobs).abs() * mask).max())
-    out["rollout/logprob_diff_max"] = _reduce({"d": diff}, dp_group, dist.ReduceOp.MAX)["d"]
+    out["rollout/logprob_diff_max"] = all_reduce_sum({"d": diff}, dp_group, dist.ReduceOp.MAX)["d"]
     tokens = float(sum(len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids)))
-    sums = _reduce({"ent": float((entropy * mask).sum()) if len(ro) else 0.0, "n": float(mask.sum()),
+    sums = all_reduce_sum({"ent": float((entropy * mask).sum()) if len(ro) else 0.0, "n": float(mask.sum()),
                     "tokens": tokens, "groups": float(len(ro.groups()))}, dp_group)
     out["actor/entropy"] = sums["ent"] / max(sums["n"], 1.0)
     out["rollout/groups"] = sums["groups"]

@@ -27,7 +27,8 @@ from megarl.convert.arch import ModelArch
 from megarl.rollout.sampling import sample_tokens
 
 
-def _broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
+def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the last pipeline stage holds it, in place on every stage of this pipeline (same shape/dtype)."""
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
@@ -77,7 +78,7 @@ class MegatronGenerator:
             if logits is not None:
                 tok, lp = sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, gen)
                 picked = torch.stack([tok.double(), lp.double()])
-            picked = _broadcast_from_last_stage(picked)
+            picked = broadcast_from_last_stage(picked)
             tok, lp = picked[0].long(), picked[1]
             tokens.append(tok)
             logprobs.append(lp)

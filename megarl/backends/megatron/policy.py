@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from megarl.backends.megatron.generator import broadcast_from_last_stage
 from megarl.backends.megatron.forward import forward_backward, token_logprobs
 from megarl.backends.megatron.model import transformer_config, unwrap
 from megarl.backends.megatron.optim import build_optimizer, set_eval_point
@@ -35,16 +36,6 @@ from megarl.rollout.batch import MicroBatch, Rollouts, make_micro_batches, row_f
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _broadcast_from_last_stage(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp == 1:
-        return t
-    buf = t.contiguous() if t is not None else torch.empty(shape, dtype=torch.float32, device=_device())
-    dist.broadcast(buf, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                   group=parallel_state.get_pipeline_model_parallel_group())
-    return buf
 
 
 def _mb_inputs(mb: MicroBatch) -> dict:
@@ -78,7 +69,9 @@ def rollout_logprobs(model: torch.nn.Module, arch: ModelArch, ro: Rollouts, toke
         full = torch.zeros(shape, dtype=torch.float32, device=_device())
         for mb, t in zip(mbs, out):
             full[:, torch.tensor(mb.rows), : t.shape[-1]] = t * mb.mask.to(t.device)
-    full = _broadcast_from_last_stage(full, shape).cpu()
+    if full is None:  # not the last stage: receive it
+        full = torch.empty(shape, dtype=torch.float32, device=_device())
+    full = broadcast_from_last_stage(full).cpu()
     return full[0], full[1]
 
 
