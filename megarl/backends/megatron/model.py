@@ -54,8 +54,17 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32,
         # fusions need apex/TE kernels; they are pure speed, never semantics
         use_cpu_initialization=not on_gpu, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        apply_rope_fusion=False, calculate_per_token_loss=True, perform_initialization=init_weights,
+        apply_rope_fusion=False, calculate_per_token_loss=True,
+        # init_weights=False keeps megatron-core's init path (it is where the TP attributes tensor_model_parallel /
+        # partition_dim / partition_stride are set; with perform_initialization=False sharded weights have none,
+        # the optimizer then counts only TP rank 0's shards in the grad norm) with init functions that do nothing
+        **({} if init_weights else dict(init_method=_leave_uninitialised, output_layer_init_method=_leave_uninitialised,
+                                        embedding_init_method=_leave_uninitialised)),
     )
+
+
+def _leave_uninitialised(weight: torch.Tensor) -> None:
+    """An init method for models whose weights are loaded next: random init of a large model takes minutes."""
 
 
 def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_spec: str | None = None,
