@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
 
@@ -108,6 +109,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vstar(args: argparse.Namespace) -> int:
+    from megarl.config import load_config
+    from megarl.trainer import run_vstar
+
+    files = run_vstar(load_config(args.config, args.overrides), args.out_dir, chunk=args.chunk)
+    if os.environ.get("RANK", "0") == "0":
+        print("V* written to:\n  " + "\n  ".join(files) +
+              f"\ntrain on it with: data.train_files={','.join(files)} (or the same run.dir, which finds it)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from megarl.backends.megatron.convert import mcore_to_hf
+    from megarl.trainer import checkpointing
+
+    if args.step is None:
+        ckpt = checkpointing.latest_checkpoint(args.run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"{args.run_dir}: no complete checkpoint under checkpoints/ (is it a run.dir?).")
+    else:
+        ckpt = checkpointing.step_dir(args.run_dir, args.step)
+        if not (ckpt / "trainer_state.json").is_file():
+            have = [p.name for p in sorted(checkpointing.checkpoint_root(args.run_dir).glob("step_*"))]
+            raise FileNotFoundError(f"{ckpt}: no complete checkpoint of step {args.step}; the run has {have}.")
+    out = args.out or str(Path(args.run_dir) / f"hf_{ckpt.name}")
+    mcore_to_hf(str(ckpt), out, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from megarl.trainer.evaluate import evaluate_checkpoint
 
@@ -127,6 +157,26 @@ def add_train_parsers(sub) -> None:
     train.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); defaults when omitted")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=8 parallel.tp=2")
     train.set_defaults(func=cmd_train)
+    vs = sub.add_parser("vstar", help="A*-PO stage 1: V* of every training prompt from N reference samples",
+                        description="Sample algo.vstar_samples responses of every prompt of data.train_files from "
+                                    "model.hf_dir, score them and write copies of the files with extra_info.v_star "
+                                    "= beta1*log(mean(exp(r/beta1))) (beta1 = algo.vstar_beta1). Killed runs resume. "
+                                    "megarl train with algo.loss=astar_po runs this itself when the data has no V*.")
+    vs.add_argument("--config", default=None, help="YAML preset (the one you will train with)")
+    vs.add_argument("--out-dir", default=None, help="where to write (default: run.dir/vstar)")
+    vs.add_argument("--chunk", type=int, default=32, help="prompts per saved chunk (a killed run redoes at most one)")
+    vs.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    vs.set_defaults(func=cmd_vstar)
+
+    ex = sub.add_parser("export", help="a training checkpoint as a Hugging Face model, on demand",
+                        description="Convert the latest (or --step) checkpoint of RUN_DIR to a Hugging Face directory "
+                                    "(schedule-free runs: the averaged weights x). Any time, also while it trains.")
+    ex.add_argument("run_dir")
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ex.add_argument("--out", default=None, help="output directory (default: RUN_DIR/hf_step_N)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    ex.set_defaults(func=cmd_export)
+
     ev = sub.add_parser("eval", help="avg@k and pass@k of a checkpoint on parquet files",
                         description="Sample --n responses per prompt of each --data file from CHECKPOINT (an HF "
                                     "directory or a megarl checkpoint such as RUN/checkpoints/step_000010) and print "

@@ -29,6 +29,7 @@ from megarl.losses import build_loss
 from megarl.losses.registry import LOSSES, PolicyLoss
 from megarl.rewards import compute_score
 from megarl.rewards.executor import RewardExecutor, load_score_fn
+from megarl.trainer.vstar import estimate_files, has_v_star
 
 
 def reference_kind(cfg: RunConfig) -> str:
@@ -107,16 +108,46 @@ def train_files(cfg: RunConfig) -> list[str]:
     return once_per_node_then_all(make)
 
 
-def build(cfg: RunConfig) -> Components:
+def initial_model(cfg: RunConfig):
+    """(model_dir, arch, tokenizer, model): the run's starting model (model.hf_dir) as this rank's Megatron stage."""
     from transformers import AutoTokenizer
 
     model_dir = once_per_node_then_all(lambda: resolve_model_spec(cfg.model.hf_dir, cfg.run.dir, cfg.run.seed))
     arch = read_arch_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = DTYPES[cfg.model.dtype]
-    spec = None if cfg.model.layer_spec == "auto" else cfg.model.layer_spec
-    model = build_model(arch, dtype=dtype, layer_spec=spec, init_weights=False)
+    model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False)
     load_weights_into(model, arch, model_dir)
+    return Path(model_dir), arch, tokenizer, model
+
+
+def _layer_spec(cfg: RunConfig) -> str | None:
+    return None if cfg.model.layer_spec == "auto" else cfg.model.layer_spec
+
+
+def rollout_sampling(cfg: RunConfig, tokenizer, arch: ModelArch) -> SamplingParams:
+    return SamplingParams(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
+                          top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_ids=stop_ids(tokenizer, arch),
+                          seed=cfg.run.seed)
+
+
+def reward_executor(cfg: RunConfig) -> RewardExecutor:
+    score_fn = load_score_fn(cfg.reward.custom_fn) if cfg.reward.custom_fn else compute_score
+    return RewardExecutor(cfg.reward.num_workers, cfg.reward.timeout_s, score_fn=score_fn)
+
+
+def vstar_files(cfg: RunConfig, files: list[str], generator, tokenizer, arch: ModelArch,
+                executor: RewardExecutor) -> list[str]:
+    """A*-PO stage 1 into run.dir/vstar (reused when there) for data without V*; other data as it is."""
+    if has_v_star(files):
+        return files
+    return estimate_files(files, Path(cfg.run.dir) / "vstar", generator=generator, tokenizer=tokenizer,
+                          executor=executor, sampling=rollout_sampling(cfg, tokenizer, arch),
+                          n=cfg.algo.vstar_samples, beta1=cfg.algo.vstar_beta1,
+                          max_prompt_tokens=cfg.data.max_prompt_tokens, progress=cfg.metrics.progress)
+
+
+def build(cfg: RunConfig) -> Components:
+    model_dir, arch, tokenizer, model = initial_model(cfg)
     o = cfg.optim
     optim = dict(name=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
                  grad_clip=o.grad_clip, distributed=o.distributed, warmup_steps=o.warmup_steps,
@@ -126,16 +157,15 @@ def build(cfg: RunConfig) -> Components:
     check_reference(cfg, kind)
     reference = None
     if kind == "fixed":
-        ref_model = build_model(arch, dtype=dtype, layer_spec=spec, init_weights=False)
+        ref_model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False)
         load_weights_into(ref_model, arch, model_dir)
         reference = MegatronReference(ref_model, arch, offload=torch.cuda.is_available())
-    source = PromptSource(train_files(cfg), tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                          seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-    stop = stop_ids(tokenizer, arch)
-    sampling = SamplingParams(max_tokens=cfg.rollout.max_tokens, temperature=cfg.rollout.temperature,
-                              top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, stop_ids=stop, seed=cfg.run.seed)
-    score_fn = load_score_fn(cfg.reward.custom_fn) if cfg.reward.custom_fn else compute_score
-    executor = RewardExecutor(cfg.reward.num_workers, cfg.reward.timeout_s, score_fn=score_fn)
-    return Components(cfg, arch, Path(model_dir), tokenizer, policy, reference, kind,
-                      MegatronGenerator(policy.module, arch), source, executor,
-                      build_loss(cfg.algo.loss, **loss_hparams(cfg)), sampling)
+    generator = MegatronGenerator(policy.module, arch)
+    executor = reward_executor(cfg)
+    files = train_files(cfg)
+    if cfg.algo.loss == "astar_po":  # the policy is still the initial model here (a resume loads weights later)
+        files = vstar_files(cfg, files, generator, tokenizer, arch, executor)
+    source = PromptSource(files, tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.run.seed,
+                          shuffle=cfg.data.shuffle)
+    return Components(cfg, arch, model_dir, tokenizer, policy, reference, kind, generator, source, executor,
+                      build_loss(cfg.algo.loss, **loss_hparams(cfg)), rollout_sampling(cfg, tokenizer, arch))

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megarl.backends.megatron.checkpoint import load_training_state, save_training_state, write_meta
+from megarl.backends.megatron.checkpoint import load_training_state, save_model, save_training_state, write_meta
 from megarl.backends.megatron.export import export_hf_weights
 from megarl.backends.megatron.model import DTYPES
+from megarl.backends.megatron.optim import averaged_weights, is_schedulefree
 from megarl.config import RunConfig, load_config, to_dict
 from megarl.convert.hf_io import ShardedWriter, atomic_output_dir, copy_side_files
 from megarl.distributed import all_reduce_sum
@@ -62,14 +63,24 @@ def resume(c: Components) -> tuple[int, int]:
 
 
 def save_checkpoint(c: Components, step: int, position: int) -> Path:
+    """run.dir/checkpoints/step_N: the training state, which is also a model checkpoint (``megarl eval``,
+    ``mcore-to-hf``, ``megarl export``); schedule-free runs add the averaged weights x, which those read."""
+    averaged = is_schedulefree(c.policy.optimizer)
+
     def write_model(tmp: Path) -> None:
         if dist.get_rank() == 0:
             (tmp / "hf").mkdir()
             copy_side_files(c.model_dir, tmp / "hf")
-            write_meta(tmp, c.arch, DTYPES[c.cfg.model.dtype], str(c.model_dir))
+            write_meta(tmp, c.arch, DTYPES[c.cfg.model.dtype], str(c.model_dir),
+                       weights="eval_model" if averaged else "model")
             (tmp / "model").mkdir()
+            if averaged:
+                (tmp / "eval_model").mkdir()
         dist.barrier()
         save_training_state(c.policy.module, c.policy.optimizer, tmp / "model")
+        if averaged:
+            with averaged_weights(c.policy.optimizer):
+                save_model(c.policy.module, tmp / "eval_model")
 
     state = {"step": step, "position": position, "scheduler": c.policy.scheduler.state_dict()}
     return checkpointing.save(c.cfg.run.dir, step, state, write_model, c.cfg.checkpoint.keep_last)
@@ -77,8 +88,7 @@ def save_checkpoint(c: Components, step: int, position: int) -> Path:
 
 def export_hf(c: Components, out: Path) -> None:
     """The policy as a Hugging Face model directory (schedule-free: the averaged point x). Collective."""
-    c.policy.rollout_point(True)
-    try:
+    with averaged_weights(c.policy.optimizer):
         main = dist.get_rank() == 0
         ctx = atomic_output_dir(out, overwrite=True) if main else None
         tmp = ctx.__enter__() if main else None
@@ -91,8 +101,6 @@ def export_hf(c: Components, out: Path) -> None:
             copy_side_files(c.model_dir, tmp)
             ctx.__exit__(None, None, None)
         dist.barrier()
-    finally:
-        c.policy.rollout_point(False)
 
 
 def step_metrics(ro: Rollouts, entropy: torch.Tensor, updates: list[dict], stats: dict[str, float],

@@ -36,3 +36,18 @@ def test_trainer_matches_tp1(megatron_world, tmp_path, data_dir, layout, loss):
     same_metrics(reference, par, tol=1e-4, skip=("loss/",))
     for a, b in zip(reference, par):
         assert math.isclose(a["loss/total"], b["loss/total"], rel_tol=1e-4, abs_tol=1e-6)
+
+
+def test_vstar_under_data_parallel_matches_one_rank(megatron_world, tmp_path, data_dir):
+    """A*-PO stage 1 at DP=2 (replicas split each chunk of prompts) writes what one rank writes."""
+    from megarl.config import load_config
+    from megarl.data.parquet import read_rows
+    from megarl.trainer import run_vstar
+
+    args = ["model.hf_dir=tiny:qwen2", "rollout.max_tokens=6", "reward.num_workers=0", "metrics.progress=false",
+            "algo.vstar_samples=2", "reward.custom_fn=tests.train.rewards:text_hash_reward",
+            f"data.train_files={data_dir / 'train.parquet'}"]
+    (one,) = run_vstar(load_config(None, [*args, f"run.dir={tmp_path / 'one'}"]), chunk=5)
+    torchrun("megarl.cli", 2, "vstar", "--chunk", "5", *args, f"run.dir={tmp_path / 'dp2'}", timeout=600)
+    two = read_rows(tmp_path / "dp2" / "vstar" / "train.parquet")
+    assert [r["extra_info"] for r in two] == [r["extra_info"] for r in read_rows(one)]

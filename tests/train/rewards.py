@@ -10,3 +10,12 @@ def text_hash_reward(data_source, solution_str, ground_truth, extra_info=None, *
     h = zlib.crc32(solution_str.encode())
     level = 1 + h % 4  # TRPA preference level 1..4
     return {"score": float(h % 7) / 3.0 - 1.0, "acc": h % 3 == 0, "level": level}
+
+
+def prompt_constant_reward(data_source, solution_str, ground_truth, extra_info=None, **options) -> dict:
+    """The same score for every response of a prompt (a function of its ground truth): V* must equal it."""
+    return {"score": prompt_constant(ground_truth), "acc": False}
+
+
+def prompt_constant(ground_truth) -> float:
+    return float(zlib.crc32(repr(ground_truth).encode()) % 5) / 4.0

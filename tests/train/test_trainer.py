@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megarl.config import load_config
 from megarl.data.kk_dataset import write_kk_dataset
@@ -126,3 +127,33 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(megatron_world, tmp_pa
     assert len(read_metrics(killed / "metrics.jsonl")) < 4, "killed too late to test anything"
     resumed = run(killed, data_dir, "train.steps=4", "checkpoint.interval=1")
     same_metrics(straight, resumed)
+
+
+def test_schedulefree_checkpoint_serves_the_averaged_weights(megatron_world, tmp_path, data_dir):
+    """`megarl export` of a schedule-free run's checkpoint (its dist-checkpointed x, through conversion) equals the
+    run's live end-of-run HF export (x), and differs from the checkpoint's training weights y."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.cli import megarl
+
+    def run_cli(*args):
+        proc = megarl(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "run", data_dir, "optim.name=schedulefree", "checkpoint.export_hf=true")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert json.loads((ckpt / "megarl.json").read_text())["weights"] == "eval_model"
+    run_cli("export", str(tmp_path / "run"), "--out", str(tmp_path / "x"))
+    y_ckpt = tmp_path / "y_ckpt"
+    shutil.copytree(ckpt, y_ckpt)
+    meta = json.loads((y_ckpt / "megarl.json").read_text())
+    (y_ckpt / "megarl.json").write_text(json.dumps({**meta, "weights": "model"}))
+    run_cli("convert", "mcore-to-hf", str(y_ckpt), str(tmp_path / "y"))
+    live, x, y = (load_file(tmp_path / d / "model-00001-of-00001.safetensors") for d in ("run/hf", "x", "y"))
+    assert live.keys() == x.keys() == y.keys()
+    for k in live:
+        assert torch.equal(live[k], x[k]), k
+    assert any(not torch.equal(x[k], y[k]) for k in x)

@@ -7,6 +7,8 @@ writes for a model checkpoint:
     DIR/megarl.json   format tag, source, dtype, the ModelArch's HF config
     DIR/hf/           config.json, generation config and tokenizer files of the source model
     DIR/model/        the torch_dist checkpoint (metadata.json, *.distcp, common.pt)
+    DIR/eval_model/   schedule-free training checkpoints only: the averaged weights x, which megarl.json names as
+                      the weights to serve (model/ holds y and the optimizer state, for resuming)
 """
 
 from __future__ import annotations
@@ -58,22 +60,24 @@ def load_training_state(model: torch.nn.Module, optimizer, ckpt_dir: Path) -> No
     optimizer.load_state_dict(state["optimizer"])  # bf16: also restores the fp32 main weights
 
 
-def write_meta(out: Path, arch: ModelArch, dtype: torch.dtype, source: str) -> None:
+def write_meta(out: Path, arch: ModelArch, dtype: torch.dtype, source: str, weights: str = "model") -> None:
+    """``weights``: the subdirectory whose model tensors conversion and evaluation read."""
     meta = {"format": FORMAT, "source": source, "dtype": str(dtype).removeprefix("torch."),
-            "hf_config": arch.hf_config}
+            "hf_config": arch.hf_config, "weights": weights}
     (out / "megarl.json").write_text(json.dumps(meta, indent=2))
 
 
 def read_meta(mcore_dir: str | Path) -> tuple[ModelArch, torch.dtype, Path]:
-    """(arch, stored dtype, path of the torch_dist directory) of a megarl Megatron checkpoint directory."""
+    """(arch, stored dtype, path of the torch_dist directory to serve) of a megarl Megatron checkpoint directory."""
     d = Path(mcore_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"{mcore_dir}: no such directory (expected `megarl convert hf-to-mcore` output).")
     meta_path = d / "megarl.json"
-    if not meta_path.is_file() or not (d / "model" / "metadata.json").is_file():
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    weights = d / meta.get("weights", "model")
+    if not meta or not (weights / "metadata.json").is_file():
         raise FileNotFoundError(f"{mcore_dir}: not a megarl Megatron checkpoint (megarl.json and model/metadata.json "
                                 f"are required); make one with `megarl convert hf-to-mcore HF_DIR {mcore_dir}`.")
-    meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
-    return read_arch(meta["hf_config"], str(meta_path)), getattr(torch, meta["dtype"]), d / "model"
+    return read_arch(meta["hf_config"], str(meta_path)), getattr(torch, meta["dtype"]), weights

@@ -14,6 +14,8 @@ update). Checkpoints always hold y plus the optimizer state; the exported HF mod
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -82,4 +84,44 @@ def set_eval_point(optimizer, evaluate: bool) -> None:
             continue
         inner.eval() if evaluate else inner.train()
         if hasattr(sub, "_copy_main_params_to_model_params"):  # bf16: the fp32 main copy moved; follow it
+            sub._copy_main_params_to_model_params()
+
+
+def is_schedulefree(optimizer) -> bool:
+    return any(hasattr(getattr(sub, "optimizer", None), "eval") for sub in _sub_optimizers(optimizer))
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer):
+    """Schedule-free: inside, the parameters hold x = y + (1 - 1/beta1) (z - y) (what ``eval()`` computes), made out
+    of place; after, exactly the y tensors they held before -- unlike ``eval()`` then ``train()``, whose two lerps
+    round. For checkpoints and exports, which must not perturb training. Holds one extra copy of the weights."""
+    swaps = []
+    for sub in _sub_optimizers(optimizer):
+        inner = sub.optimizer
+        if inner is None or not hasattr(inner, "eval"):
+            continue
+        for group in inner.param_groups:
+            if not group.get("train_mode", True):
+                continue  # already at x
+            for p in group["params"]:
+                z = inner.state[p].get("z")
+                if z is not None:
+                    swaps.append((p, p.data))
+                    p.data = torch.lerp(p.data, z.to(p.device), 1 - 1 / group["betas"][0])
+    if not swaps:  # AdamW, or already at x
+        yield
+        return
+    _copy_main_to_model(optimizer)
+    try:
+        yield
+    finally:
+        for p, y in swaps:
+            p.data = y
+        _copy_main_to_model(optimizer)
+
+
+def _copy_main_to_model(optimizer) -> None:
+    for sub in _sub_optimizers(optimizer):  # bf16: model weights are copies of the fp32 main weights
+        if getattr(sub, "optimizer", None) is not None and hasattr(sub, "_copy_main_params_to_model_params"):
             sub._copy_main_params_to_model_params()
