@@ -23,6 +23,10 @@ from megarl.backends.megatron.model import unwrap
 from megarl.convert.arch import ModelArch, read_arch
 
 FORMAT = "megarl-mcore-model-v1"
+# the distributed optimizer's state in the canonical per-parameter layout (gathered on DP rank 0 to save), so a run
+# resumes at any DP/TP/PP layout; its default (per-rank flattened ranges) is refused by megatron-core 0.16's own
+# dist_checkpointing ("ShardedTensor.flattened_range is not supported")
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
@@ -46,18 +50,68 @@ def save_training_state(model: torch.nn.Module, optimizer, ckpt_dir: Path) -> No
     torch_dist checkpoint. Collective. The model part alone is what ``load_model`` reads, so a training checkpoint
     is also a model checkpoint for ``mcore-to-hf`` and ``megarl eval``."""
     msd = unwrap(model).sharded_state_dict()
-    dist_checkpointing.save({"model": msd, "optimizer": optimizer.sharded_state_dict(msd)}, str(ckpt_dir))
+    osd = optimizer.sharded_state_dict(msd, metadata=OPTIMIZER_METADATA)
+    dist_checkpointing.save({"model": msd, "optimizer": osd}, str(ckpt_dir))
 
 
 def load_training_state(model: torch.nn.Module, optimizer, ckpt_dir: Path) -> None:
-    """Restore what ``save_training_state`` wrote, at the same or another TP/PP layout (the non-distributed
-    optimizer's state is resharded like the weights). Collective."""
+    """Restore what ``save_training_state`` wrote, at the same or another TP/PP/DP layout (optimizer state, also
+    the distributed optimizer's, is resharded like the weights). Collective."""
     gpt = unwrap(model)
     msd = gpt.sharded_state_dict()
-    osd = optimizer.sharded_state_dict(msd, is_loading=True)
+    _make_distributed_optimizer_loadable(optimizer)
+    osd = optimizer.sharded_state_dict(msd, is_loading=True, metadata=OPTIMIZER_METADATA)
     state = dist_checkpointing.load({"model": msd, "optimizer": osd}, str(ckpt_dir))
     gpt.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])  # bf16: also restores the fp32 main weights
+    _unshare_steps(optimizer)
+
+
+def _make_distributed_optimizer_loadable(optimizer) -> None:
+    """Make megatron-core 0.16's DistributedOptimizer loadable without apex/TE (torch AdamW inside), where it has
+    two faults: its loading template comes from ``state_dict()``, which asserts on a ``step`` in every parameter's
+    state -- absent until the first step, so a fresh run cannot resume; and its loader then copies every key of a
+    parameter's state from the checkpoint, where ``step`` (kept in the param groups instead) is not -- a KeyError.
+    Here fresh state gets zero moments and step 0 (the checkpoint overwrites all three), and the copy skips
+    ``step``."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    if not getattr(cls, "_megarl_step_safe", False):
+        copy_states = cls._set_main_param_and_optimizer_states
+
+        def copy_all_but_step(self, model_param, tensors):
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            step = state.pop("step", None)
+            try:
+                copy_states(self, model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        cls._set_main_param_and_optimizer_states = copy_all_but_step
+        cls._megarl_step_safe = True
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, cls) and sub.optimizer is not None:
+            sub.init_state_fn(sub.optimizer, sub.config)
+            for state in sub.optimizer.state.values():
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def _unshare_steps(optimizer) -> None:
+    """The same DistributedOptimizer loader (no apex/TE) puts one ``step`` tensor into every parameter's state;
+    torch AdamW increments it in place once per parameter, so the next step would run at step 1 + n_params (a
+    wrong bias correction). Give each parameter its own copy."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(sub, distrib_optimizer.DistributedOptimizer) and sub.optimizer is not None:
+            for state in sub.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
 
 
 def write_meta(out: Path, arch: ModelArch, dtype: torch.dtype, source: str, weights: str = "model") -> None:
