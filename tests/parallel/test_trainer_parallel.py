@@ -11,23 +11,17 @@ import pytest
 
 from megarl.metrics import read_metrics
 from tests.parallel.launch import torchrun
-from tests.train.test_trainer import BASE, run, same_metrics
+from tests.train.test_trainer import BASE, FAMILIES, make_data, run, same_metrics
 
 pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from megarl.data.kk_dataset import write_kk_dataset
-
-    d = tmp_path_factory.mktemp("data")
-    write_kk_dataset(d, 16, 4, [2], seed=3)
-    return d
+    return make_data(tmp_path_factory.mktemp("data"))
 
 
-LAYOUTS = {  # id: (overrides of the 2-rank run, loss)
-    "tp2-trpa": (["parallel.tp=2"], "trpa"),
-    "tp2-grpo": (["parallel.tp=2"], "grpo"),
+LAYOUTS = {  # id: (overrides of the 2-rank run, loss); every other family at TP2 in the next test
     "pp2-grpo": (["parallel.pp=2"], "grpo"),
     "dp2-grpo": ([], "grpo"),
     "dp2-distopt-grpo": (["optim.distributed=true"], "grpo"),  # optimizer state sharded over DP
@@ -46,6 +40,17 @@ def test_trainer_matches_tp1(megatron_world, tmp_path, data_dir, layout):
     same_metrics(reference, par, tol=1e-4, skip=("loss/",))
     for a, b in zip(reference, par):
         assert math.isclose(a["loss/total"], b["loss/total"], rel_tol=1e-4, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_at_tp2_matches_tp1(megatron_world, tmp_path, data_dir, family):
+    """Each algorithm family of the TP=1 trainer tests, trained at TP=2, logs the TP=1 metrics (losses, grad norms,
+    KL, clip fractions, rewards of the step-2 samples) to 1e-4."""
+    overrides = [o.replace("VSTAR", str(data_dir / "vstar.parquet")) for o in FAMILIES[family]]
+    reference = run(tmp_path / "tp1", data_dir, *overrides)
+    torchrun("megarl.cli", 2, "train", *BASE, f"run.dir={tmp_path / 'tp2'}",
+             f"data.train_files={data_dir / 'train.parquet'}", *overrides, "parallel.tp=2", timeout=900)
+    same_metrics(reference, read_metrics(tmp_path / "tp2" / "metrics.jsonl"), tol=1e-4)
 
 
 def test_vstar_under_data_parallel_matches_one_rank(megatron_world, tmp_path, data_dir):

@@ -32,8 +32,11 @@ TIMING = ("time/", "perf/")
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """2-person K&K prompts, with an A*-PO V* column for the astar_po run."""
-    d = tmp_path_factory.mktemp("data")
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def make_data(d: Path) -> Path:
+    """2-person K&K prompts (train.parquet), and a copy with an A*-PO V* column (vstar.parquet)."""
     write_kk_dataset(d, 16, 4, [2], seed=3)
     rows = read_rows(d / "train.parquet")
     for i, r in enumerate(rows):
