@@ -28,22 +28,15 @@ def run_vstar(cfg: RunConfig, out_dir: str | None = None, **options) -> list[str
     """A*-PO stage 1 alone (``megarl vstar``): V* of every prompt of data.train_files under model.hf_dir, written
     to ``out_dir`` (default run.dir/vstar, where ``megarl train`` with the same config finds it). Returns the
     written files. ``options`` go to ``vstar.estimate_file`` (``chunk``, ``stop_after_chunks``)."""
-    from pathlib import Path
-
     from megarl.backends.megatron.generator import MegatronGenerator
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
     from megarl.distributed import distributed
-    from megarl.trainer.build import initial_model, reward_executor, rollout_sampling, train_files
-    from megarl.trainer.vstar import estimate_files
+    from megarl.trainer.build import initial_model, reward_executor, train_files, vstar_files
 
     with distributed() as info:
         cfg.validate(info.world_size)
         with model_parallel(ParallelDims(cfg.parallel.tp, cfg.parallel.pp), seed=cfg.run.seed):
             _, arch, tokenizer, model = initial_model(cfg)
             with reward_executor(cfg) as executor:
-                return estimate_files(
-                    train_files(cfg), Path(out_dir or Path(cfg.run.dir) / "vstar"),
-                    generator=MegatronGenerator(model, arch), tokenizer=tokenizer, executor=executor,
-                    sampling=rollout_sampling(cfg, tokenizer, arch), n=cfg.algo.vstar_samples,
-                    beta1=cfg.algo.vstar_beta1, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                    **{"progress": cfg.metrics.progress, **options})
+                return vstar_files(cfg, train_files(cfg), MegatronGenerator(model, arch), tokenizer, arch, executor,
+                                   out_dir, always=True, **options)

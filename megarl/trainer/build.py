@@ -135,15 +135,17 @@ def reward_executor(cfg: RunConfig) -> RewardExecutor:
     return RewardExecutor(cfg.reward.num_workers, cfg.reward.timeout_s, score_fn=score_fn)
 
 
-def vstar_files(cfg: RunConfig, files: list[str], generator, tokenizer, arch: ModelArch,
-                executor: RewardExecutor) -> list[str]:
-    """A*-PO stage 1 into run.dir/vstar (reused when there) for data without V*; other data as it is."""
-    if has_v_star(files):
+def vstar_files(cfg: RunConfig, files: list[str], generator, tokenizer, arch: ModelArch, executor: RewardExecutor,
+                out_dir: str | Path | None = None, always: bool = False, **options) -> list[str]:
+    """A*-PO stage 1 into ``out_dir`` (default run.dir/vstar; finished files are reused) for ``files``; data that
+    already has V* is returned as it is unless ``always``. ``options`` go to ``vstar.estimate_file``."""
+    if not always and has_v_star(files):
         return files
-    return estimate_files(files, Path(cfg.run.dir) / "vstar", generator=generator, tokenizer=tokenizer,
-                          executor=executor, sampling=rollout_sampling(cfg, tokenizer, arch),
+    return estimate_files(files, Path(out_dir or Path(cfg.run.dir) / "vstar"), generator=generator,
+                          tokenizer=tokenizer, executor=executor, sampling=rollout_sampling(cfg, tokenizer, arch),
                           n=cfg.algo.vstar_samples, beta1=cfg.algo.vstar_beta1,
-                          max_prompt_tokens=cfg.data.max_prompt_tokens, progress=cfg.metrics.progress)
+                          max_prompt_tokens=cfg.data.max_prompt_tokens,
+                          **{"progress": cfg.metrics.progress, **options})
 
 
 def build(cfg: RunConfig) -> Components:
