@@ -38,8 +38,10 @@ class Completion:
 
 
 class Generator(Protocol):
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
-        """n completions for each token-id prompt."""
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
+        """n completions for each token-id prompt. ``seeds[i]`` seeds prompt i's samples (which then do not depend
+        on the other prompts of the call); default ``sampling.seed * 100_003 + i``."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take new weights as (HF name, full tensor) pairs."""

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -21,8 +20,8 @@ from megarl.rollout.shaping import dynamic_sampling_keep, overlong_penalty
 def generate(generator, prompts: list[Prompt], n: int, sampling: SamplingParams, seed: int) -> Rollouts:
     """n samples per prompt; prompt u's samples are seeded by (seed, u) alone, so they do not depend on which
     data-parallel rank draws the prompt or on what else is in its batch."""
-    outs = [generator.generate([p.ids], n, dataclasses.replace(sampling, seed=seed * 1_000_003 + p.uid))[0]
-            for p in prompts]
+    outs = generator.generate([p.ids for p in prompts], n, sampling,
+                              seeds=[(seed * 1_000_003 + p.uid) * 100_003 for p in prompts]) if prompts else []
     ro = Rollouts([], [], [], [], torch.tensor([p.uid for p in prompts for _ in range(n)], dtype=torch.int64))
     for p, completions in zip(prompts, outs):
         for c in completions:

@@ -64,6 +64,30 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs_and_seeds_reproduce(mega
             torch.testing.assert_close(torch.tensor(comp.logprobs, dtype=torch.float32), ref, rtol=1e-5, atol=2e-5)
 
 
+def test_batched_prompts_sample_what_each_prompt_samples_alone(megatron_world):
+    """Equal-length prompts share one KV-cached batch; a prompt's samples depend on its seed only, not on its batch
+    partners, its position or the batch size (max_batch_rows)."""
+    from megarl.backends.megatron.generator import MegatronGenerator
+
+    _, arch, model, gen = make("qwen2")
+    prompts = [[5, 9, 17, 3], [1, 2, 3, 4], [100, 2, 7, 8, 9, 10, 11], [6, 6, 6, 6]]
+    seeds = [11, 12, 13, 14]
+    params = SamplingParams(max_tokens=10, temperature=0.9, stop_ids=(7, 40))
+    together = gen.generate(prompts, 3, params, seeds=seeds)
+    one_per_batch = MegatronGenerator(model, arch, max_batch_rows=3).generate(prompts, 3, params, seeds=seeds)
+    for prompt, seed, batched, small in zip(prompts, seeds, together, one_per_batch):
+        alone = gen.generate([prompt], 3, params, seeds=[seed])[0]
+        for x, y, z in zip(batched, alone, small):
+            assert x.token_ids == y.token_ids == z.token_ids and x.finish_reason == y.finish_reason
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+    finishes = {c.finish_reason for p in together for c in p}
+    assert finishes == {"stop", "length"}  # rows of one batch stop on their own
+    for c in (c for p in together for c in p if c.finish_reason == "stop"):
+        assert c.token_ids[-1] in (7, 40) and not set(c.token_ids[:-1]) & {7, 40}
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        gen.generate(prompts, 1, params, seeds=[1])
+
+
 def test_stop_ids_top_k_top_p_and_weight_loading(megatron_world):
     hf, _, _, gen = make("llama")
     greedy = gen.generate(PROMPTS, 1, SamplingParams(max_tokens=6, temperature=0))

@@ -1,7 +1,8 @@
 """Native Megatron generator: KV-cache sampling on the TP/PP model itself (the default without vLLM).
 
-For each prompt, its n samples form one batch that shares a megatron-core ``StaticInferenceContext`` (the KV
-cache): one prefill pass over the prompt, then one single-token pass per step. Passes go through the same
+Prompts of equal length and their n samples each form one batch (up to ``max_batch_rows`` rows) that shares a
+megatron-core ``StaticInferenceContext`` (the KV cache): one prefill pass over the prompts, then one single-token
+pass per step. Each prompt's samples are drawn from its own seeded generator, so they do not depend on the batch. Passes go through the same
 ``forward_backward(forward_only=True)`` entry point as training, so pipeline stages exchange activations as usual
 and each stage caches its own layers. The last stage samples from the full-vocabulary logits (gathered over TP)
 and broadcasts the tokens to the other stages; every TP rank draws from the same seeded generator, so all ranks
@@ -38,8 +39,8 @@ def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
 class MegatronGenerator:
     """``Generator`` over a Megatron model at any TP/PP layout. Every rank of the model must call ``generate``."""
 
-    def __init__(self, model: torch.nn.Module, arch: ModelArch):
-        self.model, self.arch = model, arch
+    def __init__(self, model: torch.nn.Module, arch: ModelArch, max_batch_rows: int = 256):
+        self.model, self.arch, self.max_batch_rows = model, arch, max_batch_rows
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, ctx: StaticInferenceContext) -> torch.Tensor | None:
         """Full-vocabulary fp32 logits of the last position [n, V] on the last stage, None elsewhere."""
@@ -50,53 +51,71 @@ class MegatronGenerator:
         return out[0] if out else None
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
         self.model.eval()
-        results = []
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token.")
             if len(prompt) + sampling.max_tokens > self.arch.max_position_embeddings:
                 raise ValueError(f"prompt {i} ({len(prompt)} tokens) + rollout.max_tokens ({sampling.max_tokens}) "
                                  f"exceeds the model's {self.arch.max_position_embeddings} positions.")
-            gen = torch.Generator().manual_seed((sampling.seed if sampling.seed is not None else 0) * 100_003 + i)
-            results.append(self._generate_one(prompt, n, sampling, gen))
+        if seeds is None:
+            seeds = [(sampling.seed if sampling.seed is not None else 0) * 100_003 + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
+        # prompts of equal length share one batch (one prefill, one decode pass per token for all their samples);
+        # batch size and position do not change a prompt's samples, which come from its own seeded generator
+        by_len: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_len.setdefault(len(prompt), []).append(i)
+        results: list[list[Completion]] = [[] for _ in prompts]
+        per_batch = max(1, self.max_batch_rows // n)
+        for idx in by_len.values():
+            for start in range(0, len(idx), per_batch):
+                chunk = idx[start: start + per_batch]
+                gens = [torch.Generator().manual_seed(seeds[i]) for i in chunk]
+                for i, out in zip(chunk, self._generate_batch([prompts[i] for i in chunk], n, sampling, gens)):
+                    results[i] = out
         return results
 
-    def _generate_one(self, prompt: list[int], n: int, sampling: SamplingParams, gen) -> list[Completion]:
-        ctx = StaticInferenceContext(n, len(prompt) + sampling.max_tokens)
-        ids = torch.tensor([prompt] * n)
-        positions = torch.arange(len(prompt)).unsqueeze(0).expand(n, -1)
+    def _generate_batch(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                        gens: list[torch.Generator]) -> list[list[Completion]]:
+        """n samples of each of ``prompts`` (all of one length) in one KV-cached batch of len(prompts) * n rows."""
+        rows = len(prompts) * n
+        ctx = StaticInferenceContext(rows, len(prompts[0]) + sampling.max_tokens)
+        ids = torch.tensor([p for p in prompts for _ in range(n)])
+        positions = torch.arange(len(prompts[0])).unsqueeze(0).expand(rows, -1)
         tokens, logprobs = [], []
-        done = torch.zeros(n, dtype=torch.bool)
-        finish = ["length"] * n
+        done = torch.zeros(rows, dtype=torch.bool)
+        stop = torch.tensor(sorted(set(sampling.stop_ids)), dtype=torch.long)
         for step in range(sampling.max_tokens):
             logits = self._step(ids, positions, ctx)
             ctx.sequence_len_offset += ids.shape[1]
             ctx.enable_decode_mode()
-            picked = torch.zeros(2, n, dtype=torch.float64)
+            picked = torch.zeros(2, rows, dtype=torch.float64)
             if logits is not None:
-                tok, lp = sample_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, gen)
-                picked = torch.stack([tok.double(), lp.double()])
+                for j, gen in enumerate(gens):  # each prompt's samples from its own generator
+                    tok, lp = sample_tokens(logits[j * n: (j + 1) * n], sampling.temperature, sampling.top_k,
+                                            sampling.top_p, gen)
+                    picked[:, j * n: (j + 1) * n] = torch.stack([tok.double(), lp.double()])
             picked = broadcast_from_last_stage(picked)
             tok, lp = picked[0].long(), picked[1]
             tokens.append(tok)
             logprobs.append(lp)
-            for r in range(n):
-                if not done[r] and int(tok[r]) in sampling.stop_ids:
-                    done[r], finish[r] = True, "stop"
+            done |= torch.isin(tok, stop)
             if bool(done.all()):
                 break
             ids = tok.unsqueeze(1)
-            positions = torch.full((n, 1), ctx.sequence_len_offset)
-        toks, lps = torch.stack(tokens, 1), torch.stack(logprobs, 1)  # [n, steps]
+            positions = torch.full((rows, 1), ctx.sequence_len_offset)
+        toks, lps = torch.stack(tokens, 1), torch.stack(logprobs, 1)  # [rows, steps]
         out = []
-        for r in range(n):
-            length = toks.shape[1]
-            if finish[r] == "stop":  # keep the stop token, drop what the finished row sampled afterwards
-                length = next(j for j in range(toks.shape[1]) if int(toks[r, j]) in sampling.stop_ids) + 1
-            out.append(Completion(toks[r, :length].tolist(), lps[r, :length].tolist(), finish[r]))
-        return out
+        for r in range(rows):
+            hits = torch.isin(toks[r], stop).nonzero()
+            # keep the stop token, drop what a finished row sampled afterwards
+            length, finish = (int(hits[0]) + 1, "stop") if len(hits) else (toks.shape[1], "length")
+            out.append(Completion(toks[r, :length].tolist(), lps[r, :length].tolist(), finish))
+        return [out[j * n: (j + 1) * n] for j in range(len(prompts))]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         named = dict(weights)
