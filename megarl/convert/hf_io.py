@@ -157,6 +157,23 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive advisory lock (``fcntl.flock`` on ``path``) held for the body. Processes that build the same
+    directory -- the first rank of every node when the directory is on a shared filesystem, or two jobs sharing a
+    cache -- take turns, and the later ones find the work done instead of renaming over it."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def remove_stale_tmp(out: Path) -> None:
     """Delete ``.NAME.tmp-PID`` directories that killed runs left beside ``out`` (their process is gone)."""
     for tmp in out.parent.glob(f".{out.name}.tmp-*"):

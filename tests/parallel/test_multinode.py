@@ -3,30 +3,19 @@ localhost) forming one TP=2 group across them; and a parallel job whose ranks fa
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from megarl.distributed import free_port
-from tests.parallel.launch import REPO, torchrun
+from tests.parallel.launch import REPO, torchrun, torchrun_nodes
 
 pytestmark = pytest.mark.dist
 
 
 def test_two_nodes_one_tensor_parallel_group(tmp_path):
-    port = free_port()
-    procs = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-               str(REPO / "tests/parallel/worker_parity.py"), "--tp", "2", "--pp", "1", "--out", str(tmp_path),
-               "--families", "llama,qwen3"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={**os.environ, "PYTHONWARNINGS": "ignore"}))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    outs = torchrun_nodes("tests/parallel/worker_parity.py", 2, "--tp", "2", "--pp", "1", "--out", str(tmp_path),
+                          "--families", "llama,qwen3", timeout=300)
     # each node's single rank is one half of the TP group, and each checked logits and gradients against HF
     for out in outs:
         assert "[tp2 pp1] llama: logits max|diff| vs HF" in out and "[tp2 pp1] qwen3" in out

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from megarl.metrics import read_metrics
-from tests.parallel.launch import torchrun
+from tests.parallel.launch import torchrun, torchrun_nodes
 from tests.train.test_trainer import BASE, FAMILIES, make_data, run, same_metrics
 
 pytestmark = pytest.mark.dist
@@ -51,6 +51,16 @@ def test_every_family_at_tp2_matches_tp1(megatron_world, tmp_path, data_dir, fam
     torchrun("megarl.cli", 2, "train", *BASE, f"run.dir={tmp_path / 'tp2'}",
              f"data.train_files={data_dir / 'train.parquet'}", *overrides, "parallel.tp=2", timeout=900)
     same_metrics(reference, read_metrics(tmp_path / "tp2" / "metrics.jsonl"), tol=1e-4)
+
+
+def test_two_nodes_training_at_tp2_matches_tp1(megatron_world, tmp_path, data_dir):
+    """The README's multi-node launch as two torchrun "nodes" on this machine (--nnodes 2 over localhost), one rank
+    each, forming one TP=2 group across them: `megarl train` logs the TP=1 metrics."""
+    common = [f"data.train_files={data_dir / 'train.parquet'}", "algo.loss=grpo"]
+    reference = run(tmp_path / "tp1", data_dir, *common[1:])
+    torchrun_nodes("megarl.cli", 2, "train", *BASE, f"run.dir={tmp_path / 'nodes'}", *common, "parallel.tp=2",
+                   timeout=900)
+    same_metrics(reference, read_metrics(tmp_path / "nodes" / "metrics.jsonl"), tol=1e-4)
 
 
 def test_vstar_under_data_parallel_matches_one_rank(megatron_world, tmp_path, data_dir):
