@@ -26,7 +26,13 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from megarl.demo import run_demo
 
-    return run_demo(tp=args.tp, pp=args.pp, max_new_tokens=args.max_new_tokens, check_hf=not args.no_hf_check)
+    return run_demo(args.algo, args.overrides)
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from megarl.smoke import run_smoke
+
+    return run_smoke(tp=args.tp, pp=args.pp, max_new_tokens=args.max_new_tokens, check_hf=not args.no_hf_check)
 
 
 def cmd_convert_smollm2(args: argparse.Namespace) -> int:
@@ -91,6 +97,15 @@ def cmd_data_kk(args: argparse.Namespace) -> int:
     counts = write_kk_dataset(args.out, args.train, args.test, _people(args.people), args.seed, args.template)
     for split, n in counts.items():
         print(f"{args.out}/{split}.parquet: {n} puzzles")
+    return 0
+
+
+def cmd_data_arithmetic(args: argparse.Namespace) -> int:
+    from megarl.data.arith_dataset import write_arith_dataset
+
+    counts = write_arith_dataset(args.out, args.train, args.test, args.max_operand, args.seed)
+    for split, n in counts.items():
+        print(f"{args.out}/{split}.parquet: {n} problems")
     return 0
 
 
@@ -206,15 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(func=cmd_env)
     add_train_parsers(sub)
 
-    demo = sub.add_parser("demo", help="SmolLM2-135M-Instruct as a Megatron model, answering chat prompts",
-                          description="Build the bundled SmolLM2-135M-Instruct as a Megatron model and greedy-"
-                                      "decode chat prompts, checked token for token against HF transformers. "
-                                      "Under torchrun, --tp/--pp set the layout (TP must divide 3).")
-    demo.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 or 3 for SmolLM2)")
-    demo.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (divides 30 layers)")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--no-hf-check", action="store_true", help="skip the HF transformers comparison")
+    demo = sub.add_parser("demo", help="RL-train the bundled SmolLM2-135M-Instruct on arithmetic (the CPU demo)",
+                          description="Train the bundled SmolLM2-135M-Instruct with GRPO (or --algo) on generated "
+                                      "arithmetic: about 15 minutes on 2 CPU cores. Writes runs/demo-ALGO with "
+                                      "metrics, checkpoints, an HF export and demo.png (reward, accuracy, response "
+                                      "length per step). Re-running resumes; key=value overrides any config key.")
+    from megarl.demo import ALGOS  # light: a dict of overrides
+
+    demo.add_argument("--algo", default="grpo", choices=sorted(ALGOS), help="algorithm family (default grpo)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=10")
     demo.set_defaults(func=cmd_demo)
+
+    smoke = sub.add_parser("smoke", help="SmolLM2-135M-Instruct as a Megatron model, answering chat prompts",
+                           description="Build the bundled SmolLM2-135M-Instruct as a Megatron model and greedy-"
+                                       "decode chat prompts, checked token for token against HF transformers. "
+                                       "Under torchrun, --tp/--pp set the layout (TP must divide 3).")
+    smoke.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 or 3 for SmolLM2)")
+    smoke.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (divides 30 layers)")
+    smoke.add_argument("--max-new-tokens", type=int, default=24)
+    smoke.add_argument("--no-hf-check", action="store_true", help="skip the HF transformers comparison")
+    smoke.set_defaults(func=cmd_smoke)
 
     conv = sub.add_parser("convert", help="model conversion and the bundled model",
                           description="Checkpoint conversion tools.")
@@ -275,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     kk.add_argument("--template", default="instruct", choices=["instruct", "base"],
                     help="instruct: system prompt + chat template; base: raw completion template")
     kk.set_defaults(func=cmd_data_kk)
+    ar = dsub.add_parser("arithmetic", help="generate a + b / a - b problems (the demo's task)",
+                         description="Generate seeded a + b and a - b problems (operands 1..N, differences >= 0) "
+                                     "as verl-layout train.parquet and test.parquet; the test split holds problems "
+                                     "the training split does not (up to a quarter of all of them).")
+    ar.add_argument("--out", required=True, help="output directory")
+    ar.add_argument("--train", type=int, default=96, help="number of training rows")
+    ar.add_argument("--test", type=int, default=12, help="number of test rows")
+    ar.add_argument("--max-operand", type=int, default=9, help="largest operand N")
+    ar.add_argument("--seed", type=int, default=0)
+    ar.set_defaults(func=cmd_data_arithmetic)
     insp = dsub.add_parser("inspect", help="schema, rows per data_source and sample rows of a parquet file",
                            description="Validate a verl-layout parquet file and print its schema, rows per "
                                        "data_source and sample rows.")

@@ -59,9 +59,10 @@ class RolloutSection:
 class DataSection:
     train_files: tuple[str, ...] = ()  # verl-layout parquet files; empty = generate data.generate into run.dir
     val_files: tuple[str, ...] = ()  # evaluated every eval.interval steps (avg@k, pass@k per data_source)
-    generate: Literal["kk"] = "kk"  # the task generated when train_files is empty
+    generate: Literal["kk", "arithmetic"] = "kk"  # the task generated when train_files is empty
     generate_size: int = 512  # rows of the generated training set
     kk_people: tuple[int, ...] = (2,)  # people per generated Knights-and-Knaves puzzle
+    arith_max_operand: int = 9  # generated arithmetic: a + b and a - b with operands 1..N
     template: Literal["instruct", "base"] = "instruct"  # generated rows: chat template, or the raw base template
     max_prompt_tokens: int = 1024  # longer prompts are an error naming the file and row
     shuffle: bool = True  # a new permutation per epoch, seeded by run.seed
@@ -115,6 +116,7 @@ class EvalSection:
     temperature: float = 1.0
     max_tokens: int = 0  # 0 = rollout.max_tokens
     max_prompts: int = 0  # first N prompts of the concatenated files; 0 = all
+    before_train: bool = False  # also evaluate once before step 1 (verl's val_before_train)
 
 
 @frozen

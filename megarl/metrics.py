@@ -49,6 +49,14 @@ def read_metrics(path: str | Path) -> list[dict]:
     return out
 
 
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """One JSON line, flushed to disk (a kill leaves at most a torn last line, which read_metrics ignores)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def truncate_metrics(path: str | Path, last_step: int) -> None:
     """Keep only the lines of steps <= last_step (resume after a stop or a kill), atomically."""
     p = Path(path)

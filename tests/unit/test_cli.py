@@ -1,4 +1,5 @@
-"""The ``megarl`` command as a user runs it: help on every subcommand, ``env``, one-line errors, the demo."""
+"""The ``megarl`` command as a user runs it: help on every subcommand, ``env``, one-line errors, the smoke check
+(the demo's training job is in tests/train/test_demo.py)."""
 
 from __future__ import annotations
 
@@ -77,11 +78,11 @@ def test_bad_inputs_get_one_line(tmp_path):
                    "world size 6 is not divisible")
 
 
-def test_demo_generates_with_megatron_and_matches_hf(megarl_cache):
-    r = megarl("demo", "--max-new-tokens", "12", env={"MEGARL_CACHE": str(megarl_cache)}, timeout=600)
+def test_smoke_generates_with_megatron_and_matches_hf(megarl_cache):
+    r = megarl("smoke", "--max-new-tokens", "12", env={"MEGARL_CACHE": str(megarl_cache)}, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("HF transformers greedy decoding: identical") == 2
-    assert "The capital of France is Paris." in r.stdout and r.stdout.rstrip().endswith("demo ok")
+    assert "The capital of France is Paris." in r.stdout and r.stdout.rstrip().endswith("smoke ok")
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[2] / "tools").glob("*.py")))

@@ -145,3 +145,14 @@ def test_executor_hard_deadline_kills_a_hang_that_ignores_signals():
 def test_unknown_source_is_a_config_error_not_a_failed_answer():
     with pytest.raises(ValueError, match="no reward for data_source"):
         RewardExecutor(num_workers=0).score([RewardRequest("mystery", "x", "y")])
+
+
+@pytest.mark.parametrize("text, gt, score", [
+    ("7", "7", 1.0), ("It is 7.", "7", 1.0), ("8 - 1 = 7", "7", 1.0), ("7 or 8", "7", 0.0),
+    ("The result is 12.", "12", 1.0), ("", "3", 0.0), ("three", "3", 0.0), ("0", "0", 1.0), ("-2", "2", 0.0),
+])
+def test_arithmetic_takes_the_last_integer(text, gt, score):
+    from megarl.rewards import compute_score
+
+    r = compute_score("arithmetic", text, gt)
+    assert r["score"] == score and r["acc"] == (score == 1.0)
