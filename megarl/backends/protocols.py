@@ -1,5 +1,5 @@
 """What the trainer needs from a generator: the contract, not the transport. Implementations: the native Megatron
-generator (``backends.megatron.generator``) and, later, vLLM."""
+generator (``backends.megatron.generator``) and vLLM (``backends.vllm.engine``)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,6 @@ class Generator(Protocol):
 
     def wake_up(self) -> None:
         """Restore what sleep freed."""
+
+    def close(self) -> None:
+        """Release the engine (before the process group it may use is torn down)."""

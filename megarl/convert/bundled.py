@@ -100,7 +100,7 @@ def resolve_model_spec(spec: str, work_dir: str | Path, seed: int = 0) -> Path:
             return out
         with file_lock(out.parent / f".{out.name}.lock"):  # the first rank of each node may get here at once
             if not is_complete_hf_dir(out):
-                _write_tiny(out, family, seed)
+                write_tiny_model(out, family, seed)
         return out
     if ":" in spec and not Path(spec).exists():
         raise ValueError(f"model.hf_dir='{spec}' is neither a directory nor 'bundled:smollm2' / 'tiny:FAMILY'.")
@@ -110,8 +110,9 @@ def resolve_model_spec(spec: str, work_dir: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def _write_tiny(out: Path, family: str, seed: int) -> None:
-    """A tiny random ``family`` model with SmolLM2's tokenizer, written to a temporary sibling renamed to ``out``."""
+def write_tiny_model(out: Path, family: str, seed: int = 0, **config_overrides) -> None:
+    """A tiny random ``family`` model (``config_overrides`` change its transformers config, e.g. hidden_size=128
+    for 32-dim heads) with SmolLM2's tokenizer, written to a temporary sibling renamed to ``out``."""
     from transformers import AutoTokenizer
 
     from megarl.convert.tiny import tiny_hf_model
@@ -120,7 +121,8 @@ def _write_tiny(out: Path, family: str, seed: int) -> None:
     vocab = len(AutoTokenizer.from_pretrained(tok_dir))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model = tiny_hf_model(family, seed=seed, vocab_size=vocab, max_position_embeddings=2048, eos_token_id=IM_END_ID)
+    model = tiny_hf_model(family, seed=seed, **{"vocab_size": vocab, "max_position_embeddings": 2048,
+                                                "eos_token_id": IM_END_ID, **config_overrides})
     model.save_pretrained(tmp, safe_serialization=True)
     for name in SIDE_FILES:
         if name not in ("config.json", "generation_config.json") and (tok_dir / name).is_file():

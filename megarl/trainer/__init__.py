@@ -19,7 +19,10 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
         with model_parallel(ParallelDims(cfg.parallel.tp, cfg.parallel.pp), seed=cfg.run.seed):
             prepare_run_dir(cfg)
             components = build(cfg)
-            metrics = train(components)
+            try:
+                metrics = train(components)
+            finally:  # an inference engine lets go of the process group before it is torn down
+                components.generator.close()
             dist.barrier()
     return metrics
 

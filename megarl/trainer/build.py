@@ -30,6 +30,7 @@ from megarl.losses import build_loss
 from megarl.losses.registry import LOSSES, PolicyLoss
 from megarl.rewards import compute_score
 from megarl.rewards.executor import RewardExecutor, load_score_fn
+from megarl.trainer.vllm_rollout import ColocatedVLLM
 from megarl.trainer.vstar import estimate_files, has_v_star
 
 
@@ -70,7 +71,7 @@ class Components:
     policy: MegatronPolicy
     reference: MegatronReference | None
     ref_kind: str
-    generator: MegatronGenerator
+    generator: MegatronGenerator | ColocatedVLLM
     source: PromptSource
     executor: RewardExecutor
     loss: PolicyLoss
@@ -154,6 +155,34 @@ def vstar_files(cfg: RunConfig, files: list[str], generator, tokenizer, arch: Mo
                           **{"progress": cfg.metrics.progress, **options})
 
 
+def rollout_backend(cfg: RunConfig, arch: ModelArch) -> tuple[str, str]:
+    """('vllm' | 'native', why): rollout.backend resolved for this machine and model."""
+    from megarl.backends.vllm.engine import unsupported_reason
+
+    if cfg.rollout.backend == "native":
+        return "native", "rollout.backend=native"
+    why_not = unsupported_reason(arch.head_dim)
+    if cfg.rollout.backend == "vllm" and why_not:
+        raise ValueError(f"rollout.backend=vllm, but {why_not}; use rollout.backend=native (or auto).")
+    return ("native", f"rollout.backend=auto, and {why_not}") if why_not else ("vllm", f"rollout.backend="
+                                                                               f"{cfg.rollout.backend}")
+
+
+def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, model_dir: Path):
+    kind, why = rollout_backend(cfg, arch)
+    if dist.get_rank() == 0:
+        print(f"rollouts: {'vLLM (colocated)' if kind == 'vllm' else 'native Megatron generator'} ({why})",
+              flush=True)
+    if kind == "native":
+        return MegatronGenerator(policy.module, arch)
+    eval_tokens = cfg.eval.max_tokens or cfg.rollout.max_tokens
+    max_len = min(arch.max_position_embeddings, cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, eval_tokens))
+    return ColocatedVLLM(policy, arch, model_dir, tp=cfg.parallel.tp, dtype=cfg.model.dtype, max_model_len=max_len,
+                         kv_cache_mb=cfg.rollout.vllm_kv_cache_mb,
+                         gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                         probe_tol=cfg.rollout.vllm_probe_tol, seed=cfg.run.seed)
+
+
 def build(cfg: RunConfig) -> Components:
     model_dir, arch, tokenizer, model = initial_model(cfg)
     o = cfg.optim
@@ -168,7 +197,7 @@ def build(cfg: RunConfig) -> Components:
         ref_model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False)
         load_weights_into(ref_model, arch, model_dir)
         reference = MegatronReference(ref_model, arch, offload=torch.cuda.is_available())
-    generator = MegatronGenerator(policy.module, arch)
+    generator = make_generator(cfg, policy, arch, model_dir)
     executor = reward_executor(cfg)
     files = train_files(cfg)
     if cfg.algo.loss == "astar_po":  # the policy is still the initial model here (a resume loads weights later)

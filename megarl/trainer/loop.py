@@ -1,7 +1,8 @@
 """The RL loop. Every rank runs it; Megatron's groups split the work (TP/PP inside a replica, prompts over DP).
 
     for step in 1..train.steps:
-        rollouts   = n samples of each prompt at the policy's rollout point      (native Megatron generator)
+        rollouts   = n samples of each prompt at the policy's rollout point      (vLLM, weights synced and
+                                                                                 checked; or native Megatron)
         rewards    = rule rewards (+ DAPO overlong shaping; dynamic sampling drops uninformative groups)
         old, ref   = log-probs of the samples under pi_old and the reference     (ref := old for RPG)
         advantages = the configured estimator over the whole step               (TRPA levels, A*-PO V* ride along)
@@ -24,6 +25,7 @@ from megarl.trainer import checkpointing
 from megarl.trainer.build import Components
 from megarl.trainer.collect import advantages_over_dp, collect
 from megarl.trainer.evaluate import evaluate_files
+from megarl.trainer.vllm_rollout import ColocatedVLLM
 from megarl.backends.megatron.parallel import dp_info
 from megarl.trainer.state import check_compatible, export_hf, resume, save_checkpoint, step_metrics
 
@@ -46,6 +48,7 @@ def train(c: Components) -> dict[str, float]:
         while step < cfg.train.steps:
             step, timer, t0 = step + 1, Timer(), time.perf_counter()
             c.policy.rollout_point(True)  # schedule-free: sample and score pi_old at the averaged point x
+            synced = c.generator.sync() if isinstance(c.generator, ColocatedVLLM) and c.generator.stale else {}
             with timer("generation"):
                 ro, position, stats = collect(
                     step, position, source=c.source, generator=c.generator, tokenizer=c.tokenizer,
@@ -54,6 +57,7 @@ def train(c: Components) -> dict[str, float]:
                     max_rounds=cfg.rollout.max_sampling_rounds,
                     reward_opts=dict(max_tokens=cfg.rollout.max_tokens, overlong_buffer=cfg.rollout.overlong_buffer,
                                      overlong_factor=cfg.rollout.overlong_factor))
+            c.generator.sleep()  # colocated vLLM on CUDA: give its memory to the update
             with timer("old_logprobs"):
                 ro.old_logprobs, entropy = c.policy.logprobs(ro, budget, temperature)
             with timer("ref_logprobs"):
@@ -66,6 +70,7 @@ def train(c: Components) -> dict[str, float]:
                            for groups in split_groups(ro.groups(), cfg.train.minibatches_per_step)]
             metrics = step_metrics(ro, entropy, updates, stats, rollout_metrics, timer, time.perf_counter() - t0,
                                    dp_group)
+            metrics.update(synced)
             if cfg.eval.interval and step % cfg.eval.interval == 0 and cfg.data.val_files:
                 with timer("eval"):
                     metrics.update(record_eval(cfg, step, evaluate_files(c, list(cfg.data.val_files))))

@@ -55,6 +55,7 @@ def resume(c: Components) -> tuple[int, int]:
     if latest is None:
         return 0, 0
     load_training_state(c.policy.module, c.policy.optimizer, latest / "model")
+    c.policy.version += 1
     state = checkpointing.load_trainer_state(latest)
     c.policy.scheduler.load_state_dict(state["scheduler"])
     if dist.get_rank() == 0:

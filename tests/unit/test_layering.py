@@ -48,3 +48,11 @@ def test_backends_never_import_the_cli_or_entry_points():
     for f in sorted((PKG / "backends").rglob("*.py")):
         bad = {m for m in imports_of(f) if m.startswith(("megarl.cli", "megarl.demo", "megarl.smoke"))}
         assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}"
+
+
+def test_vllm_is_imported_only_by_its_backend():
+    for f in sorted(PKG.rglob("*.py")):
+        if "backends/vllm" in f.as_posix():
+            continue
+        bad = {m for m in imports_of(f) if m.split(".")[0] == "vllm"}
+        assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}; only megarl/backends/vllm may"

@@ -126,3 +126,6 @@ class MegatronGenerator:
 
     def wake_up(self) -> None:
         pass
+
+    def close(self) -> None:
+        pass

