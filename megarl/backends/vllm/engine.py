@@ -71,9 +71,12 @@ class VLLMGenerator:
             for key, value in (("RANK", dist.get_rank()), ("WORLD_SIZE", dist.get_world_size()),
                                ("LOCAL_RANK", dist.get_rank())):
                 os.environ.setdefault(key, str(value))
+        threads = torch.get_num_threads()
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=True, distributed_executor_backend=executor,
                        tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", **memory)
+        # vLLM sets torch to one thread "for serving"; in a colocated trainer that would slow training down
+        torch.set_num_threads(threads)
         self.asleep = False
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,

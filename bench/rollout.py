@@ -1,0 +1,136 @@
+"""Rollout backends: Megatron -> vLLM weight-sync time against model size, and generation throughput of vLLM and
+of the native Megatron generator on the same model, prompts and sampling settings.
+
+    .venv/bin/python bench/rollout.py                       # CPU: writes bench/results/cpu/rollout.json
+    python bench/rollout.py --models smollm2 --samples 8    # any subset
+
+Models: random Qwen2-shaped models of growing hidden size (4 layers, SmolLM2's 49,152-token vocabulary, tied
+embeddings, made in-process) and the bundled SmolLM2-135M-Instruct. Each model runs in a fresh process (one
+trainer build per process) that builds the trainer's components with rollout.backend=vllm at TP=1, then measures:
+
+    sync        ColocatedVLLM.sync(): Megatron export (HF names, buckets) -> vLLM in-place reload -> prefix-cache
+                reset -> name check -> 192-token log-prob probe on both sides. Median of --repeats; split into
+                the probe and the rest (stream) by timing the probe alone.
+    generation  --prompts prompts (the task's real chat prompts) x --samples samples x --max-tokens tokens
+                (no stop ids, so every sample has that length), temperature 1; tokens/s = generated / seconds.
+                vLLM and the native generator, the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {"h128": 128, "h256": 256, "h512": 512}
+
+
+def model_dir(name: str, work: Path) -> str:
+    if name == "smollm2":
+        return "bundled:smollm2"
+    from megarl.convert.bundled import write_tiny_model
+
+    out = work / name
+    h = SIZES[name]
+    write_tiny_model(out, "qwen2", seed=0, hidden_size=h, intermediate_size=4 * h)
+    return str(out)
+
+
+def one_model(name: str, args) -> dict:
+    import torch
+
+    from megarl.backends.megatron.generator import MegatronGenerator
+    from megarl.backends.megatron.parallel import ParallelDims, model_parallel
+    from megarl.backends.protocols import SamplingParams
+    from megarl.config import load_config
+    from megarl.distributed import distributed
+    from megarl.trainer.build import build
+    from megarl.trainer.loop import prepare_run_dir
+
+    work = Path(tempfile.mkdtemp(prefix="megarl-bench-"))
+    cfg = load_config(None, [f"model.hf_dir={model_dir(name, work)}", f"run.dir={work / 'run'}",
+                             "rollout.backend=vllm", "reward.num_workers=0", "data.generate=arithmetic",
+                             f"rollout.max_tokens={args.max_tokens}", "data.max_prompt_tokens=256",
+                             "rollout.vllm_kv_cache_mb=512"])
+    with distributed(), model_parallel(ParallelDims(1, 1)):
+        prepare_run_dir(cfg)
+        c = build(cfg)
+        params = sum(p.numel() for p in c.policy.module.parameters())
+        syncs, probes = [], []
+        for _ in range(args.repeats):
+            c.policy.version += 1  # as after an update
+            syncs.append(c.generator.sync())
+            t0 = time.perf_counter()
+            c.generator._probe_diff()
+            probes.append(time.perf_counter() - t0)
+        prompts = [c.source.take(i, 1)[0].ids for i in range(args.prompts)]
+        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=0)
+        gen = {}
+        for backend, g in (("vllm", c.generator), ("native", MegatronGenerator(c.policy.module, c.arch))):
+            g.generate(prompts[:1], 1, SamplingParams(max_tokens=2, temperature=1.0))  # warm-up
+            t0 = time.perf_counter()
+            outs = g.generate(prompts, args.samples, sampling)
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(s.token_ids) for o in outs for s in o)
+            gen[backend] = {"seconds": round(seconds, 3), "generated_tokens": tokens,
+                            "tokens_per_s": round(tokens / seconds, 1)}
+        c.generator.close()
+    sync_s = statistics.median(s["sync/seconds"] for s in syncs)
+    probe_s = statistics.median(probes)
+    nbytes = syncs[0]["sync/bytes"]
+    return {"model": name, "params": params, "dtype": "float32", "threads": torch.get_num_threads(),
+            "sync_bytes": int(nbytes), "sync_seconds": round(sync_s, 3), "probe_seconds": round(probe_s, 3),
+            "stream_seconds": round(sync_s - probe_s, 3),
+            "stream_gb_per_s": round(nbytes / max(sync_s - probe_s, 1e-9) / 1e9, 3),
+            "probe_diff_max": max(s["sync/probe_diff_max"] for s in syncs),
+            "prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens,
+            "generation": gen,
+            "vllm_speedup_vs_native": round(gen["vllm"]["tokens_per_s"] / gen["native"]["tokens_per_s"], 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=[*SIZES, "smollm2"], choices=[*SIZES, "smollm2"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one_model(args.one, args)), flush=True)
+        return
+    import torch
+
+    rows = []
+    for name in args.models:
+        cmd = [sys.executable, __file__, "--one", name, "--repeats", str(args.repeats), "--prompts",
+               str(args.prompts), "--samples", str(args.samples), "--max-tokens", str(args.max_tokens)]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+        rows.append(json.loads(lines[-1][7:]) if r.returncode == 0 and lines else
+                    {"model": name, "error": (r.stdout + r.stderr).strip()[-800:]})
+        print(json.dumps(rows[-1]), flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    import vllm
+
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu {platform.machine()}"
+    out = {"bench": "rollout", "device": name, "commit": commit, "vllm": vllm.__version__,
+           "torch": torch.__version__, "command": "python bench/rollout.py " + " ".join(sys.argv[1:]), "rows": rows}
+    dest = REPO / "bench" / "results" / device / "rollout.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {dest}")
+
+
+if __name__ == "__main__":
+    main()
