@@ -23,7 +23,7 @@ def evaluate(generator, tokenizer, executor: RewardExecutor, files: list[str], s
     source = PromptSource(files, tokenizer, max_prompt_tokens=max_prompt_tokens, shuffle=False)
     total = min(len(source), max_prompts or len(source))
     mine = [source.prompt(i, i) for i in range(dp_rank, total, dp_size)]
-    outs = generator.generate([p.ids for p in mine], k, sampling) if mine else []
+    outs = generator.generate([p.ids for p in mine], k, sampling)  # also with none: a vLLM sync is collective
     reqs = [RewardRequest(p.data_source, tokenizer.decode(o.token_ids, skip_special_tokens=True), p.ground_truth,
                           p.extra_info) for p, group in zip(mine, outs) for o in group]
     results, _ = executor.score(reqs) if reqs else ([], {})

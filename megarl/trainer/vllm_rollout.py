@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megarl.backends.megatron.export import export_hf_weights
+from megarl.backends.megatron.parallel import model_parallel_group
 from megarl.backends.megatron.policy import MegatronPolicy
 from megarl.backends.protocols import Completion, SamplingParams
 from megarl.convert.arch import ModelArch
@@ -102,7 +103,9 @@ class ColocatedVLLM:
         mine = megatron_probe_logprobs(self.policy, self.probe)
         theirs = self.engine.prompt_logprobs(self.probe)
         diff = torch.tensor(max(abs(a - b) for a, b in zip(mine, theirs)), dtype=torch.float64)
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # every rank raises, or none does
+        # every rank of the replica raises, or none does; replicas sync independently (a replica without eval
+        # or V* prompts may not sync at all)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=model_parallel_group())
         if not float(diff) <= self.probe_tol:
             raise RuntimeError(f"weight sync to vLLM failed its check: on a fixed {len(self.probe)}-token probe, "
                                f"max |vLLM - Megatron| log-prob = {float(diff):.3g} > rollout.vllm_probe_tol = "

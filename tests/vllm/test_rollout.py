@@ -1,6 +1,6 @@
 """`megarl train` with rollout.backend=vllm: after every weight sync the engine's log-probs equal Megatron's (the
-sync probe and rollout/logprob_diff_max, both < 1e-3 in fp32) at TP=1 and at TP=2 (vLLM's TP groups are
-Megatron's), TP=2 logs the TP=1 metrics, and a missed sync is caught."""
+sync probe and rollout/logprob_diff_max, both < 1e-3 in fp32) at TP=1, TP=2 (vLLM's TP groups are Megatron's),
+PP=2 and DP=2, which all log the TP=1 metrics; and a missed sync is caught."""
 
 from __future__ import annotations
 
@@ -29,19 +29,25 @@ def data_dir(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data"))
 
 
-def train(tmp_path, name, model, data_dir, tp):
-    torchrun("megarl.cli", tp, "train", *ARGS, f"model.hf_dir={model}", f"run.dir={tmp_path / name}",
-             f"data.train_files={data_dir / 'train.parquet'}", f"parallel.tp={tp}", timeout=600)
+LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]), "dp2": (2, [])}
+
+
+def train(tmp_path, name, model, data_dir):
+    nproc, overrides = LAYOUTS[name]
+    torchrun("megarl.cli", nproc, "train", *ARGS, f"model.hf_dir={model}", f"run.dir={tmp_path / name}",
+             f"data.train_files={data_dir / 'train.parquet'}", *overrides, timeout=600)
     return read_metrics(tmp_path / name / "metrics.jsonl")
 
 
-def test_synced_engine_agrees_with_megatron_at_tp1_and_tp2(tmp_path, vllm_model, data_dir):
+def test_synced_engine_agrees_with_megatron_at_every_layout(tmp_path, vllm_model, data_dir):
+    """TP=2 (one vLLM engine over both ranks), PP=2 (an engine per stage, each with the whole model) and DP=2
+    (an engine per replica, different prompts) log the TP=1 run's metrics."""
     from safetensors import safe_open
 
     with safe_open(str(vllm_model / "model.safetensors"), "pt") as f:
         model_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
     embed_bytes = 49152 * 128 * 4  # the tied output layer is sent as lm_head.weight too
-    runs = {tp: train(tmp_path, f"tp{tp}", vllm_model, data_dir, tp) for tp in (1, 2)}
+    runs = {name: train(tmp_path, name, vllm_model, data_dir) for name in LAYOUTS}
     for tp, metrics in runs.items():
         assert [m["step"] for m in metrics] == [1, 2, 3]
         for m in metrics:  # every step synced (the weights changed) and passed its check
@@ -49,10 +55,14 @@ def test_synced_engine_agrees_with_megatron_at_tp1_and_tp2(tmp_path, vllm_model,
             assert m["rollout/logprob_diff_max"] < 1e-3, (tp, m)
             assert m["sync/bytes"] == model_bytes + embed_bytes
             assert m["optim/grad_norm"] > 0
-    for a, b in zip(runs[1], runs[2]):
-        for k in a:
-            if not k.startswith(TIMING + ("sync/seconds",)):
-                assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-4), (a["step"], k, a[k], b[k])
+    for name in ("tp2", "pp2", "dp2"):
+        for a, b in zip(runs["tp1"], runs[name]):
+            assert {k for k in a if not k.startswith(TIMING)} == {k for k in b if not k.startswith(TIMING)}
+            # loss/* diagnostics besides loss/total are per-replica means (as in tests/parallel/test_trainer_parallel)
+            skip = TIMING + ("sync/seconds",) + (("loss/",) if name == "dp2" else ())
+            for k in a:
+                if not k.startswith(skip) or k == "loss/total":
+                    assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-4), (name, a["step"], k, a[k], b[k])
 
 
 def test_a_missed_sync_is_caught(tmp_path, vllm_model, data_dir):

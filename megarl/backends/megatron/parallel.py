@@ -62,3 +62,8 @@ def dp_info() -> tuple[int, int, object]:
     """(data-parallel rank, size, group) of this rank."""
     return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
             parallel_state.get_data_parallel_group())
+
+
+def model_parallel_group():
+    """The TP x PP group of this rank's data-parallel replica."""
+    return parallel_state.get_model_parallel_group()

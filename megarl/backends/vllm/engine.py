@@ -15,6 +15,7 @@ exists only on CUDA.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -61,7 +62,12 @@ class VLLMGenerator:
         import torch.distributed as dist
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine lives in this process
-        from vllm import LLM
+        # vLLM logs every load and cache reset at INFO; the trainer reports what matters (VLLM_LOGGING_LEVEL=INFO
+        # brings them back)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        with warnings.catch_warnings():  # its import touches deprecated torch.distributed names
+            warnings.simplefilter("ignore", FutureWarning)
+            from vllm import LLM
 
         self.cuda = torch.cuda.is_available()
         memory = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True) if self.cuda else \
@@ -71,12 +77,14 @@ class VLLMGenerator:
             for key, value in (("RANK", dist.get_rank()), ("WORLD_SIZE", dist.get_world_size()),
                                ("LOCAL_RANK", dist.get_rank())):
                 os.environ.setdefault(key, str(value))
-        threads = torch.get_num_threads()
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       enforce_eager=True, distributed_executor_backend=executor,
+                       enforce_eager=True, distributed_executor_backend=executor, use_tqdm_on_load=False,
                        tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", **memory)
-        # vLLM sets torch to one thread "for serving"; in a colocated trainer that would slow training down
-        torch.set_num_threads(threads)
+        # vLLM's workers set torch to one thread "for serving", and its CPU worker replaces torch.set_num_threads
+        # with a no-op for the whole process; the colocated trainer shares that process and keeps its own setting
+        torch.set_num_threads = set_threads
+        set_threads(threads)
         self.asleep = False
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
