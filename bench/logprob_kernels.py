@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -101,16 +100,9 @@ def main() -> None:
             if base and r["tokens"] == tokens and "error" not in r:
                 r["memory_vs_naive"] = round(r["peak_extra_mib"] / base["peak_extra_mib"], 3)
                 r["speedup_vs_naive"] = round(base["seconds"] / r["seconds"], 2)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
-    name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu {platform.machine()}"
-    out = {"bench": "logprob_kernels", "device": name, "commit": commit, "vocab": V, "hidden": H,
-           "command": "python bench/logprob_kernels.py " + " ".join(sys.argv[1:]), "rows": rows}
-    dest = REPO / "bench" / "results" / device / "logprob_kernels.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {dest}")
+    from results_io import write_result
 
+    print(f"wrote {write_result('logprob_kernels', rows, sys.argv[1:], vocab=V, hidden=H)}")
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ trainer build per process) that builds the trainer's components with rollout.bac
     sync        ColocatedVLLM.sync(): Megatron export (HF names, buckets) -> vLLM in-place reload -> prefix-cache
                 reset -> name check -> 192-token log-prob probe on both sides. Median of --repeats; split into
                 the probe and the rest (stream) by timing the probe alone.
+    export      the policy written as a Hugging Face directory (safetensors) by the trainer's export_hf.
     generation  --prompts prompts (the task's real chat prompts) x --samples samples x --max-tokens tokens
                 (no stop ids, so every sample has that length), temperature 1; tokens/s = generated / seconds.
                 vLLM and the native generator, the same weights.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -53,6 +53,7 @@ def one_model(name: str, args) -> dict:
     from megarl.distributed import distributed
     from megarl.trainer.build import build
     from megarl.trainer.loop import prepare_run_dir
+    from megarl.trainer.state import export_hf
 
     work = Path(tempfile.mkdtemp(prefix="megarl-bench-"))
     cfg = load_config(None, [f"model.hf_dir={model_dir(name, work)}", f"run.dir={work / 'run'}",
@@ -81,6 +82,9 @@ def one_model(name: str, args) -> dict:
             tokens = sum(len(s.token_ids) for o in outs for s in o)
             gen[backend] = {"seconds": round(seconds, 3), "generated_tokens": tokens,
                             "tokens_per_s": round(tokens / seconds, 1)}
+        t0 = time.perf_counter()
+        export_hf(c, work / "hf")  # the other way out of Megatron: an HF directory on disk
+        export_s = time.perf_counter() - t0
         c.generator.close()
     sync_s = statistics.median(s["sync/seconds"] for s in syncs)
     probe_s = statistics.median(probes)
@@ -90,7 +94,7 @@ def one_model(name: str, args) -> dict:
             "stream_seconds": round(sync_s - probe_s, 3),
             "stream_gb_per_s": round(nbytes / max(sync_s - probe_s, 1e-9) / 1e9, 3),
             "probe_diff_max": max(s["sync/probe_diff_max"] for s in syncs),
-            "prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens,
+            "export_hf_seconds": round(export_s, 3), "prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens,
             "generation": gen,
             "vllm_speedup_vs_native": round(gen["vllm"]["tokens_per_s"] / gen["native"]["tokens_per_s"], 2)}
 
@@ -107,8 +111,6 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(one_model(args.one, args)), flush=True)
         return
-    import torch
-
     rows = []
     for name in args.models:
         cmd = [sys.executable, __file__, "--one", name, "--repeats", str(args.repeats), "--prompts",
@@ -118,18 +120,9 @@ def main() -> None:
         rows.append(json.loads(lines[-1][7:]) if r.returncode == 0 and lines else
                     {"model": name, "error": (r.stdout + r.stderr).strip()[-800:]})
         print(json.dumps(rows[-1]), flush=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
-    import vllm
+    from results_io import write_result
 
-    name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu {platform.machine()}"
-    out = {"bench": "rollout", "device": name, "commit": commit, "vllm": vllm.__version__,
-           "torch": torch.__version__, "command": "python bench/rollout.py " + " ".join(sys.argv[1:]), "rows": rows}
-    dest = REPO / "bench" / "results" / device / "rollout.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {dest}")
+    print(f"wrote {write_result('rollout', rows, sys.argv[1:])}")
 
 
 if __name__ == "__main__":

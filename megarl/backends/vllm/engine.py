@@ -65,9 +65,7 @@ class VLLMGenerator:
         # vLLM logs every load and cache reset at INFO; the trainer reports what matters (VLLM_LOGGING_LEVEL=INFO
         # brings them back)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        with warnings.catch_warnings():  # its import touches deprecated torch.distributed names
-            warnings.simplefilter("ignore", FutureWarning)
-            from vllm import LLM
+        from vllm import LLM
 
         self.cuda = torch.cuda.is_available()
         memory = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True) if self.cuda else \
@@ -78,9 +76,12 @@ class VLLMGenerator:
                                ("LOCAL_RANK", dist.get_rank())):
                 os.environ.setdefault(key, str(value))
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
-        self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       enforce_eager=True, distributed_executor_backend=executor, use_tqdm_on_load=False,
-                       tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs", **memory)
+        with warnings.catch_warnings():  # its kernel registry touches deprecated torch.distributed names
+            warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op", category=FutureWarning)
+            self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                           enforce_eager=True, distributed_executor_backend=executor, use_tqdm_on_load=False,
+                           tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
+                           **memory)
         # vLLM's workers set torch to one thread "for serving", and its CPU worker replaces torch.set_num_threads
         # with a no-op for the whole process; the colocated trainer shares that process and keeps its own setting
         torch.set_num_threads = set_threads

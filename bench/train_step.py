@@ -1,0 +1,168 @@
+"""One policy-gradient training step (forward, backward, optimizer) of Qwen2.5-shaped Megatron models with random
+weights: tokens/s and model FLOPs utilisation against the device's measured matmul peak.
+
+    .venv/bin/python bench/train_step.py                          # CPU: the shapes that fit in host memory
+    torchrun --nproc-per-node 1 bench/train_step.py --shapes qwen2.5-0.5b qwen2.5-1.5b qwen2.5-7b   # a GPU
+
+Each shape runs in a fresh process: the model is built at TP=1 (fp32 on CPU, bf16 on CUDA), then --steps GRPO
+updates (MegatronPolicy.train_step, the trainer's own update: vocab-parallel log-probs, loss, megatron-core
+DDP + AdamW) of --rows sequences of --prompt + --response tokens after one warm-up step. Reported:
+
+    tokens_per_s   (prompt + response tokens) / seconds per step, median of the timed steps
+    mfu            6 * params * tokens_per_s / peak; params excludes the embedding when it is not also the output
+                   layer's input-independent matmul (attention's quadratic term is not counted: short sequences)
+    peak_flops     this device's measured matmul rate (fp32 2048^3 on CPU, bf16 8192^3 on CUDA): the baseline
+                   every MFU here is relative to, not a datasheet number
+    peak_memory    CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated
+
+A shape whose weights + gradients + Adam state (16 bytes per parameter in fp32) would not fit the host memory is
+recorded as skipped with that estimate instead of being run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {  # the Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate, tied embeddings)
+    "qwen2.5-0.5b": (896, 24, 14, 2, 4864, True),
+    "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, True),
+    "qwen2.5-7b": (3584, 28, 28, 4, 18944, False),
+}
+VOCAB = 151_936
+
+
+def hf_config(shape: str) -> dict:
+    h, layers, heads, kv, inter, tied = SHAPES[shape]
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": h,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6, "tie_word_embeddings": tied}
+
+
+def param_count(shape: str) -> int:
+    h, layers, heads, kv, inter, tied = SHAPES[shape]
+    d = h // heads
+    per_layer = h * (heads * d) + 2 * h * (kv * d) + (heads + 2 * kv) * d + heads * d * h + 3 * h * inter + 2 * h
+    return layers * per_layer + VOCAB * h * (1 if tied else 2) + h
+
+
+def matmul_peak(device: str) -> float:
+    import torch
+
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def one_shape(shape: str, args) -> dict:
+    import resource
+
+    import torch
+
+    from megarl.backends.megatron.model import build_model
+    from megarl.backends.megatron.parallel import ParallelDims, model_parallel
+    from megarl.backends.megatron.policy import MegatronPolicy
+    from megarl.convert.arch import read_arch
+    from megarl.distributed import distributed
+    from megarl.losses import build_loss
+    from megarl.rollout.batch import Rollouts
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    arch = read_arch(hf_config(shape))
+    with distributed(), model_parallel(ParallelDims(1, 1)):
+        model = build_model(arch, dtype=dtype)
+        optim = dict(name="adamw", lr=1e-6, min_lr=0.0, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0,
+                     distributed=False, warmup_steps=0, schedule="constant")
+        policy = MegatronPolicy(model, arch, optim, args.steps + 1)
+        g = torch.Generator().manual_seed(0)
+        rows, p, r = args.rows, args.prompt, args.response
+        ro = Rollouts([torch.randint(0, VOCAB, (p,), generator=g).tolist() for _ in range(rows)],
+                      [torch.randint(0, VOCAB, (r,), generator=g).tolist() for _ in range(rows)],
+                      [[0.0] * r for _ in range(rows)], ["length"] * rows,
+                      torch.arange(rows, dtype=torch.int64) // max(1, rows // 2))
+        ro.rewards = torch.randn(rows, generator=g, dtype=torch.float64)
+        ro.old_logprobs = torch.full((rows, r), -5.0)
+        ro.advantages = torch.randn(rows, r, generator=g)
+        loss = build_loss("grpo", kl_coef=0.0)
+        groups = ro.groups()
+        times = []
+        for step in range(args.steps + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            policy.train_step(ro, groups, loss, args.micro_batch_tokens, 1.0)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step:  # the first step warms up (allocations, kernel selection)
+                times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        peak = matmul_peak(device)
+        memory = torch.cuda.max_memory_allocated() if device == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tokens = rows * (p + r)
+    n = param_count(shape)
+    return {"shape": shape, "params": n, "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p,
+            "response": r, "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1), "model_flops_per_s": round(6 * n * tokens / seconds / 1e9, 2),
+            "peak_matmul_gflops": round(peak / 1e9, 1), "mfu": round(6 * n * tokens / seconds / peak, 4),
+            "peak_memory_gib": round(memory / 2 ** 30, 2), "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--response", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--micro-batch-tokens", type=int, default=1024)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one_shape(args.one, args)), flush=True)
+        return
+    import psutil
+    import torch
+
+    from bench.results_io import write_result
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for shape in args.shapes:
+        need = 16 * param_count(shape) + (4 << 30)  # fp32 weights, grads, two Adam moments + activations
+        if device == "cpu" and need > psutil.virtual_memory().total:
+            rows.append({"shape": shape, "params": param_count(shape), "skipped":
+                         f"needs ~{need / 2**30:.0f} GiB (16 bytes/param + 4 GiB) > "
+                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB host memory"})
+        else:
+            cmd = [sys.executable, __file__, "--one", shape, "--rows", str(args.rows), "--prompt", str(args.prompt),
+                   "--response", str(args.response), "--steps", str(args.steps), "--micro-batch-tokens",
+                   str(args.micro_batch_tokens)]
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+            rows.append(json.loads(lines[-1][7:]) if r.returncode == 0 and lines else
+                        {"shape": shape, "error": (r.stdout + r.stderr).strip()[-800:]})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"wrote {write_result('train_step', rows, sys.argv[1:])}")
+
+
+if __name__ == "__main__":
+    main()
