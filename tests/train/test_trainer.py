@@ -114,6 +114,8 @@ def test_resume_refuses_a_changed_algorithm(megatron_world, tmp_path, data_dir):
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(megatron_world, tmp_path, data_dir):
+    import psutil
+
     straight = run(tmp_path / "a", data_dir, "train.steps=4")
     killed = tmp_path / "k"
     args = [*BASE, f"run.dir={killed}", f"data.train_files={data_dir / 'train.parquet'}", "train.steps=4",
@@ -126,9 +128,12 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(megatron_world, tmp_pa
         assert proc.poll() is None, "the training run ended before it could be killed"
         time.sleep(0.2)
     time.sleep(1.0)  # inside step 3 (or its checkpoint)
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # e.g. the checkpoint writer's queue manager
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(read_metrics(killed / "metrics.jsonl")) < 4, "killed too late to test anything"
+    _, alive = psutil.wait_procs(helpers, timeout=30)
+    assert not alive, f"processes of the killed run outlived it: {[p.cmdline() for p in alive]}"
     resumed = run(killed, data_dir, "train.steps=4", "checkpoint.interval=1")
     same_metrics(straight, resumed)
 

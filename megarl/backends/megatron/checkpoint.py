@@ -29,8 +29,37 @@ FORMAT = "megarl-mcore-model-v1"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def _die_with_parent() -> None:
+    """Runs first in the helper process: Linux delivers it SIGTERM when the process that started it dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
+def _orphan_safe_results_queue() -> None:
+    """megatron-core's torch_dist writer collects results through a queue served by a ``multiprocessing.Manager``
+    process it spawns on the first save and stops at a normal exit. A killed trainer (SIGKILL, OOM killer) never
+    stops it: the manager then sleeps forever, holding a few hundred MB, one per killed run. So the trainer starts
+    that manager itself, set to die with its parent, and hands megatron-core its queue."""
+    import sys
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None or not sys.platform.startswith("linux"):
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(_die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
+    filesystem_async._results_manager = manager  # kept alive as long as the queue is
+
+
 def save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Write this rank's shards of ``model`` into ``ckpt_dir`` (collective: every rank calls it)."""
+    _orphan_safe_results_queue()
     dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(ckpt_dir))
 
 
@@ -51,6 +80,7 @@ def save_training_state(model: torch.nn.Module, optimizer, ckpt_dir: Path) -> No
     is also a model checkpoint for ``mcore-to-hf`` and ``megarl eval``."""
     msd = unwrap(model).sharded_state_dict()
     osd = optimizer.sharded_state_dict(msd, metadata=OPTIMIZER_METADATA)
+    _orphan_safe_results_queue()
     dist_checkpointing.save({"model": msd, "optimizer": osd}, str(ckpt_dir))
 
 
