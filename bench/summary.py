@@ -28,14 +28,14 @@ def _kernels(d: dict) -> list[str]:
 def _rollout(d: dict) -> list[str]:
     rows = [[r["model"], f"{r['params'] / 1e6:.1f}M", f"{r['sync_bytes'] / 2**20:.0f}", r["sync_seconds"],
              r["stream_seconds"], r["probe_seconds"], r["stream_gb_per_s"], r["generation"]["vllm"]["tokens_per_s"],
-             r["generation"]["native"]["tokens_per_s"], r["vllm_speedup_vs_native"]]
+             r["generation"]["native"]["tokens_per_s"], r["vllm_speedup_vs_native"], r.get("export_hf_seconds")]
             for r in d["rows"] if "error" not in r]
     first = next((r for r in d["rows"] if "error" not in r), {})
     return [f"Weight sync Megatron -> vLLM (TP=1) and generation of {first.get('prompts')} prompts x "
             f"{first.get('samples')} samples x {first.get('max_tokens')} tokens; baseline: the native Megatron "
             f"generator, same weights and prompts.", ""] + _table(
         ["model", "params", "MiB sent", "sync s", "stream s", "probe s", "stream GB/s", "vLLM tok/s",
-         "native tok/s", "vLLM / native"], rows)
+         "native tok/s", "vLLM / native", "HF export s"], rows)
 
 
 def _train_step(d: dict) -> list[str]:

@@ -2,7 +2,7 @@
 weights: tokens/s and model FLOPs utilisation against the device's measured matmul peak.
 
     .venv/bin/python bench/train_step.py                          # CPU: the shapes that fit in host memory
-    torchrun --nproc-per-node 1 bench/train_step.py --shapes qwen2.5-0.5b qwen2.5-1.5b qwen2.5-7b   # a GPU
+    python bench/train_step.py --rows 16 --prompt 512 --response 512       # a GPU: all three shapes
 
 Each shape runs in a fresh process: the model is built at TP=1 (fp32 on CPU, bf16 on CUDA), then --steps GRPO
 updates (MegatronPolicy.train_step, the trainer's own update: vocab-parallel log-probs, loss, megatron-core
@@ -11,7 +11,7 @@ DDP + AdamW) of --rows sequences of --prompt + --response tokens after one warm-
     tokens_per_s   (prompt + response tokens) / seconds per step, median of the timed steps
     mfu            6 * params * tokens_per_s / peak; params excludes the embedding when it is not also the output
                    layer's input-independent matmul (attention's quadratic term is not counted: short sequences)
-    peak_flops     this device's measured matmul rate (fp32 2048^3 on CPU, bf16 8192^3 on CUDA): the baseline
+    peak_flops     this device's measured matmul rate (fp32 4096^3 on CPU, bf16 8192^3 on CUDA): the baseline
                    every MFU here is relative to, not a datasheet number
     peak_memory    CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated
 
@@ -56,7 +56,7 @@ def param_count(shape: str) -> int:
 def matmul_peak(device: str) -> float:
     import torch
 
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (4096, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -129,9 +129,9 @@ def one_shape(shape: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--response", type=int, default=128)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--response", type=int, default=64)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--micro-batch-tokens", type=int, default=1024)
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -142,7 +142,7 @@ def main() -> None:
     import psutil
     import torch
 
-    from bench.results_io import write_result
+    from results_io import write_result
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
