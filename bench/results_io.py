@@ -42,8 +42,10 @@ def environment() -> dict:
 def write_result(name: str, rows: list[dict], argv: list[str], **extra) -> Path:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=REPO).stdout.strip())
+    # code that can change a figure: the package, the benches, the build; not docs or earlier results
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "megarl", "bench",
+                                 "pyproject.toml", "scripts", ":!bench/results"], capture_output=True, text=True,
+                                cwd=REPO).stdout.strip())
     out = {"bench": name, **environment(), "commit": commit + ("+uncommitted" if dirty else ""),
            "command": f"python bench/{name}.py " + " ".join(argv), **extra, "rows": rows}
     dest = REPO / "bench" / "results" / device_dir() / f"{name}.json"
