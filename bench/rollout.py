@@ -94,8 +94,8 @@ def one_model(name: str, args) -> dict:
             "stream_seconds": round(sync_s - probe_s, 3),
             "stream_gb_per_s": round(nbytes / max(sync_s - probe_s, 1e-9) / 1e9, 3),
             "probe_diff_max": max(s["sync/probe_diff_max"] for s in syncs),
-            "export_hf_seconds": round(export_s, 3), "prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens,
-            "generation": gen,
+            "export_hf_seconds": round(export_s, 3), "prompts": args.prompts, "samples": args.samples,
+            "max_tokens": args.max_tokens, "generation": gen,
             "vllm_speedup_vs_native": round(gen["vllm"]["tokens_per_s"] / gen["native"]["tokens_per_s"], 2)}
 
 

@@ -79,7 +79,8 @@ class VLLMGenerator:
         with warnings.catch_warnings():  # its kernel registry touches deprecated torch.distributed names
             warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op", category=FutureWarning)
             self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                           enforce_eager=True, distributed_executor_backend=executor, use_tqdm_on_load=False,
+                           # CPU: eager (no torch.compile warm-up); CUDA: vLLM's CUDA graphs
+                           enforce_eager=not self.cuda, distributed_executor_backend=executor, use_tqdm_on_load=False,
                            tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
                            **memory)
         # vLLM's workers set torch to one thread "for serving", and its CPU worker replaces torch.set_num_threads
