@@ -39,6 +39,16 @@ def environment() -> dict:
             "versions": versions}
 
 
+def run_one(cmd: list[str], label: dict) -> dict:
+    """Run one measurement in a fresh process (``cmd`` prints ``RESULT <json>``); its result, or ``label`` with
+    the error output when it failed."""
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode == 0 and lines:
+        return json.loads(lines[-1][len("RESULT "):])
+    return {**label, "error": (r.stdout + r.stderr).strip()[-800:]}
+
+
 def write_result(name: str, rows: list[dict], argv: list[str], **extra) -> Path:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=REPO).stdout.strip()

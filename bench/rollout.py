@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 SIZES = {"h128": 128, "h256": 256, "h512": 512}
 
 
@@ -111,16 +109,14 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(one_model(args.one, args)), flush=True)
         return
+    from results_io import run_one, write_result
+
     rows = []
     for name in args.models:
-        cmd = [sys.executable, __file__, "--one", name, "--repeats", str(args.repeats), "--prompts",
-               str(args.prompts), "--samples", str(args.samples), "--max-tokens", str(args.max_tokens)]
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-        rows.append(json.loads(lines[-1][7:]) if r.returncode == 0 and lines else
-                    {"model": name, "error": (r.stdout + r.stderr).strip()[-800:]})
+        rows.append(run_one([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats), "--prompts",
+                             str(args.prompts), "--samples", str(args.samples), "--max-tokens",
+                             str(args.max_tokens)], {"model": name}))
         print(json.dumps(rows[-1]), flush=True)
-    from results_io import write_result
 
     print(f"wrote {write_result('rollout', rows, sys.argv[1:])}")
 

@@ -24,12 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 SHAPES = {  # the Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate, tied embeddings)
     "qwen2.5-0.5b": (896, 24, 14, 2, 4864, True),
     "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, True),
@@ -142,7 +139,7 @@ def main() -> None:
     import psutil
     import torch
 
-    from results_io import write_result
+    from results_io import run_one, write_result
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -153,13 +150,9 @@ def main() -> None:
                          f"needs ~{need / 2**30:.0f} GiB (16 bytes/param + 4 GiB) > "
                          f"{psutil.virtual_memory().total / 2**30:.0f} GiB host memory"})
         else:
-            cmd = [sys.executable, __file__, "--one", shape, "--rows", str(args.rows), "--prompt", str(args.prompt),
-                   "--response", str(args.response), "--steps", str(args.steps), "--micro-batch-tokens",
-                   str(args.micro_batch_tokens)]
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-            rows.append(json.loads(lines[-1][7:]) if r.returncode == 0 and lines else
-                        {"shape": shape, "error": (r.stdout + r.stderr).strip()[-800:]})
+            rows.append(run_one([sys.executable, __file__, "--one", shape, "--rows", str(args.rows), "--prompt",
+                                 str(args.prompt), "--response", str(args.response), "--steps", str(args.steps),
+                                 "--micro-batch-tokens", str(args.micro_batch_tokens)], {"shape": shape}))
         print(json.dumps(rows[-1]), flush=True)
     print(f"wrote {write_result('train_step', rows, sys.argv[1:])}")
 

@@ -36,12 +36,13 @@ def test_pure_layers_import_no_backend_framework_or_cli(part):
         assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}"
 
 
-def test_megatron_is_imported_only_by_its_backend():
+@pytest.mark.parametrize("framework", ["megatron", "vllm"])
+def test_a_framework_is_imported_only_by_its_backend(framework):
     for f in sorted(PKG.rglob("*.py")):
-        if "backends/megatron" in f.as_posix():
+        if f"backends/{framework}" in f.as_posix():
             continue
-        bad = {m for m in imports_of(f) if m.split(".")[0] == "megatron"}
-        assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}; only megarl/backends/megatron may"
+        bad = {m for m in imports_of(f) if m.split(".")[0] == framework}
+        assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}; only megarl/backends/{framework} may"
 
 
 def test_backends_never_import_the_cli_or_entry_points():
@@ -49,10 +50,3 @@ def test_backends_never_import_the_cli_or_entry_points():
         bad = {m for m in imports_of(f) if m.startswith(("megarl.cli", "megarl.demo", "megarl.smoke"))}
         assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}"
 
-
-def test_vllm_is_imported_only_by_its_backend():
-    for f in sorted(PKG.rglob("*.py")):
-        if "backends/vllm" in f.as_posix():
-            continue
-        bad = {m for m in imports_of(f) if m.split(".")[0] == "vllm"}
-        assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}; only megarl/backends/vllm may"

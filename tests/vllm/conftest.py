@@ -3,7 +3,10 @@ than skip without it, so a suite can never pass vacuously; deselect them with ``
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,15 @@ REPO = Path(__file__).resolve().parents[2]
 def vllm_env() -> dict:
     return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "VLLM_LOGGING_LEVEL": "WARNING",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def run_worker(module: str, *args: str) -> dict:
+    """Run ``python -m module args`` (a vLLM worker) in its own process; the JSON of its ``RESULT`` line."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=vllm_env(), capture_output=True,
+                          text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 @pytest.fixture(autouse=True)

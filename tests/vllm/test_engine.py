@@ -5,24 +5,16 @@ process-wide state (thread count, seeds) that must not leak into other tests."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.vllm.conftest import REPO, vllm_env
+from tests.vllm.conftest import run_worker
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def result(vllm_model):
-    proc = subprocess.run([sys.executable, "-m", "tests.vllm.worker_engine", str(vllm_model)], cwd=REPO,
-                          env=vllm_env(), capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker("tests.vllm.worker_engine", str(vllm_model))
 
 
 def test_engine_names_and_logprobs_match_hf(result):

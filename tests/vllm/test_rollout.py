@@ -4,17 +4,14 @@ PP=2 and DP=2, which all log the TP=1 metrics; and a missed sync is caught."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 
 import pytest
 
 from megarl.metrics import read_metrics
 from tests.parallel.launch import torchrun
 from tests.train.test_trainer import TIMING, make_data
-from tests.vllm.conftest import REPO, vllm_env
+from tests.vllm.conftest import run_worker
 
 pytestmark = [pytest.mark.vllm, pytest.mark.dist]
 
@@ -66,12 +63,8 @@ def test_synced_engine_agrees_with_megatron_at_every_layout(tmp_path, vllm_model
 
 
 def test_a_missed_sync_is_caught(tmp_path, vllm_model, data_dir):
-    proc = subprocess.run([sys.executable, "-m", "tests.vllm.worker_sync", str(vllm_model), str(tmp_path / "run"),
-                           str(data_dir / "train.parquet")], cwd=REPO, env=vllm_env(), capture_output=True,
-                          text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = run_worker("tests.vllm.worker_sync", str(vllm_model), str(tmp_path / "run"),
+                     str(data_dir / "train.parquet"))
     assert out["first"]["sync/probe_diff_max"] < 1e-3
     assert out["missed_sync_error"] and "rollout.vllm_probe_tol" in out["missed_sync_error"]
     assert not out["stale_before_bump"] and out["stale_after_bump"]
