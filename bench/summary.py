@@ -42,16 +42,17 @@ def _train_step(d: dict) -> list[str]:
     rows = []
     for r in d["rows"]:
         if "skipped" in r or "error" in r:
-            rows.append([r["shape"], f"{r['params'] / 1e9:.2f}B", r.get("skipped") or "error: see JSON",
-                         "", "", "", "", ""])
+            rows.append([r["shape"], r.get("tp", 1), f"{r['params'] / 1e9:.2f}B",
+                         r.get("skipped") or "error: see JSON", *[""] * 7])
         else:
-            rows.append([r["shape"], f"{r['params'] / 1e9:.2f}B", r["dtype"], r["tokens_per_step"],
-                         r["tokens_per_s"], r["model_flops_per_s"], r["peak_matmul_gflops"],
+            rows.append([r["shape"], r.get("tp", 1), f"{r['params'] / 1e9:.2f}B", r["dtype"], r["tokens_per_step"],
+                         r["tokens_per_s"], r.get("vs_tp1"), r["model_flops_per_s"], r["peak_matmul_gflops"],
                          f"{100 * r['mfu']:.1f}%", r["peak_memory_gib"]])
-    return ["One GRPO update (forward, backward, AdamW) at TP=1, random weights. MFU = 6 x params x tokens/s over "
-            "this device's measured matmul rate (the physical-limit baseline).", ""] + _table(
-        ["shape", "params", "dtype", "tokens/step", "tokens/s", "model GFLOP/s", "matmul peak GFLOP/s", "MFU",
-         "peak GiB"], rows)
+    return ["One GRPO update (forward, backward, AdamW), random weights, at TP=1 and TP>1 (baseline: TP=1). "
+            "MFU = 6 x params x tokens/s over the measured matmul rate of the hardware the ranks use (the "
+            "physical-limit baseline). Peak memory is per rank.", ""] + _table(
+        ["shape", "TP", "params", "dtype", "tokens/step", "tokens/s", "vs TP=1", "model GFLOP/s",
+         "matmul peak GFLOP/s", "MFU", "peak GiB/rank"], rows)
 
 
 def _rl_step(d: dict) -> list[str]:

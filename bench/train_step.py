@@ -1,19 +1,21 @@
 """One policy-gradient training step (forward, backward, optimizer) of Qwen2.5-shaped Megatron models with random
 weights: tokens/s and model FLOPs utilisation against the device's measured matmul peak.
 
-    .venv/bin/python bench/train_step.py                          # CPU: the shapes that fit in host memory
+    .venv/bin/python bench/train_step.py                          # CPU: the shapes that fit, at TP=1 and TP=2
     python bench/train_step.py --rows 16 --prompt 512 --response 512       # a GPU: all three shapes
 
-Each shape runs in a fresh process: the model is built at TP=1 (fp32 on CPU, bf16 on CUDA), then --steps GRPO
+Each (shape, TP) runs in fresh processes (TP > 1: torchrun with TP ranks, one per GPU on CUDA, the host's cores
+split between them on CPU): the model is built (fp32 on CPU, bf16 on CUDA), then --steps GRPO
 updates (MegatronPolicy.train_step, the trainer's own update: vocab-parallel log-probs, loss, megatron-core
 DDP + AdamW) of --rows sequences of --prompt + --response tokens after one warm-up step. Reported:
 
     tokens_per_s   (prompt + response tokens) / seconds per step, median of the timed steps
     mfu            6 * params * tokens_per_s / peak; params excludes the embedding when it is not also the output
                    layer's input-independent matmul (attention's quadratic term is not counted: short sequences)
-    peak_flops     this device's measured matmul rate (fp32 4096^3 on CPU, bf16 8192^3 on CUDA): the baseline
-                   every MFU here is relative to, not a datasheet number
-    peak_memory    CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated
+    peak_flops     the measured matmul rate of the hardware the ranks use (fp32 4096^3 on CPU, bf16 8192^3 on
+                   CUDA; every rank at once, summed): the baseline every MFU is relative to, not a datasheet number
+    peak_memory    per rank, the largest: CPU peak RSS of the process; CUDA torch.cuda.max_memory_allocated
+    vs_tp1         tokens/s over the TP=1 row of the same shape (the TP=1 baseline)
 
 A shape whose weights + gradients + Adam state (16 bytes per parameter in fp32) would not fit the host memory is
 recorded as skipped with that estimate instead of being run.
@@ -68,10 +70,12 @@ def matmul_peak(device: str) -> float:
     return 2 * n ** 3 / best
 
 
-def one_shape(shape: str, args) -> dict:
+def one_shape(shape: str, args) -> dict | None:
+    """Measure one shape at --tp on this rank; the result on global rank 0, None on the others."""
     import resource
 
     import torch
+    import torch.distributed as dist
 
     from megarl.backends.megatron.model import build_model
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
@@ -84,7 +88,7 @@ def one_shape(shape: str, args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     arch = read_arch(hf_config(shape))
-    with distributed(), model_parallel(ParallelDims(1, 1)):
+    with distributed() as info, model_parallel(ParallelDims(args.tp, 1)):
         model = build_model(arch, dtype=dtype)
         optim = dict(name="adamw", lr=1e-6, min_lr=0.0, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0,
                      distributed=False, warmup_steps=0, schedule="constant")
@@ -111,21 +115,36 @@ def one_shape(shape: str, args) -> dict:
             if step:  # the first step warms up (allocations, kernel selection)
                 times.append(time.perf_counter() - t0)
         seconds = statistics.median(times)
-        peak = matmul_peak(device)
         memory = torch.cuda.max_memory_allocated() if device == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        del policy, model
+        dist.barrier()  # every rank measures at once: the rate of the hardware the TP ranks share
+        peak = matmul_peak(device)
+        # slowest rank's step time and the peak summed over ranks; gloo reduces CPU tensors, NCCL CUDA ones
+        stats = torch.tensor([seconds, peak, memory, memory], dtype=torch.float64,
+                             device="cuda" if info.backend == "nccl" else "cpu")
+        for i, op in enumerate([dist.ReduceOp.MAX, dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.SUM]):
+            part = stats[i:i + 1].clone()
+            dist.all_reduce(part, op=op)
+            stats[i] = part[0]
+        seconds, peak, memory, memory_total = stats.tolist()
+        if info.rank:
+            return None
     tokens = rows * (p + r)
     n = param_count(shape)
-    return {"shape": shape, "params": n, "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p,
+    return {"shape": shape, "tp": args.tp, "params": n, "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p,
             "response": r, "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "model_flops_per_s": round(6 * n * tokens / seconds / 1e9, 2),
             "peak_matmul_gflops": round(peak / 1e9, 1), "mfu": round(6 * n * tokens / seconds / peak, 4),
-            "peak_memory_gib": round(memory / 2 ** 30, 2), "threads": torch.get_num_threads()}
+            "peak_memory_gib": round(memory / 2 ** 30, 2), "total_memory_gib": round(memory_total / 2 ** 30, 2),
+            "threads_per_rank": torch.get_num_threads()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--tp", type=int, nargs="+", default=None,
+                    help="tensor-parallel sizes; default 1 and 2 on CPU, 1 and every power of 2 up to the GPUs")
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--response", type=int, default=64)
@@ -134,7 +153,10 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one_shape(args.one, args)), flush=True)
+        args.tp = args.tp[0] if args.tp else 1
+        result = one_shape(args.one, args)
+        if result is not None:
+            print("RESULT " + json.dumps(result), flush=True)
         return
     import psutil
     import torch
@@ -142,18 +164,32 @@ def main() -> None:
     from results_io import run_one, write_result
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    tps = args.tp or ([1, 2] if device == "cpu" else [t for t in (1, 2, 4, 8) if t <= gpus])
     rows = []
     for shape in args.shapes:
-        need = 16 * param_count(shape) + (4 << 30)  # fp32 weights, grads, two Adam moments + activations
-        if device == "cpu" and need > psutil.virtual_memory().total:
-            rows.append({"shape": shape, "params": param_count(shape), "skipped":
-                         f"needs ~{need / 2**30:.0f} GiB (16 bytes/param + 4 GiB) > "
-                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB host memory"})
-        else:
-            rows.append(run_one([sys.executable, __file__, "--one", shape, "--rows", str(args.rows), "--prompt",
-                                 str(args.prompt), "--response", str(args.response), "--steps", str(args.steps),
-                                 "--micro-batch-tokens", str(args.micro_batch_tokens)], {"shape": shape}))
-        print(json.dumps(rows[-1]), flush=True)
+        for tp in tps:
+            # fp32 weights, grads, two Adam moments, split over the TP ranks of one host, + activations per rank
+            need = 16 * param_count(shape) + (4 << 30) * tp
+            if device == "cpu" and need > psutil.virtual_memory().total:
+                rows.append({"shape": shape, "tp": tp, "params": param_count(shape), "skipped":
+                             f"needs ~{need / 2**30:.0f} GiB (16 bytes/param + 4 GiB per rank) > "
+                             f"{psutil.virtual_memory().total / 2**30:.0f} GiB host memory"})
+            elif device == "cuda" and tp > gpus:
+                rows.append({"shape": shape, "tp": tp, "params": param_count(shape),
+                             "skipped": f"TP={tp} needs {tp} GPUs; {gpus} here"})
+            else:
+                one = [__file__, "--one", shape, "--tp", str(tp), "--rows", str(args.rows), "--prompt",
+                       str(args.prompt), "--response", str(args.response), "--steps", str(args.steps),
+                       "--micro-batch-tokens", str(args.micro_batch_tokens)]
+                launch = [sys.executable] if tp == 1 else \
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp)]
+                rows.append(run_one(launch + one, {"shape": shape, "tp": tp}))
+            print(json.dumps(rows[-1]), flush=True)
+    for r in rows:
+        base = next((b for b in rows if b["shape"] == r["shape"] and b.get("tp") == 1 and "tokens_per_s" in b), None)
+        if base and "tokens_per_s" in r:
+            r["vs_tp1"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
     print(f"wrote {write_result('train_step', rows, sys.argv[1:])}")
 
 
