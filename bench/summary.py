@@ -19,10 +19,14 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def _kernels(d: dict) -> list[str]:
-    rows = [[r["path"], r["tokens"], r.get("dtype"), r.get("seconds"), r.get("speedup_vs_naive"),
-             r.get("peak_extra_mib"), r.get("memory_vs_naive")] for r in d["rows"] if "error" not in r]
-    return [f"V = {d.get('vocab')}, H = {d.get('hidden')}; forward+backward of log-prob + entropy.", ""] + _table(
-        ["path", "tokens", "dtype", "seconds", "speed-up vs naive", "peak extra MiB", "memory vs naive"], rows)
+    rows = [[r["path"], r["tokens"], r.get("dtype"), r.get("error") or r.get("seconds"), r.get("speedup_vs_naive"),
+             r.get("peak_extra_mib"), r.get("memory_vs_naive"), r.get("gb_per_s"), r.get("bandwidth_vs_peak")]
+            for r in d["rows"]]
+    peak = f" Physical limit: measured copy bandwidth {d['copy_gb_per_s']} GB/s." if d.get("copy_gb_per_s") else ""
+    return [f"V = {d.get('vocab')}, H = {d.get('hidden')}; forward+backward of log-prob + entropy. Baseline: naive "
+            f"torch from the same input (hidden states, or logits for the *_logits rows).{peak}", ""] + _table(
+        ["path", "tokens", "dtype", "seconds", "speed-up vs naive", "peak extra MiB", "memory vs naive", "GB/s",
+         "bandwidth vs peak"], rows)
 
 
 def _rollout(d: dict) -> list[str]:

@@ -22,6 +22,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def te_available() -> bool:
+    """True when Transformer Engine's PyTorch extension imports (never on CPU-only machines)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # an ImportError, or TE's own error when CUDA/NCCL libraries are absent
+        return False
+    return True
+
+
 def default_impl(from_hidden: bool) -> str:
     if from_hidden:
         return "fused_linear"

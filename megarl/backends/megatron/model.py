@@ -20,20 +20,12 @@ from megatron.core.transformer.module import Float16Module
 
 from megarl.backends.megatron.cpu_compat import enable_cpu_compat
 from megarl.convert.arch import ModelArch, check_parallel
+from megarl.kernels import te_available
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @functools.cache
-def te_available() -> bool:
-    """True when Transformer Engine's PyTorch extension imports (never on CPU-only machines)."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # an ImportError, or TE's own error when CUDA/NCCL libraries are absent
-        return False
-    return True
-
-
 def default_layer_spec_name() -> str:
     return "transformer_engine" if (te_available() and torch.cuda.is_available()) else "local"
 
