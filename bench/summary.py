@@ -45,18 +45,22 @@ def _rollout(d: dict) -> list[str]:
 def _train_step(d: dict) -> list[str]:
     rows = []
     for r in d["rows"]:
+        head = [r["shape"], r.get("impl", "torch"), r.get("tp", 1), f"{r['params'] / 1e9:.2f}B"]
         if "skipped" in r or "error" in r:
-            rows.append([r["shape"], r.get("tp", 1), f"{r['params'] / 1e9:.2f}B",
-                         r.get("skipped") or "error: see JSON", *[""] * 7])
+            rows.append(head + [r.get("skipped") or "error: see JSON", *[""] * 9])
         else:
-            rows.append([r["shape"], r.get("tp", 1), f"{r['params'] / 1e9:.2f}B", r["dtype"], r["tokens_per_step"],
-                         r["tokens_per_s"], r.get("vs_tp1"), r["model_flops_per_s"], r["peak_matmul_gflops"],
-                         f"{100 * r['mfu']:.1f}%", r["peak_memory_gib"]])
-    return ["One GRPO update (forward, backward, AdamW), random weights, at TP=1 and TP>1 (baseline: TP=1). "
-            "MFU = 6 x params x tokens/s over the measured matmul rate of the hardware the ranks use (the "
-            "physical-limit baseline). Peak memory is per rank.", ""] + _table(
-        ["shape", "TP", "params", "dtype", "tokens/step", "tokens/s", "vs TP=1", "model GFLOP/s",
-         "matmul peak GFLOP/s", "MFU", "peak GiB/rank"], rows)
+            rows.append(head + [r["dtype"], r["tokens_per_step"], r["tokens_per_s"], r.get("vs_tp1"),
+                                r.get("speed_vs_torch"), r["model_flops_per_s"], r["peak_matmul_gflops"],
+                                f"{100 * r['mfu']:.1f}%", r["peak_memory_gib"], r.get("memory_vs_torch")])
+    first = next((r for r in d["rows"] if "rows" in r), {})
+    return [f"One GRPO update (forward, backward, AdamW), random weights, {first.get('rows')} sequences of "
+            f"{first.get('prompt')} prompt + {first.get('response')} response tokens. Baselines: TP=1, and "
+            "kernels.impl=torch (fp32 logits for every position, then plain-torch log-softmax) beside the default "
+            "(auto: output layer fused into the log-prob kernel). MFU = 6 x params x tokens/s over the measured "
+            "matmul rate of the hardware the ranks use (the physical-limit baseline). Peak memory is per rank.",
+            ""] + _table(["shape", "kernels.impl", "TP", "params", "dtype", "tokens/step", "tokens/s", "vs TP=1",
+                          "vs torch", "model GFLOP/s", "matmul peak GFLOP/s", "MFU", "peak GiB/rank",
+                          "memory vs torch"], rows)
 
 
 def _rl_step(d: dict) -> list[str]:

@@ -4,7 +4,7 @@ weights: tokens/s and model FLOPs utilisation against the device's measured matm
     .venv/bin/python bench/train_step.py                          # CPU: the shapes that fit, at TP=1 and TP=2
     python bench/train_step.py --rows 16 --prompt 512 --response 512       # a GPU: all three shapes
 
-Each (shape, TP) runs in fresh processes (TP > 1: torchrun with TP ranks, one per GPU on CUDA, the host's cores
+Each (shape, kernels.impl, TP) runs in fresh processes (TP > 1: torchrun with TP ranks, one per GPU on CUDA, the host's cores
 split between them on CPU): the model is built (fp32 on CPU, bf16 on CUDA), then --steps GRPO
 updates (MegatronPolicy.train_step, the trainer's own update: vocab-parallel log-probs, loss, megatron-core
 DDP + AdamW) of --rows sequences of --prompt + --response tokens after one warm-up step. Reported:
@@ -15,7 +15,9 @@ DDP + AdamW) of --rows sequences of --prompt + --response tokens after one warm-
     peak_flops     the measured matmul rate of the hardware the ranks use (fp32 4096^3 on CPU, bf16 8192^3 on
                    CUDA; every rank at once, summed): the baseline every MFU is relative to, not a datasheet number
     peak_memory    per rank, the largest: CPU peak RSS of the process; CUDA torch.cuda.max_memory_allocated
-    vs_tp1         tokens/s over the TP=1 row of the same shape (the TP=1 baseline)
+    vs_tp1         tokens/s over the TP=1 row of the same shape and impl (the TP=1 baseline)
+    *_vs_torch     tokens/s and peak memory over the same layout with kernels.impl=torch (the naive baseline: the
+                   output layer's fp32 logits for every position, then the plain-torch log-softmax)
 
 A shape whose weights + gradients + Adam state (16 bytes per parameter in fp32) would not fit the host memory is
 recorded as skipped with that estimate instead of being run.
@@ -92,7 +94,7 @@ def one_shape(shape: str, args) -> dict | None:
         model = build_model(arch, dtype=dtype)
         optim = dict(name="adamw", lr=1e-6, min_lr=0.0, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0,
                      distributed=False, warmup_steps=0, schedule="constant")
-        policy = MegatronPolicy(model, arch, optim, args.steps + 1)
+        policy = MegatronPolicy(model, arch, optim, args.steps + 1, kernel_impl=args.impl)
         g = torch.Generator().manual_seed(0)
         rows, p, r = args.rows, args.prompt, args.response
         ro = Rollouts([torch.randint(0, VOCAB, (p,), generator=g).tolist() for _ in range(rows)],
@@ -132,7 +134,7 @@ def one_shape(shape: str, args) -> dict | None:
             return None
     tokens = rows * (p + r)
     n = param_count(shape)
-    return {"shape": shape, "tp": args.tp, "params": n, "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p,
+    return {"shape": shape, "tp": args.tp, "impl": args.impl, "params": n, "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p,
             "response": r, "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "model_flops_per_s": round(6 * n * tokens / seconds / 1e9, 2),
             "peak_matmul_gflops": round(peak / 1e9, 1), "mfu": round(6 * n * tokens / seconds / peak, 4),
@@ -147,13 +149,17 @@ def main() -> None:
                     help="tensor-parallel sizes; default 1 and 2 on CPU, 1 and every power of 2 up to the GPUs")
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--response", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--response", type=int, default=448)
+    ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--micro-batch-tokens", type=int, default=1024)
+    ap.add_argument("--impl", nargs="+", default=["auto", "torch"],
+                    choices=["auto", "fused_linear", "triton", "torch", "te"],
+                    help="kernels.impl of the policy: auto = the output layer fused into the log-prob kernel, from "
+                         "hidden states; torch = logits for every position, then the plain-torch kernel (baseline)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        args.tp = args.tp[0] if args.tp else 1
+        args.tp, args.impl = (args.tp[0] if args.tp else 1), args.impl[0]
         result = one_shape(args.one, args)
         if result is not None:
             print("RESULT " + json.dumps(result), flush=True)
@@ -167,29 +173,37 @@ def main() -> None:
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     tps = args.tp or ([1, 2] if device == "cpu" else [t for t in (1, 2, 4, 8) if t <= gpus])
     rows = []
-    for shape in args.shapes:
-        for tp in tps:
-            # fp32 weights, grads, two Adam moments, split over the TP ranks of one host, + activations per rank
-            need = 16 * param_count(shape) + (4 << 30) * tp
-            if device == "cpu" and need > psutil.virtual_memory().total:
-                rows.append({"shape": shape, "tp": tp, "params": param_count(shape), "skipped":
-                             f"needs ~{need / 2**30:.0f} GiB (16 bytes/param + 4 GiB per rank) > "
-                             f"{psutil.virtual_memory().total / 2**30:.0f} GiB host memory"})
-            elif device == "cuda" and tp > gpus:
-                rows.append({"shape": shape, "tp": tp, "params": param_count(shape),
-                             "skipped": f"TP={tp} needs {tp} GPUs; {gpus} here"})
-            else:
-                one = [__file__, "--one", shape, "--tp", str(tp), "--rows", str(args.rows), "--prompt",
-                       str(args.prompt), "--response", str(args.response), "--steps", str(args.steps),
-                       "--micro-batch-tokens", str(args.micro_batch_tokens)]
-                launch = [sys.executable] if tp == 1 else \
-                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp)]
-                rows.append(run_one(launch + one, {"shape": shape, "tp": tp}))
-            print(json.dumps(rows[-1]), flush=True)
+    for shape, impl, tp in [(s, i, t) for s in args.shapes for i in args.impl for t in tps]:
+        # fp32 weights, grads, two Adam moments, split over the TP ranks of one host, + activations per rank
+        need = 16 * param_count(shape) + (4 << 30) * tp
+        if device == "cpu" and need > psutil.virtual_memory().total:
+            rows.append({"shape": shape, "tp": tp, "impl": impl, "params": param_count(shape), "skipped":
+                         f"needs ~{need / 2**30:.0f} GiB (16 bytes/param + 4 GiB per rank) > "
+                         f"{psutil.virtual_memory().total / 2**30:.0f} GiB host memory"})
+        elif device == "cuda" and tp > gpus:
+            rows.append({"shape": shape, "tp": tp, "impl": impl, "params": param_count(shape),
+                         "skipped": f"TP={tp} needs {tp} GPUs; {gpus} here"})
+        else:
+            one = [__file__, "--one", shape, "--tp", str(tp), "--rows", str(args.rows), "--prompt",
+                   str(args.prompt), "--response", str(args.response), "--steps", str(args.steps),
+                   "--micro-batch-tokens", str(args.micro_batch_tokens), "--impl", impl]
+            launch = [sys.executable] if tp == 1 else \
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp)]
+            rows.append(run_one(launch + one, {"shape": shape, "tp": tp, "impl": impl}))
+        print(json.dumps(rows[-1]), flush=True)
+
+    def find(shape, tp, impl):
+        return next((b for b in rows if (b["shape"], b["tp"], b["impl"]) == (shape, tp, impl)
+                     and "tokens_per_s" in b), None)
+
     for r in rows:
-        base = next((b for b in rows if b["shape"] == r["shape"] and b.get("tp") == 1 and "tokens_per_s" in b), None)
-        if base and "tokens_per_s" in r:
+        if "tokens_per_s" not in r:
+            continue
+        if base := find(r["shape"], 1, r["impl"]):
             r["vs_tp1"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+        if (base := find(r["shape"], r["tp"], "torch")) and r["impl"] != "torch":
+            r["speed_vs_torch"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+            r["memory_vs_torch"] = round(r["peak_memory_gib"] / base["peak_memory_gib"], 3)
     print(f"wrote {write_result('train_step', rows, sys.argv[1:])}")
 
 

@@ -145,6 +145,14 @@ class RewardSection:
 
 
 @frozen
+class KernelsSection:
+    # log-prob/entropy of the policy, old and reference passes (megarl.kernels): "auto" = fused_linear, the output
+    # layer applied chunked to the response positions' hidden states, so [tokens, vocab] logits never exist;
+    # "triton" / "torch" / "te" take the output layer's logits ("te": log-probs only, no entropy)
+    impl: Literal["auto", "fused_linear", "triton", "torch", "te"] = "auto"
+
+
+@frozen
 class RunConfig:
     run: RunSection = dataclasses.field(default_factory=RunSection)
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -158,6 +166,7 @@ class RunConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
+    kernels: KernelsSection = dataclasses.field(default_factory=KernelsSection)
 
     def validate(self, world_size: int = 1) -> RunConfig:
         """Cross-section rules, checked before any model is built; raises ValueError naming the key and fix."""

@@ -189,14 +189,16 @@ def build(cfg: RunConfig) -> Components:
     optim = dict(name=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
                  grad_clip=o.grad_clip, distributed=o.distributed, warmup_steps=o.warmup_steps,
                  schedule=o.schedule)
-    policy = MegatronPolicy(model, arch, optim, cfg.train.steps * cfg.train.minibatches_per_step)
+    policy = MegatronPolicy(model, arch, optim, cfg.train.steps * cfg.train.minibatches_per_step,
+                            kernel_impl=cfg.kernels.impl)
     kind = reference_kind(cfg)
     check_reference(cfg, kind)
     reference = None
     if kind == "fixed":
         ref_model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False)
         load_weights_into(ref_model, arch, model_dir)
-        reference = MegatronReference(ref_model, arch, offload=torch.cuda.is_available())
+        reference = MegatronReference(ref_model, arch, offload=torch.cuda.is_available(),
+                                      kernel_impl=cfg.kernels.impl)
     generator = make_generator(cfg, policy, arch, model_dir)
     executor = reward_executor(cfg)
     files = train_files(cfg)

@@ -1,5 +1,7 @@
 """torchrun worker: build every tiny family as a Megatron model at the launched TP/PP layout, compare its logits
 and gradients with HF transformers (the independent reference), and save them for cross-layout comparison.
+Log-probs and gradients are checked along both of the policy's paths: logits -> kernel, and hidden states ->
+fused output layer (``hidden_states_out``, the default ``kernels.impl``), which never makes the logits.
 
     torchrun --nproc-per-node N tests/parallel/worker_parity.py --tp T --pp P --out DIR
 """
@@ -7,6 +9,7 @@ and gradients with HF transformers (the independent reference), and save them fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 import torch
@@ -24,7 +27,8 @@ def main() -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    from megarl.backends.megatron.forward import forward_backward, gather_logits, token_logprobs
+    from megarl.backends.megatron.forward import (forward_backward, gather_logits, hidden_states_out, output_weight,
+                                                  token_logprobs)
     from megarl.backends.megatron.model import build_model, transformer_config, unwrap
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
     from megarl.backends.megatron.weights import export_stage_hf, load_hf_weights
@@ -53,25 +57,46 @@ def main() -> None:
             logits = forward_backward(model, mb, lambda out, b: gather_logits(out, arch.vocab_size),
                                       forward_only=True)
             n_tok = targets.numel()
+            hf_lp = torch.log_softmax(hf_logits.detach(), -1).gather(-1, targets[..., None]).squeeze(-1)
 
-            def loss_post(out, b):
-                lp, _ = token_logprobs(out, b["targets"], arch.vocab_size)
-                return -lp.sum() / n_tok, {}
+            def logprobs(out, b, hidden, model=model):  # the two ways the policy gets log p(target)
+                weight = output_weight(model) if hidden else None
+                return token_logprobs(out, b["targets"], arch.vocab_size, weight=weight)[0]
+
+            with hidden_states_out(model):
+                lp_hidden = forward_backward(model, mb, lambda o, b: logprobs(o, b, True), forward_only=True)
+            lp_logits = forward_backward(model, mb, lambda o, b: logprobs(o, b, False), forward_only=True)
+            if lp_logits:
+                for lp in (lp_logits[0], lp_hidden[0]):
+                    assert (lp - hf_lp).abs().max() < 1e-5, f"{family}: log-probs differ from HF"
 
             # the trainer's path: Megatron DDP buffers, then finalize_model_grads (DP all-reduce, tied
             # embedding sync across PP stages, TP all-reduce of qk-norm weights)
             ddp = DistributedDataParallel(transformer_config(arch), DistributedDataParallelConfig(), model)
-            ddp.zero_grad_buffer()
-            forward_backward(ddp, mb, loss_post, forward_only=False)
-            finalize_model_grads([ddp])
-            for p in unwrap(model).parameters():
-                p.data = p.main_grad  # export grads through the same key map as weights
-            grads = dict(export_stage_hf(model, arch))
+            params = list(unwrap(model).parameters())
+            main_grads = {}
+            for hidden in (False, True):
+                ddp.zero_grad_buffer()
+                with hidden_states_out(ddp) if hidden else contextlib.nullcontext():
+                    forward_backward(ddp, mb, lambda o, b: (-logprobs(o, b, hidden).sum() / n_tok, {}),
+                                     forward_only=False)
+                finalize_model_grads([ddp])
+                main_grads[hidden] = [p.main_grad.detach().clone() for p in params]
+            exported = {}
+            for hidden, gs in main_grads.items():
+                for p, g in zip(params, gs):
+                    p.data = g  # export grads through the same key map as weights
+                exported[hidden] = dict(export_stage_hf(model, arch))
+            grads = exported[False]
             stage = ps.get_pipeline_model_parallel_rank()
             result = {"grads": grads, "logits": logits[0] if logits else None}
-            for name, g in grads.items():
-                torch.testing.assert_close(g, hf_grads[name], rtol=1e-4, atol=2e-6,
-                                           msg=lambda m: f"{family} {name}: {m}")
+            for hidden, gs in exported.items():
+                for name, g in gs.items():
+                    torch.testing.assert_close(g, hf_grads[name], rtol=1e-4, atol=2e-6,
+                                               msg=lambda m: f"{family} {name} (hidden={hidden}): {m}")
+                    if hidden:
+                        torch.testing.assert_close(g, grads[name], rtol=1e-5, atol=5e-7,
+                                                   msg=lambda m: f"{family} {name}: fused vs logits path: {m}")
             if logits:
                 diff = (logits[0] - hf_logits.detach()).abs().max().item()
                 assert diff < 1e-5, f"{family}: Megatron vs HF logits max|diff| {diff:.3g} >= 1e-5"

@@ -8,11 +8,14 @@ A post-processor turns the last stage's vocab-parallel logits of one micro-batch
 - data to collect (forward_only): any tensor, returned per micro-batch on the last pipeline stage.
 
 Logits are [b, s, V_padded / tp] with columns past the real vocabulary still present; ``token_logprobs`` and
-``gather_logits`` exclude them.
+``gather_logits`` exclude them. Inside ``hidden_states_out(model)`` the last stage returns its final hidden states
+[b, s, H] instead (the output layer is bypassed), for ``token_logprobs`` with ``impl="fused_linear"``, which applies
+the output layer itself, chunked, to the positions it needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,6 +23,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarl.backends.megatron.model import unwrap
 from megarl.kernels import token_logprobs_entropy
 
 PostProcess = Callable[[torch.Tensor, dict[str, Any]], Any]
@@ -76,15 +80,47 @@ def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return full[..., :vocab_size]
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float = 1.0,
-                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target), entropy) per position from vocab-parallel logits [b, s, V/tp], differentiable -> [b, s] each.
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The last stage's output-layer weight shard [V_padded / tp, H] (the tied embedding copy when tied)."""
+    gpt = unwrap(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
 
-    Goes through ``megarl.kernels`` (Triton on CUDA, the torch reference elsewhere) over the TP group; the padded
-    vocabulary columns are excluded there.
+
+@contextlib.contextmanager
+def hidden_states_out(model: torch.nn.Module):
+    """For the body, the model's last stage returns its final (normed) hidden states [b, s, H] where it returned
+    logits: its output layer passes its input through. Gradients reach the output weight through whoever applies
+    it (``token_logprobs(..., weight=output_weight(model))``); the TP all-reduce of the hidden states' gradient
+    that ColumnParallelLinear would do is done by the fused kernel."""
+    gpt = unwrap(model)
+    if not gpt.post_process:
+        yield
+        return
+    layer = gpt.output_layer
+    layer.forward = lambda hidden_states, weight=None, runtime_gather_output=None: (hidden_states, None)
+    try:
+        yield
+    finally:
+        del layer.forward  # back to the class's forward
+
+
+def token_logprobs(out: torch.Tensor, targets: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+                   impl: str = "auto", weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), entropy) per position, differentiable -> [b, s] each, from ``out`` = vocab-parallel logits
+    [b, s, V/tp], or with ``weight`` (the output weight shard [V/tp, H]) hidden states [b, s, H].
+
+    Goes through ``megarl.kernels`` over the TP group (hidden states: ``fused_linear``; logits: ``impl``, whose
+    auto is Triton on CUDA and the torch reference elsewhere); the padded vocabulary columns are excluded there.
     """
-    b, s, width = logits.shape
-    lp, ent = token_logprobs_entropy(logits=logits.reshape(b * s, width), targets=targets.reshape(-1),
-                                     temperature=temperature, vocab_size=vocab_size,
-                                     group=parallel_state.get_tensor_model_parallel_group(), impl=impl)
+    b, s, width = out.shape
+    group = parallel_state.get_tensor_model_parallel_group()
+    if weight is not None:
+        lp, ent = token_logprobs_entropy(hidden=out.reshape(b * s, width).to(weight.dtype), weight=weight,
+                                         targets=targets.reshape(-1), temperature=temperature,
+                                         vocab_size=vocab_size, group=group, impl=impl)
+    else:
+        lp, ent = token_logprobs_entropy(logits=out.reshape(b * s, width), targets=targets.reshape(-1),
+                                         temperature=temperature, vocab_size=vocab_size, group=group, impl=impl)
     return lp.view(b, s), ent.view(b, s)

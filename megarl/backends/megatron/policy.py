@@ -1,8 +1,11 @@
 """The actor and the reference model on Megatron: log-probs of rollouts, and the policy-gradient update.
 
 Both run every micro-batch through ``forward_backward`` (any TP/PP layout); per-token log-probs and entropies come
-from the vocab-parallel kernels of ``megarl.kernels`` applied to the logits at response positions only (the
-prompt's logits are never fed to the kernel). Results are broadcast from the last pipeline stage so that every rank
+from the vocab-parallel kernels of ``megarl.kernels`` at response positions only. With ``kernels.impl`` auto or
+fused_linear the model's last stage hands back hidden states and the kernel applies the output layer to the
+response positions in chunks, so no [tokens, vocab] logits tensor exists at any point (it is the largest
+activation of RL training: fp32 [b, s, V / tp] after Float16Module); with triton/torch/te the output layer's
+logits are computed for every position and the response positions' logits are fed to the kernel. Results are broadcast from the last pipeline stage so that every rank
 holds the same rollout tensors.
 
 The update of one mini-batch (``MegatronPolicy.train_step``):
@@ -17,6 +20,7 @@ so the result is independent of how the mini-batch is split over micro-batches a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -25,7 +29,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from megarl.backends.megatron.generator import broadcast_from_last_stage
-from megarl.backends.megatron.forward import forward_backward, token_logprobs
+from megarl.backends.megatron.forward import forward_backward, hidden_states_out, output_weight, token_logprobs
 from megarl.backends.megatron.model import transformer_config, unwrap
 from megarl.backends.megatron.optim import build_optimizer, is_schedulefree, set_eval_point
 from megarl.convert.arch import ModelArch
@@ -43,26 +47,41 @@ def _mb_inputs(mb: MicroBatch) -> dict:
     return {"input_ids": mb.input_ids.to(dev), "mb": mb}
 
 
-def response_logprobs(model: torch.nn.Module, arch: ModelArch, logits: torch.Tensor, mb: MicroBatch,
-                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, entropy) of the micro-batch's response tokens from its vocab-parallel logits -> [b, R] each."""
-    pos = mb.resp_positions.to(logits.device)
-    picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # [b, R, V/tp]
-    return token_logprobs(picked, mb.resp_tokens.to(logits.device), arch.vocab_size, temperature)
+def uses_hidden_states(impl: str) -> bool:
+    """Whether ``impl`` (kernels.impl) works from the hidden states (fused output layer) rather than logits."""
+    return impl in ("auto", "fused_linear")
+
+
+def response_logprobs(model: torch.nn.Module, arch: ModelArch, out: torch.Tensor, mb: MicroBatch,
+                      temperature: float, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, entropy) of the micro-batch's response tokens -> [b, R] each, from the last stage's output ``out``:
+    hidden states [b, s, H] when ``uses_hidden_states(impl)`` (run inside ``hidden_states_out``), else
+    vocab-parallel logits [b, s, V/tp]."""
+    pos = mb.resp_positions.to(out.device)
+    picked = out.gather(1, pos.unsqueeze(-1).expand(-1, -1, out.shape[-1]))  # [b, R, H or V/tp]
+    targets = mb.resp_tokens.to(out.device)
+    if uses_hidden_states(impl):
+        return token_logprobs(picked, targets, arch.vocab_size, temperature, "fused_linear", output_weight(model))
+    return token_logprobs(picked, targets, arch.vocab_size, temperature, impl)
+
+
+def _model_output(model: torch.nn.Module, impl: str):
+    return hidden_states_out(model) if uses_hidden_states(impl) else contextlib.nullcontext()
 
 
 @torch.no_grad()
 def rollout_logprobs(model: torch.nn.Module, arch: ModelArch, ro: Rollouts, token_budget: int,
-                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     temperature: float, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(log p, entropy) [B, R] float32 of every response of ``ro`` under ``model``, on every rank."""
     model.eval()
     if len(ro) == 0:  # dynamic sampling emptied this replica
         return torch.zeros(0, 1), torch.zeros(0, 1)
     mbs = make_micro_batches(ro, ro.groups(), token_budget)
-    out = forward_backward(model, [_mb_inputs(mb) for mb in mbs],
-                           lambda logits, d: torch.stack(response_logprobs(model, arch, logits, d["mb"],
-                                                                           temperature)).float(),
-                           forward_only=True)
+    with _model_output(model, impl):
+        out = forward_backward(model, [_mb_inputs(mb) for mb in mbs],
+                               lambda o, d: torch.stack(response_logprobs(model, arch, o, d["mb"], temperature,
+                                                                          impl)).float(),
+                               forward_only=True)
     shape = (2, len(ro), ro.max_response_len)
     full = None
     if out:
@@ -79,8 +98,9 @@ class MegatronReference:
     """A frozen copy of the initial policy (the KL reference of GRPO, TRPA, A*-PO). ``offload`` keeps it in host
     memory between uses on GPU machines."""
 
-    def __init__(self, model: torch.nn.Module, arch: ModelArch, offload: bool = False):
+    def __init__(self, model: torch.nn.Module, arch: ModelArch, offload: bool = False, kernel_impl: str = "auto"):
         self.model, self.arch, self.offload = model, arch, offload and torch.cuda.is_available()
+        self.kernel_impl = kernel_impl
         for p in model.parameters():
             p.requires_grad_(False)
         if self.offload:
@@ -90,7 +110,7 @@ class MegatronReference:
         if self.offload:
             self.model.to(_device())
         try:
-            return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature)[0]
+            return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature, self.kernel_impl)[0]
         finally:
             if self.offload:
                 self.model.cpu()
@@ -100,8 +120,9 @@ class MegatronReference:
 class MegatronPolicy:
     """The trained model: Megatron DDP around the GPTModel stage of this rank, its optimizer and scheduler."""
 
-    def __init__(self, model: torch.nn.Module, arch: ModelArch, optim: dict, total_optimizer_steps: int):
-        self.arch = arch
+    def __init__(self, model: torch.nn.Module, arch: ModelArch, optim: dict, total_optimizer_steps: int,
+                 kernel_impl: str = "auto"):
+        self.arch, self.kernel_impl = arch, kernel_impl
         self.model = DistributedDataParallel(transformer_config(arch, unwrap(model).config.params_dtype),
                                              DistributedDataParallelConfig(use_distributed_optimizer=optim["distributed"]),
                                              model)
@@ -121,7 +142,7 @@ class MegatronPolicy:
             self.version += 1
 
     def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature)
+        return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature, self.kernel_impl)
 
     def train_step(self, ro: Rollouts, groups: list[list[int]], loss_fn: Callable, token_budget: int,
                    temperature: float) -> dict[str, float]:
@@ -138,15 +159,16 @@ class MegatronPolicy:
         counts = all_reduce_sum({k: local.get(k, 0.0) for k in keys},
                                 parallel_state.get_data_parallel_group())
 
-        def post(logits, d):
+        def post(out, d):
             mb = d["mb"]
-            lp, ent = response_logprobs(self.model, self.arch, logits, mb, temperature)
+            lp, ent = response_logprobs(self.model, self.arch, out, mb, temperature, self.kernel_impl)
             loss, metrics = loss_fn(self._loss_input(ro, mb, lp, ent, counts))
             return loss, {"loss/total": float(loss.detach()), **{f"loss/{k}": v for k, v in metrics.items()}}
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        per_mb = forward_backward(self.model, [_mb_inputs(mb) for mb in mbs], post, forward_only=False)
+        with _model_output(self.model, self.kernel_impl):
+            per_mb = forward_backward(self.model, [_mb_inputs(mb) for mb in mbs], post, forward_only=False)
         finalize_model_grads([self.model])
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
