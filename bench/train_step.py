@@ -4,8 +4,8 @@ weights: tokens/s and model FLOPs utilisation against the device's measured matm
     .venv/bin/python bench/train_step.py                          # CPU: the shapes that fit, at TP=1 and TP=2
     python bench/train_step.py --rows 16 --prompt 512 --response 512       # a GPU: all three shapes
 
-Each (shape, kernels.impl, TP) runs in fresh processes (TP > 1: torchrun with TP ranks, one per GPU on CUDA, the host's cores
-split between them on CPU): the model is built (fp32 on CPU, bf16 on CUDA), then --steps GRPO
+Each (shape, kernels.impl, TP) runs in fresh processes (TP > 1: torchrun with TP ranks, one per GPU on CUDA, the
+host's cores split between them on CPU): the model is built (fp32 on CPU, bf16 on CUDA), then --steps GRPO
 updates (MegatronPolicy.train_step, the trainer's own update: vocab-parallel log-probs, loss, megatron-core
 DDP + AdamW) of --rows sequences of --prompt + --response tokens after one warm-up step. Reported:
 
@@ -134,8 +134,8 @@ def one_shape(shape: str, args) -> dict | None:
             return None
     tokens = rows * (p + r)
     n = param_count(shape)
-    return {"shape": shape, "tp": args.tp, "impl": args.impl, "params": n, "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p,
-            "response": r, "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
+    return {"shape": shape, "tp": args.tp, "impl": args.impl, "params": n, "dtype": str(dtype).replace("torch.", ""),
+            "rows": rows, "prompt": p, "response": r, "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "model_flops_per_s": round(6 * n * tokens / seconds / 1e9, 2),
             "peak_matmul_gflops": round(peak / 1e9, 1), "mfu": round(6 * n * tokens / seconds / peak, 4),
             "peak_memory_gib": round(memory / 2 ** 30, 2), "total_memory_gib": round(memory_total / 2 ** 30, 2),

@@ -5,8 +5,8 @@ from the vocab-parallel kernels of ``megarl.kernels`` at response positions only
 fused_linear the model's last stage hands back hidden states and the kernel applies the output layer to the
 response positions in chunks, so no [tokens, vocab] logits tensor exists at any point (it is the largest
 activation of RL training: fp32 [b, s, V / tp] after Float16Module); with triton/torch/te the output layer's
-logits are computed for every position and the response positions' logits are fed to the kernel. Results are broadcast from the last pipeline stage so that every rank
-holds the same rollout tensors.
+logits are computed for every position and the response positions' logits are fed to the kernel. Results are
+broadcast from the last pipeline stage so that every rank holds the same rollout tensors.
 
 The update of one mini-batch (``MegatronPolicy.train_step``):
 
