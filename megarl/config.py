@@ -148,7 +148,7 @@ class RewardSection:
 class KernelsSection:
     # log-prob/entropy of the policy, old and reference passes (megarl.kernels): "auto" = fused_linear, the output
     # layer applied chunked to the response positions' hidden states, so [tokens, vocab] logits never exist;
-    # "triton" / "torch" / "te" take the output layer's logits ("te": log-probs only, no entropy)
+    # "triton" / "torch" / "te" take the output layer's logits ("te": log-probs only; actor/entropy is NaN)
     impl: Literal["auto", "fused_linear", "triton", "torch", "te"] = "auto"
 
 
@@ -173,7 +173,11 @@ class RunConfig:
         from megarl.advantages import ADVANTAGES
         from megarl.losses import build_loss
 
-        build_loss(self.algo.loss, **self.algo.loss_hparams)  # unknown loss / hyperparameter -> named error
+        loss = build_loss(self.algo.loss, **self.algo.loss_hparams)  # unknown loss / hyperparameter -> named error
+        if self.kernels.impl == "te" and (self.algo.loss == "trw_entropy" or loss.hparams.get("entropy_coef")):
+            raise ValueError(f"kernels.impl='te' gives log-probs only, and algo.loss='{self.algo.loss}' reads the "
+                             "entropy (trw_entropy, or entropy_coef != 0); use kernels.impl=auto or triton, or set "
+                             "algo.loss_hparams={entropy_coef: 0}.")
         if self.algo.advantage not in ADVANTAGES:
             close = difflib.get_close_matches(self.algo.advantage, ADVANTAGES, n=1)
             raise ValueError(f"algo.advantage='{self.algo.advantage}' is unknown; known: {', '.join(ADVANTAGES)}."

@@ -100,6 +100,18 @@ def test_micro_batch_split_does_not_change_the_update(megatron_world, tmp_path, 
                                                "loss/pref_loss", "loss/logratio"))
 
 
+def test_fused_output_layer_path_equals_the_logits_path(megatron_world, tmp_path, data_dir):
+    """kernels.impl=auto (hidden states -> fused output layer, no logits) against the logits path through the plain
+    torch reference and through the Triton kernel: the same losses, gradient norms and entropies over three updates,
+    old and reference passes included (TRW-entropy reads the entropy, RPG the old policy)."""
+    for family, impls in (("trw_entropy", ("torch", "triton")), ("rpg", ("torch",))):
+        extra = ("train.steps=3", *FAMILIES[family])
+        fused = run(tmp_path / f"{family}_auto", data_dir, *extra)
+        for impl in impls:
+            same_metrics(fused, run(tmp_path / f"{family}_{impl}", data_dir, *extra, f"kernels.impl={impl}"),
+                         tol=2e-5)
+
+
 def test_stop_and_resume_equals_uninterrupted(megatron_world, tmp_path, data_dir):
     straight = run(tmp_path / "a", data_dir, "train.steps=4", "optim.name=schedulefree")
     run(tmp_path / "b", data_dir, "train.steps=2", "optim.name=schedulefree")

@@ -48,6 +48,11 @@ def test_cross_section_validation(tmp_path):
     with pytest.raises(ValueError, match=r"train.prompts_per_step \(6\) must be divisible by data-parallel size "
                                          r"\(4\) x train.minibatches_per_step \(1\) = 4"):
         load_config(None, ["train.prompts_per_step=6"], world_size=4)
+    with pytest.raises(ValueError, match=r"kernels.impl='te' gives log-probs only.*'astar_po' reads the entropy"):
+        load_config(None, ["kernels.impl=te", "algo.loss=astar_po", "rollout.group_size=1"], world_size=1)
+    load_config(None, ["kernels.impl=te"], world_size=1)  # GRPO: no entropy term by default
+    with pytest.raises(ValueError, match=r"kernels.impl='cuda' is not one of 'auto', 'fused_linear'"):
+        load_config(None, ["kernels.impl=cuda"], world_size=1)
     with pytest.raises(ValueError, match=r"Unknown loss 'dapo2'.*Did you mean 'dapo'"):
         load_config(None, ["algo.loss=dapo2"], world_size=1)
     with pytest.raises(TypeError, match=r"clip_hihg"):

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# megarl's GPU checks in one call, sized for a lent H100/H200 (about 10 minutes): install the carried wheels, run
+# the GPU tests, then the kernel and training-step benchmarks. Every step runs under its own time limit and the next
+# one starts whatever the last one did, so one call returns all that could be measured. Results land in
+# bench/results/<gpu name>/ and, with the log, in $OUT (the device tool's return folder) when set.
+#
+# Here, once:   bash bench/gpu/prepare.sh
+# There, with the device tool's run: carry [".whl", ".gpu"], command
+#               MEGARL_BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/run.sh
+# (the command is composed here, so the commit is this checkout's; the copy there has no .git.)
+# Then copy the returned JSON files into bench/results/<gpu name>/ (the log names it), run
+# `python bench/summary.py` and commit them.
+set -u -o pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/megarl-gpu}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+
+step() {  # step SECONDS NAME COMMAND...: run with a limit, report its status and time, carry on
+    local limit=$1 name=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@"
+    echo "=== $name: exit $? after $((SECONDS - t0))s"
+}
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
+export MEGARL_TINY_MODEL_DIR=$PWD/.gpu/tiny-qwen2 MEGARL_CACHE=/tmp/megarl-cache
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+python3 -c "import torch, triton, transformers, megatron.core as m; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__, '| megatron-core', \
+m.__version__)"
+python3 -m megarl.cli env
+
+step 240 "GPU tests" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA
+step 150 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384 65536
+step 240 "training-step benchmark" python3 bench/train_step.py --rows 8 --prompt 256 --response 1792 \
+    --micro-batch-tokens 8192 --impl auto torch
+
+DEV=$(cd bench && python3 -c "import results_io; print(results_io.device_dir())")
+cp bench/results/"$DEV"/*.json bench/results/"$DEV"/SUMMARY.md "$OUT"/ 2>/dev/null
+echo "results folder: bench/results/$DEV"
+ls -la "$OUT"
