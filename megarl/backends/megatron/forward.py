@@ -99,6 +99,9 @@ def hidden_states_out(model: torch.nn.Module):
         yield
         return
     layer = gpt.output_layer
+    if layer.sequence_parallel:  # its input would be sequence-sharded; the fused kernel takes whole sequences
+        raise NotImplementedError("the fused output layer (kernels.impl=auto/fused_linear) does not support "
+                                  "Megatron sequence parallelism; use kernels.impl=triton.")
     layer.forward = lambda hidden_states, weight=None, runtime_gather_output=None: (hidden_states, None)
     try:
         yield
