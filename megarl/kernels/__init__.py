@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -22,6 +23,7 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
 def te_available() -> bool:
     """True when Transformer Engine's PyTorch extension imports (never on CPU-only machines)."""
     try:

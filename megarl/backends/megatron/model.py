@@ -7,8 +7,6 @@ function; their parameter names differ only in the fused layer norms (see ``weig
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -25,7 +23,6 @@ from megarl.kernels import te_available
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@functools.cache
 def default_layer_spec_name() -> str:
     return "transformer_engine" if (te_available() and torch.cuda.is_available()) else "local"
 
