@@ -123,6 +123,8 @@ def test_resume_refuses_a_changed_algorithm(megatron_world, tmp_path, data_dir):
     run(tmp_path / "r", data_dir, "train.steps=1")
     with pytest.raises(ValueError, match=r"algo.loss: 'grpo' -> 'dapo'.*use a new run.dir"):
         run(tmp_path / "r", data_dir, "train.steps=2", "algo.loss=dapo")
+    # the kernel is not part of the experiment: a resumed run may switch it
+    assert [r["step"] for r in run(tmp_path / "r", data_dir, "train.steps=2", "kernels.impl=torch")] == [1, 2]
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(megatron_world, tmp_path, data_dir):
