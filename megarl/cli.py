@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="RL-train the bundled SmolLM2-135M-Instruct on arithmetic (the CPU demo)",
                           description="Train the bundled SmolLM2-135M-Instruct with GRPO (or --algo) on generated "
-                                      "arithmetic: about 15 minutes on 2 CPU cores. Writes runs/demo-ALGO with "
+                                      "arithmetic: 6-9 minutes on 2 CPU cores. Writes runs/demo-ALGO with "
                                       "metrics, checkpoints, an HF export and demo.png (reward, accuracy, response "
                                       "length per step). Re-running resumes; key=value overrides any config key.")
     from megarl.demo import ALGOS  # light: a dict of overrides

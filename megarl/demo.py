@@ -1,6 +1,6 @@
 """The CPU demo, the README's first command: RL on the bundled SmolLM2-135M-Instruct, on generated arithmetic.
 
-    megarl demo                          # GRPO; about 6 minutes on 2 CPU cores (10 without vLLM)
+    megarl demo                          # GRPO; 6-9 minutes on 2 CPU cores (10 without vLLM)
     megarl demo --algo dr_grpo           # any algorithm family of ALGOS
     megarl demo train.steps=10           # any config key (megarl/config.py)
 
