@@ -6,7 +6,8 @@ with device, commit, command and versions), then regenerate bench/results/<devic
     python bench/run.py --list
 
 On a GPU machine the same command measures the GPU paths (Triton kernels, bf16, CUDA vLLM when installed);
-what is absent there (TE, vLLM) is recorded in each JSON's versions and named in the summary.
+what is absent there (TE, vLLM) is recorded in each JSON's versions and named in the summary. For a lent GPU
+machine with nothing installed, bench/gpu/prepare.sh (here) and bench/gpu/run.sh (there) do it in one call.
 """
 
 from __future__ import annotations
