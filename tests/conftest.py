@@ -16,9 +16,10 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(autouse=True)
-def _gpu_tests_need_a_gpu(request):
-    if request.node.get_closest_marker("gpu") and not torch.cuda.is_available():
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A gpu test fails, with this message, before its skip conditions or fixtures are looked at."""
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
         pytest.fail("this test is marked gpu and CUDA is not available; run `pytest -m gpu` on a GPU machine")
 
 
