@@ -18,8 +18,15 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out + ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
 
 
+def _error_cell(r: dict) -> str:
+    """A failed row's table cell: out-of-memory said as such, anything else left to the JSON (a traceback would
+    break the table)."""
+    err = r["error"]
+    return "out of memory" if "out of memory" in err.lower() or "OutOfMemoryError" in err else "error: see JSON"
+
+
 def _kernels(d: dict) -> list[str]:
-    rows = [[r["path"], r["tokens"], r.get("dtype"), r.get("error") or r.get("seconds"), r.get("speedup_vs_naive"),
+    rows = [[r["path"], r["tokens"], r.get("dtype"), _error_cell(r) if "error" in r else r.get("seconds"), r.get("speedup_vs_naive"),
              r.get("peak_extra_mib"), r.get("memory_vs_naive"), r.get("gb_per_s"), r.get("bandwidth_vs_peak")]
             for r in d["rows"]]
     peak = f" Physical limit: measured copy bandwidth {d['copy_gb_per_s']} GB/s." if d.get("copy_gb_per_s") else ""
@@ -47,7 +54,7 @@ def _train_step(d: dict) -> list[str]:
     for r in d["rows"]:
         head = [r["shape"], r.get("impl", "torch"), r.get("tp", 1), f"{r['params'] / 1e9:.2f}B"]
         if "skipped" in r or "error" in r:
-            rows.append(head + [r.get("skipped") or "error: see JSON", *[""] * 9])
+            rows.append(head + [r.get("skipped") or _error_cell(r), *[""] * 9])
         else:
             rows.append(head + [r["dtype"], r["tokens_per_step"], r["tokens_per_s"], r.get("vs_tp1"),
                                 r.get("speed_vs_torch"), r["model_flops_per_s"], r["peak_matmul_gflops"],
