@@ -52,7 +52,8 @@ def _rollout(d: dict) -> list[str]:
 def _train_step(d: dict) -> list[str]:
     rows = []
     for r in d["rows"]:
-        head = [r["shape"], r.get("impl", "torch"), r.get("tp", 1), f"{r['params'] / 1e9:.2f}B"]
+        shape = r["shape"] + (" (recompute)" if r.get("recompute") == "full" else "")
+        head = [shape, r.get("impl", "torch"), r.get("tp", 1), f"{r['params'] / 1e9:.2f}B"]
         if "skipped" in r or "error" in r:
             rows.append(head + [r.get("skipped") or _error_cell(r), *[""] * 9])
         else:

@@ -91,7 +91,7 @@ def one_shape(shape: str, args) -> dict | None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     arch = read_arch(hf_config(shape))
     with distributed() as info, model_parallel(ParallelDims(args.tp, 1)):
-        model = build_model(arch, dtype=dtype)
+        model = build_model(arch, dtype=dtype, recompute=args.recompute)
         optim = dict(name="adamw", lr=1e-6, min_lr=0.0, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0,
                      distributed=False, warmup_steps=0, schedule="constant")
         policy = MegatronPolicy(model, arch, optim, args.steps + 1, kernel_impl=args.impl)
@@ -134,8 +134,8 @@ def one_shape(shape: str, args) -> dict | None:
             return None
     tokens = rows * (p + r)
     n = param_count(shape)
-    return {"shape": shape, "tp": args.tp, "impl": args.impl, "params": n, "dtype": str(dtype).replace("torch.", ""),
-            "rows": rows, "prompt": p, "response": r, "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
+    return {"shape": shape, "tp": args.tp, "impl": args.impl, "recompute": args.recompute, "params": n,
+            "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p, "response": r, "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "model_flops_per_s": round(6 * n * tokens / seconds / 1e9, 2),
             "peak_matmul_gflops": round(peak / 1e9, 1), "mfu": round(6 * n * tokens / seconds / peak, 4),
             "peak_memory_gib": round(memory / 2 ** 30, 2), "total_memory_gib": round(memory_total / 2 ** 30, 2),
@@ -156,6 +156,10 @@ def main() -> None:
                     choices=["auto", "fused_linear", "triton", "torch", "te"],
                     help="kernels.impl of the policy: auto = the output layer fused into the log-prob kernel, from "
                          "hidden states; torch = logits for every position, then the plain-torch kernel (baseline)")
+    ap.add_argument("--recompute-shapes", nargs="*", default=[], choices=list(SHAPES),
+                    help="shapes trained with model.recompute=full (activation recomputation: what lets 7B at long "
+                         "sequences fit one GPU; MFU still counts 6 x params x tokens)")
+    ap.add_argument("--recompute", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -186,7 +190,8 @@ def main() -> None:
         else:
             one = [__file__, "--one", shape, "--tp", str(tp), "--rows", str(args.rows), "--prompt",
                    str(args.prompt), "--response", str(args.response), "--steps", str(args.steps),
-                   "--micro-batch-tokens", str(args.micro_batch_tokens), "--impl", impl]
+                   "--micro-batch-tokens", str(args.micro_batch_tokens), "--impl", impl,
+                   "--recompute", "full" if shape in args.recompute_shapes else "none"]
             launch = [sys.executable] if tp == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp)]
             rows.append(run_one(launch + one, {"shape": shape, "tp": tp, "impl": impl}))

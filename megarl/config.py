@@ -34,6 +34,9 @@ class ModelSection:
     hf_dir: str | None = "bundled:smollm2"
     dtype: Literal["float32", "bfloat16"] = "float32"
     layer_spec: Literal["auto", "local", "transformer_engine"] = "auto"
+    # activation recomputation of the trained model: "full" recomputes each layer in backward (about one more
+    # forward; what lets long sequences of a 7B train on one GPU), "selective" only core attention
+    recompute: Literal["none", "selective", "full"] = "none"
 
 
 @frozen

@@ -122,7 +122,8 @@ def initial_model(cfg: RunConfig):
     model_dir = once_per_node_then_all(lambda: resolve_model_spec(cfg.model.hf_dir, cfg.run.dir, cfg.run.seed))
     arch = read_arch_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False)
+    model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False,
+                        recompute=cfg.model.recompute)
     load_weights_into(model, arch, model_dir)
     return Path(model_dir), arch, tokenizer, model
 

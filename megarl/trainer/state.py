@@ -21,9 +21,9 @@ from megarl.trainer import checkpointing
 from megarl.trainer.build import Components
 
 # keys that may change between the runs of one run.dir (how long, how often, how parallel, where to log, which
-# kernel computes the same log-probs)
-RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "eval.", "metrics.", "parallel.", "kernels.", "reward.num_workers",
-                     "reward.timeout_s", "data.val_files")
+# kernel computes the same log-probs, what is recomputed instead of stored)
+RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "eval.", "metrics.", "parallel.", "kernels.", "model.recompute",
+                     "reward.num_workers", "reward.timeout_s", "data.val_files")
 
 
 def check_compatible(cfg: RunConfig, saved: Path) -> None:
@@ -37,7 +37,7 @@ def check_compatible(cfg: RunConfig, saved: Path) -> None:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         raise ValueError(f"{saved}: run.dir holds a run with other settings ({diff}). Resuming would mix two "
                          f"experiments; use a new run.dir, or the same settings (only train.steps, checkpoint.*, "
-                         f"eval.*, metrics.*, parallel.*, kernels.*, reward workers may change).")
+                         f"eval.*, metrics.*, parallel.*, kernels.*, model.recompute, reward workers may change).")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -112,6 +112,15 @@ def test_fused_output_layer_path_equals_the_logits_path(megatron_world, tmp_path
                          tol=2e-5)
 
 
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_activation_recompute_changes_nothing_but_memory(megatron_world, tmp_path, data_dir, recompute):
+    """model.recompute re-runs layers (or core attention) in backward instead of storing their activations: the
+    same arithmetic, so the same metrics; the reference and generator passes (eval mode) are untouched."""
+    stored = run(tmp_path / "stored", data_dir, "train.steps=2")
+    same_metrics(stored, run(tmp_path / recompute, data_dir, "train.steps=2", f"model.recompute={recompute}"),
+                 tol=1e-6)
+
+
 def test_stop_and_resume_equals_uninterrupted(megatron_world, tmp_path, data_dir):
     straight = run(tmp_path / "a", data_dir, "train.steps=4", "optim.name=schedulefree")
     run(tmp_path / "b", data_dir, "train.steps=2", "optim.name=schedulefree")

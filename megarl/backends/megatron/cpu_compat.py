@@ -18,8 +18,10 @@ process and only when ``torch.cuda.is_available()`` is False, the five kinds of 
    caller sees the true type.
 5. **Seeding.** ``torch.cuda.manual_seed`` seeds the CPU generator, which plays the device generator.
 
-The mode is pushed on the calling thread (autograd runs CPU backward on that thread). Threads started later do
-not inherit it; megarl does Megatron work on the main thread only.
+The mode is pushed on the calling thread (autograd runs CPU backward on that thread). A mode is switched off
+while its own handler runs, and ``backward`` goes through the handler, so the backward of Megatron's activation
+checkpointing (which re-runs whole layers) pushes a mode of its own. Threads started later do not inherit it;
+megarl does Megatron work on the main thread only.
 """
 
 from __future__ import annotations
@@ -127,6 +129,21 @@ def _patch_rng() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
+def _patch_checkpointing() -> None:
+    """Megatron's activation checkpointing re-runs a layer's forward inside autograd's backward, where the mode
+    installed by ``enable_cpu_compat`` is switched off (module docstring): its backward pushes a mode of its own."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def with_mode(backward):
+        def run(ctx, *grads):
+            with _CudaToCpuMode():
+                return backward(ctx, *grads)
+        return run
+
+    for fn in (mrandom.CheckpointFunction, mrandom.CheckpointWithoutOutputFunction):
+        fn.backward = staticmethod(with_mode(fn.backward))
+
+
 def enable_cpu_compat() -> bool:
     """Install the redirections if CUDA is absent. Idempotent. Returns True when they are active."""
     global _mode
@@ -139,6 +156,7 @@ def enable_cpu_compat() -> bool:
     # not torch.manual_seed: it calls torch.cuda.manual_seed_all itself
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     _patch_rng()
+    _patch_checkpointing()
     _mode = _CudaToCpuMode()
     _mode.__enter__()
     return True

@@ -27,9 +27,22 @@ def default_layer_spec_name() -> str:
     return "transformer_engine" if (te_available() and torch.cuda.is_available()) else "local"
 
 
-def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32,
-                       init_weights: bool = True) -> TransformerConfig:
-    """The TransformerConfig equal in function to the HF model, for the parallel layout now initialised."""
+RECOMPUTE = {  # model.recompute -> megatron-core's activation recomputation settings (training mode only)
+    "none": {},
+    "selective": dict(recompute_granularity="selective"),  # core attention's activations
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),  # every layer
+}
+
+
+def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init_weights: bool = True,
+                       recompute: str = "none") -> TransformerConfig:
+    """The TransformerConfig equal in function to the HF model, for the parallel layout now initialised.
+
+    ``recompute`` trades compute for activation memory in training: "full" keeps only each layer's input and
+    recomputes the layer in backward (about one more forward), "selective" recomputes core attention only.
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"model.recompute='{recompute}' is unknown; use one of {', '.join(RECOMPUTE)}.")
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
@@ -43,7 +56,7 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32,
         # fusions need apex/TE kernels; they are pure speed, never semantics
         use_cpu_initialization=not on_gpu, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        apply_rope_fusion=False, calculate_per_token_loss=True,
+        apply_rope_fusion=False, calculate_per_token_loss=True, **RECOMPUTE[recompute],
         # init_weights=False keeps megatron-core's init path (it is where the TP attributes tensor_model_parallel /
         # partition_dim / partition_stride are set; with perform_initialization=False sharded weights have none,
         # the optimizer then counts only TP rank 0's shards in the grad norm) with init functions that do nothing
@@ -57,11 +70,12 @@ def _leave_uninitialised(weight: torch.Tensor) -> None:
 
 
 def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_spec: str | None = None,
-                seq_length: int | None = None, init_weights: bool = True) -> torch.nn.Module:
+                seq_length: int | None = None, init_weights: bool = True, recompute: str = "none") -> torch.nn.Module:
     """The GPTModel stage of this rank (wrapped in Float16Module for bf16/fp16). parallel_state must be set up.
 
     Weights are randomly initialised, or left uninitialised with ``init_weights=False`` (conversion, loading:
     skips minutes of random init on large models). Load real ones with ``weights.load_hf_weights``.
+    ``recompute``: activation recomputation in training (see ``transformer_config``).
     """
     enable_cpu_compat()
     check_parallel(arch, parallel_state.get_tensor_model_parallel_world_size(),
@@ -76,7 +90,7 @@ def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_sp
         spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     else:
         raise ValueError(f"model.layer_spec='{spec_name}' is unknown; use 'local' or 'transformer_engine'.")
-    config = transformer_config(arch, dtype, init_weights)
+    config = transformer_config(arch, dtype, init_weights, recompute)
     model = GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size,
         max_sequence_length=seq_length or arch.max_position_embeddings,
