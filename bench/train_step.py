@@ -83,7 +83,7 @@ def one_shape(shape: str, args) -> dict | None:
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
     from megarl.backends.megatron.policy import MegatronPolicy
     from megarl.convert.arch import read_arch
-    from megarl.distributed import distributed
+    from megarl.distributed import all_reduce_sum, distributed
     from megarl.losses import build_loss
     from megarl.rollout.batch import Rollouts
 
@@ -122,20 +122,17 @@ def one_shape(shape: str, args) -> dict | None:
         del policy, model
         dist.barrier()  # every rank measures at once: the rate of the hardware the TP ranks share
         peak = matmul_peak(device)
-        # slowest rank's step time and the peak summed over ranks; gloo reduces CPU tensors, NCCL CUDA ones
-        stats = torch.tensor([seconds, peak, memory, memory], dtype=torch.float64,
-                             device="cuda" if info.backend == "nccl" else "cpu")
-        for i, op in enumerate([dist.ReduceOp.MAX, dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.SUM]):
-            part = stats[i:i + 1].clone()
-            dist.all_reduce(part, op=op)
-            stats[i] = part[0]
-        seconds, peak, memory, memory_total = stats.tolist()
+        # the slowest rank's step time and largest memory; the matmul peak and memory summed over the ranks
+        worst = all_reduce_sum({"seconds": seconds, "memory": memory}, op=dist.ReduceOp.MAX)
+        total = all_reduce_sum({"peak": peak, "memory": memory})
+        seconds, memory, peak, memory_total = worst["seconds"], worst["memory"], total["peak"], total["memory"]
         if info.rank:
             return None
     tokens = rows * (p + r)
     n = param_count(shape)
     return {"shape": shape, "tp": args.tp, "impl": args.impl, "recompute": args.recompute, "params": n,
-            "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p, "response": r, "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
+            "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p, "response": r,
+            "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "model_flops_per_s": round(6 * n * tokens / seconds / 1e9, 2),
             "peak_matmul_gflops": round(peak / 1e9, 1), "mfu": round(6 * n * tokens / seconds / peak, 4),
             "peak_memory_gib": round(memory / 2 ** 30, 2), "total_memory_gib": round(memory_total / 2 ** 30, 2),

@@ -145,7 +145,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("impl", ["auto", "triton"])
 def test_megarl_train_in_bf16_on_cuda(tmp_path, tiny_model_dir, impl):
     cmd = [sys.executable, "-m", "megarl.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
-           f"run.dir={tmp_path}", f"model.hf_dir={tiny_model_dir}", "train.steps=3", "model.dtype=bfloat16", "rollout.backend=native",
+           f"run.dir={tmp_path}", f"model.hf_dir={tiny_model_dir}", "train.steps=3", "model.dtype=bfloat16",
+           "rollout.backend=native",
            "metrics.progress=false", f"kernels.impl={impl}",
            # rewards that differ within every group, so every step has a gradient (a random model scores the
            # same on every sample under the K&K rule reward)
