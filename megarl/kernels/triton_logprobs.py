@@ -16,6 +16,9 @@ On machines without CUDA the same kernels run through Triton's interpreter (``TR
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.distributed as dist
 import triton
@@ -74,10 +77,24 @@ def _bwd_kernel(logits_ptr, grad_ptr, stride, targets_ptr, lse_ptr, ez_ptr, g_lp
         tl.store(grad_ptr + row * stride + cols, dz.to(grad_ptr.dtype.element_ty), mask=in_shard)
 
 
+@functools.cache
+def _check_interpreter() -> None:
+    """Triton <= 3.6's interpreter cannot run a loop over a runtime bound on numpy >= 2.4 (triton-lang/triton#9171)."""
+    tv = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    nv = tuple(int(x) for x in np.__version__.split(".")[:2])
+    if tv < (3, 7) and nv >= (2, 4):
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter (how its kernels run without CUDA) fails on "
+                           f"numpy {np.__version__} (triton-lang/triton#9171); pip install 'triton>=3.7' or "
+                           f"'numpy<2.4', or choose kernels.impl=auto.")
+
+
 def _launch(kernel, grid, *args, **meta):
-    if not torch.cuda.is_available() and type(kernel).__name__ != "InterpretedFunction":
+    interpreted = type(kernel).__name__ == "InterpretedFunction"
+    if not torch.cuda.is_available() and not interpreted:
         raise RuntimeError("Triton kernels need CUDA or Triton's interpreter, and Triton was imported before "
                            "TRITON_INTERPRET=1 was set; import megarl first or export TRITON_INTERPRET=1.")
+    if interpreted:
+        _check_interpreter()
     kernel[grid](*args, **meta)
 
 

@@ -91,3 +91,22 @@ def test_bad_calls_name_the_fix(data):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="Transformer Engine does not import"):
             token_logprobs_entropy(logits=data["logits"], targets=data["targets"], impl="te")
+
+
+def test_a_broken_triton_interpreter_is_named_before_it_runs(data, monkeypatch):
+    """triton <= 3.6 + numpy >= 2.4 (triton-lang/triton#9171) would fail deep inside the interpreter's loop."""
+    if torch.cuda.is_available():
+        pytest.skip("compiled Triton on CUDA: the interpreter is not used")
+    import numpy as np
+    import triton
+
+    from megarl.kernels import triton_logprobs
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.5.2")
+    triton_logprobs._check_interpreter.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"triton>=3.7.*numpy<2.4.*kernels.impl=auto"):
+            token_logprobs_entropy(logits=data["logits"], targets=data["targets"], vocab_size=V_REAL, impl="triton")
+    finally:
+        triton_logprobs._check_interpreter.cache_clear()
