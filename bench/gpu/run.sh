@@ -4,7 +4,7 @@
 # one starts whatever the last one did, so one call returns all that could be measured. Results land in
 # bench/results/<gpu name>/ and, with the log, in $OUT (the device tool's return folder) when set.
 #
-# Here, once:   bash bench/gpu/prepare.sh
+# Here, once:   bash bench/gpu/prepare.sh      (then bash bench/gpu/rehearse.sh: the same software on this CPU)
 # There, with the device tool's run: carry [".whl", ".gpu"], command
 #               MEGARL_BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/run.sh
 # (the command is composed here, so the commit is this checkout's; the copy there has no .git.)
@@ -24,8 +24,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, report its status an
     echo "=== $name: exit $? after $((SECONDS - t0))s"
 }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
+bash bench/gpu/install_wheels.sh /tmp/site || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 export MEGARL_TINY_MODEL_DIR=$PWD/.gpu/tiny-qwen2 MEGARL_CACHE=/tmp/megarl-cache
 
