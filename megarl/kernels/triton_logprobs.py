@@ -34,6 +34,7 @@ def _fwd_kernel(logits_ptr, stride, targets_ptr, m_ptr, s_ptr, w_ptr, t_ptr, V_r
                 BLOCK: tl.constexpr):
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride  # int64: T x V passes 2^31 elements at T > 14,134 (V = 151,936)
     m = tl.full((), NEG, tl.float32)
     s = tl.zeros((), tl.float32)
     w = tl.zeros((), tl.float32)
@@ -41,7 +42,7 @@ def _fwd_kernel(logits_ptr, stride, targets_ptr, m_ptr, s_ptr, w_ptr, t_ptr, V_r
     for start in range(0, V_r, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         valid = (cols < V_r) & (v0 + cols < vocab_size)
-        z = tl.load(logits_ptr + row * stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        z = tl.load(row_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
         z = tl.where(valid, z, NEG)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         scale = tl.exp(m - m_new)
@@ -61,6 +62,7 @@ def _bwd_kernel(logits_ptr, grad_ptr, stride, targets_ptr, lse_ptr, ez_ptr, g_lp
                 vocab_size, inv_temp, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row)
+    offset = row.to(tl.int64) * stride  # see _fwd_kernel
     lse = tl.load(lse_ptr + row)
     ez = tl.load(ez_ptr + row)
     g_lp = tl.load(g_lp_ptr + row)
@@ -69,12 +71,12 @@ def _bwd_kernel(logits_ptr, grad_ptr, stride, targets_ptr, lse_ptr, ez_ptr, g_lp
         cols = start + tl.arange(0, BLOCK)
         in_shard = cols < V_r
         valid = in_shard & (v0 + cols < vocab_size)
-        z = tl.load(logits_ptr + row * stride + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
+        z = tl.load(logits_ptr + offset + cols, mask=valid, other=0.0).to(tl.float32) * inv_temp
         p = tl.where(valid, tl.exp(z - lse), 0.0)
         onehot = tl.where(valid & (v0 + cols == target), 1.0, 0.0)
         dz = (g_lp * (onehot - p) - g_ent * p * (z - ez)) * inv_temp
         dz = tl.where(valid, dz, 0.0)
-        tl.store(grad_ptr + row * stride + cols, dz.to(grad_ptr.dtype.element_ty), mask=in_shard)
+        tl.store(grad_ptr + offset + cols, dz.to(grad_ptr.dtype.element_ty), mask=in_shard)
 
 
 @functools.cache

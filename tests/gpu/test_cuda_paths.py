@@ -1,7 +1,8 @@
 """The CUDA code paths against the same independent references as the CPU suite (``pytest -m gpu`` on a GPU
 machine; without CUDA these fail rather than skip, see tests/conftest.py):
 
-- the Triton logits kernel at Qwen2.5's real (padded) vocabulary, bf16 and fp32, temperature != 1, against float64;
+- the Triton logits kernel at Qwen2.5's real (padded) vocabulary, bf16 and fp32, temperature != 1, against float64,
+  and past 2^31 logits (T = 16,384), where 32-bit offsets would wrap;
 - the fused output layer (the policy's default path) in bf16 against float64 on the same rounded inputs;
 - Transformer Engine's cross entropy against float64, when TE imports;
 - a Megatron model on CUDA against HF transformers on CUDA, along both log-prob paths of the policy;
@@ -64,6 +65,25 @@ def test_triton_kernel_at_the_real_vocabulary(batch, dtype, temperature):
     # atol: entries of size p ~ 1e-8 carry fp32 cancellation error ~1e-9 in (z - E_p[z]); the large ones are ~1
     torch.testing.assert_close(x.grad.double(), ref.grad, rtol=rtol, atol=1e-7)
     assert torch.count_nonzero(x.grad[:, V_REAL:]) == 0  # padded columns get no gradient
+
+
+def test_triton_kernel_past_2_pow_31_logits():
+    """T = 16,384 rows of V = 151,936: T x V passes 2^31 elements at row 14,135, where an int32 `row * stride` wraps.
+    Rows are independent, so the last 64 (all past it) are checked against float64 on those rows alone."""
+    big_t, tail = 16_384, 64
+    assert big_t * V_PAD > 2**31 > (big_t - tail) * V_PAD
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = (torch.randn(big_t, V_PAD, device="cuda", generator=g, dtype=torch.bfloat16) * 3).requires_grad_(True)
+    targets = torch.randint(0, V_REAL, (big_t,), device="cuda", generator=g)
+    a = torch.randn(big_t, device="cuda", generator=g)
+    lp, ent = token_logprobs_entropy(logits=x, targets=targets, vocab_size=V_REAL, impl="triton")
+    (a * lp + 0.1 * ent).sum().backward()
+    ref = x.detach()[-tail:].double().requires_grad_(True)
+    lp_o, ent_o = oracle(ref, targets[-tail:], 1.0)
+    (a[-tail:].double() * lp_o + 0.1 * ent_o).sum().backward()
+    torch.testing.assert_close(lp[-tail:].double(), lp_o.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ent[-tail:].double(), ent_o.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad[-tail:].double(), ref.grad, rtol=1e-2, atol=1e-7)
 
 
 def test_fused_output_layer_in_bf16(batch):

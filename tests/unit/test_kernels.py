@@ -110,3 +110,49 @@ def test_a_broken_triton_interpreter_is_named_before_it_runs(data, monkeypatch):
             token_logprobs_entropy(logits=data["logits"], targets=data["targets"], vocab_size=V_REAL, impl="triton")
     finally:
         triton_logprobs._check_interpreter.cache_clear()
+
+
+def beyond_int32_offsets() -> None:
+    """Both Triton kernels on a [3, 16] logits view whose row stride is 2^30 elements, so row 2 starts at element
+    2^31: an int32 `row * stride` wraps there (as it does for real at T > 14,134 tokens of V = 151,936). The view
+    lives in sparse files, so only the touched pages take memory. Run in a subprocess: a wrapped offset segfaults."""
+    import os
+    import tempfile
+
+    from megarl.kernels import triton_logprobs as k
+
+    stride, T, V = 2**30, 3, 16
+    with tempfile.TemporaryDirectory() as d:
+        def strided(name):
+            path, n = os.path.join(d, name), (T - 1) * stride + V
+            with open(path, "wb") as f:
+                f.truncate(n * 4)
+            return torch.from_file(path, shared=True, size=n, dtype=torch.float32).as_strided((T, V), (stride, 1))
+
+        x, grad = strided("logits"), strided("grad")
+        x.copy_(torch.randn(T, V, generator=torch.Generator().manual_seed(0)) * 3)
+        targets = torch.tensor([1, 5, 9])
+        parts = torch.empty(4, T)
+        k._fwd_kernel[(T,)](x, stride, targets, *parts, V, 0, V, 1.0, BLOCK=16)
+        lse, ez = parts[0] + parts[1].log(), parts[2] / parts[1]
+        ref = x.double().clone().requires_grad_(True)
+        lp, ent = oracle(ref, targets, 1.0)  # V = 16 < V_REAL: the whole row
+        torch.testing.assert_close(parts[3] - lse, lp.float().detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse - ez, ent.float().detach(), rtol=1e-5, atol=1e-5)
+        g_lp, g_ent = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.3, 0.1, -1.0])
+        k._bwd_kernel[(T,)](x, grad, stride, targets, lse, ez, g_lp, g_ent, V, 0, V, 1.0, BLOCK=16)
+        (g_lp.double() * lp + g_ent.double() * ent).sum().backward()
+        torch.testing.assert_close(grad.clone(), ref.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_kernels_address_rows_beyond_2_pow_31_elements():
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors need Triton's interpreter; on CUDA tests/gpu runs T = 16,384 at V = 151,936")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", "from tests.unit.test_kernels import beyond_int32_offsets as f; f()"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode} (a wrapped offset segfaults or reads other memory):\n{r.stderr[-3000:]}"
