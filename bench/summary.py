@@ -26,8 +26,9 @@ def _error_cell(r: dict) -> str:
 
 
 def _kernels(d: dict) -> list[str]:
-    rows = [[r["path"], r["tokens"], r.get("dtype"), _error_cell(r) if "error" in r else r.get("seconds"),
-             r.get("speedup_vs_naive"), r.get("peak_extra_mib"), r.get("memory_vs_naive"), r.get("gb_per_s"), r.get("bandwidth_vs_peak")]
+    rows = [[r["path"], r["tokens"], r.get("dtype"), _error_cell(r) if "error" in r else f"{r['seconds']:.4g}",
+             r.get("speedup_vs_naive"), r.get("peak_extra_mib"), r.get("memory_vs_naive"), r.get("gb_per_s"),
+             r.get("bandwidth_vs_peak")]
             for r in d["rows"]]
     peak = f" Physical limit: measured copy bandwidth {d['copy_gb_per_s']} GB/s." if d.get("copy_gb_per_s") else ""
     return [f"V = {d.get('vocab')}, H = {d.get('hidden')}; forward+backward of log-prob + entropy. Baseline: naive "
