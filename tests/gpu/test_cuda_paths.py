@@ -6,7 +6,8 @@ machine; without CUDA these fail rather than skip, see tests/conftest.py):
 - the fused output layer (the policy's default path) in bf16 against float64 on the same rounded inputs;
 - Transformer Engine's cross entropy against float64, when TE imports;
 - a Megatron model on CUDA against HF transformers on CUDA, along both log-prob paths of the policy;
-- ``megarl train`` in bf16 on CUDA with each kernels.impl: finite losses, trainer/generator log-probs agree.
+- ``megarl train`` in bf16 on CUDA with each kernels.impl (one with the KL reference offloaded between passes):
+  finite losses, trainer/generator log-probs agree.
 """
 
 from __future__ import annotations
@@ -162,12 +163,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("impl", ["auto", "triton"])
-def test_megarl_train_in_bf16_on_cuda(tmp_path, tiny_model_dir, impl):
+# the triton run also has a KL reference, which on CUDA lives in host memory between its passes (offload)
+@pytest.mark.parametrize("impl,extra", [("auto", []), ("triton", ["algo.loss_hparams={kl_coef: 0.01}"])],
+                         ids=["auto", "triton-kl"])
+def test_megarl_train_in_bf16_on_cuda(tmp_path, tiny_model_dir, impl, extra):
     cmd = [sys.executable, "-m", "megarl.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
            f"run.dir={tmp_path}", f"model.hf_dir={tiny_model_dir}", "train.steps=3", "model.dtype=bfloat16",
            "rollout.backend=native",
-           "metrics.progress=false", f"kernels.impl={impl}",
+           "metrics.progress=false", f"kernels.impl={impl}", *extra,
            # rewards that differ within every group, so every step has a gradient (a random model scores the
            # same on every sample under the K&K rule reward)
            "reward.custom_fn=tests.train.rewards:text_hash_reward"]
@@ -180,3 +183,6 @@ def test_megarl_train_in_bf16_on_cuda(tmp_path, tiny_model_dir, impl):
         assert r["optim/grad_norm"] > 0
         # the native generator's sampler log-probs vs the trainer's recomputation, both bf16 on CUDA
         assert r["rollout/logprob_diff_max"] < 0.25, r["rollout/logprob_diff_max"]
+    if extra:  # step 1: policy == reference, so the KL is ~0 (bf16 noise); afterwards the reference was used
+        kl = [r["loss/kl"] for r in rows]  # CPU, fp32, the same run: 0.0, 2.0e-4, 6.2e-4
+        assert abs(kl[0]) < 1e-2 and kl[-1] > 0, kl
