@@ -36,7 +36,8 @@ python3 -m megarl.cli env
 
 step 240 "GPU tests" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA
 step 150 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384 65536
-# 7B: weights, grads and Adam state take ~122 GB of the 141 GB, so its activations are recomputed
+# 7B: bf16 weights, fp32 gradients, fp32 main weights and Adam state (18 bytes/param) take ~137 GB of the
+# H200's 151 GB (H100: 80 GB, so "out of memory" there), so its activations are recomputed
 step 240 "training-step benchmark" python3 bench/train_step.py --rows 8 --prompt 256 --response 1792 \
     --micro-batch-tokens 8192 --impl auto torch --recompute-shapes qwen2.5-7b
 

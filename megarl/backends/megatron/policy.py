@@ -117,14 +117,23 @@ class MegatronReference:
                 torch.cuda.empty_cache()
 
 
+def ddp_config(params_dtype: torch.dtype, distributed_optimizer: bool) -> DistributedDataParallelConfig:
+    """Megatron DDP settings of the trained model. bf16 weights accumulate their gradients over micro-batches (and
+    all-reduce them) in an fp32 buffer, Megatron-LM's own rule for bf16 ("bfloat16 requires gradient accumulation
+    and all-reduce to be done in fp32", megatron/training/arguments.py), which megatron-core's config leaves off by
+    default. It also spares the optimizer its per-step fp32 copy of bf16 gradients: 18 bytes/param instead of 20."""
+    return DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer,
+                                         grad_reduce_in_fp32=params_dtype == torch.bfloat16)
+
+
 class MegatronPolicy:
     """The trained model: Megatron DDP around the GPTModel stage of this rank, its optimizer and scheduler."""
 
     def __init__(self, model: torch.nn.Module, arch: ModelArch, optim: dict, total_optimizer_steps: int,
                  kernel_impl: str = "auto"):
         self.arch, self.kernel_impl = arch, kernel_impl
-        self.model = DistributedDataParallel(transformer_config(arch, unwrap(model).config.params_dtype),
-                                             DistributedDataParallelConfig(use_distributed_optimizer=optim["distributed"]),
+        dtype = unwrap(model).config.params_dtype
+        self.model = DistributedDataParallel(transformer_config(arch, dtype), ddp_config(dtype, optim["distributed"]),
                                              model)
         self.optimizer, self.scheduler = build_optimizer(
             [self.model], bf16=unwrap(model).config.bf16, total_steps=total_optimizer_steps, **optim)
