@@ -13,7 +13,11 @@ On a given logits tensor [T, V] (the kernel alone; its bandwidth is reported):
     triton_logits  the Triton kernel: reads the logits twice (forward, backward) and writes their gradient once, so
                    it moves at least 3 x T x V x bytes-per-element; GB/s = that / seconds
     te_logits      Transformer Engine's parallel cross entropy (log-probs only), when TE imports
-The triton paths run on CUDA only (the CPU interpreter is not a benchmark).
+    triton_logits@BxW  the same kernel launched with B-column vocabulary tiles and W warps per program (--triton-launch;
+                   on CUDA by default 4096x16, 16384x16 and 32768x32 beside the default 4096 x Triton's 4): which
+                   launch comes nearest the bandwidth limit is measured, not guessed
+The triton paths run on CUDA only (the CPU interpreter is not a benchmark). On CUDA a path that fails (out of
+memory, a launch that does not compile) is recorded with its error and the others still run.
 Loss: sum(logp) + 0.1 * sum(entropy), so both outputs and their gradients are exercised.
 
 Timing: on CUDA one warm-up (Triton compiles, the allocator settles), then the median of --reps timed runs; on
@@ -39,6 +43,16 @@ V, H = 151_936, 3584
 FROM_HIDDEN = ("naive", "fused_linear", "triton")
 FROM_LOGITS = ("naive_logits", "triton_logits", "te_logits")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+CUDA_LAUNCHES = ("4096x16", "16384x16", "32768x32")
+
+
+def launch_of(path: str) -> tuple[str, dict]:
+    """'triton_logits@16384x16' -> ('triton_logits', {'block': 16384, 'num_warps': 16}); other paths unchanged."""
+    base, _, launch = path.partition("@")
+    if not launch:
+        return base, {}
+    block, warps = (int(v) for v in launch.split("x"))
+    return base, {"block": block, "num_warps": warps}
 
 
 def _sync(device: str) -> None:
@@ -72,11 +86,14 @@ def one_run(path: str, tokens: int, dtype_name: str, device: str, reps: int, voc
 
     from megarl.kernels import token_logprobs_entropy
     from megarl.kernels.reference import logprob_entropy_reference
+    from megarl.kernels.triton_logprobs import logprob_entropy_triton
 
     dtype = getattr(torch, DTYPES[dtype_name])
     torch.manual_seed(0)
     targets = torch.randint(0, vocab, (tokens,), device=device)
-    if path in FROM_LOGITS:
+    base_path, launch = launch_of(path)
+    from_logits = base_path in FROM_LOGITS
+    if from_logits:
         logits = (torch.randn(tokens, vocab, device=device) * 2).to(dtype).requires_grad_(True)
     else:
         hidden = (torch.randn(tokens, hidden_size, device=device) * 0.5).to(dtype).requires_grad_(True)
@@ -91,6 +108,8 @@ def one_run(path: str, tokens: int, dtype_name: str, device: str, reps: int, voc
             lp, ent = token_logprobs_entropy(logits=hidden @ weight.t(), targets=targets, impl="triton")
         elif path == "naive_logits":
             lp, ent = logprob_entropy_reference(logits, targets)
+        elif launch:
+            lp, ent = logprob_entropy_triton(logits, targets, **launch)
         else:
             lp, ent = token_logprobs_entropy(logits=logits, targets=targets, impl=path.removesuffix("_logits"))
         loss = lp.sum() + (0.1 * ent.sum() if path != "te_logits" else 0.0)  # TE has no entropy output
@@ -100,7 +119,7 @@ def one_run(path: str, tokens: int, dtype_name: str, device: str, reps: int, voc
     cuda = device == "cuda"
     if cuda:
         run()  # warm-up: compiles Triton kernels, sizes the allocator's pools
-        for t in ([logits] if path in FROM_LOGITS else [hidden, weight]):
+        for t in ([logits] if from_logits else [hidden, weight]):
             t.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -117,14 +136,14 @@ def one_run(path: str, tokens: int, dtype_name: str, device: str, reps: int, voc
         _sync(device)
         times.append(time.perf_counter() - t0)
         logp_sum = float(logp_sum)
-        for t in ([logits] if path in FROM_LOGITS else [hidden, weight]):
+        for t in ([logits] if from_logits else [hidden, weight]):
             t.grad = None
     seconds = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() if cuda else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     row = {"path": path, "tokens": tokens, "dtype": dtype_name, "seconds": round(seconds, 5),
            "peak_extra_mib": round(peak / 2**20, 1), "logp_sum": logp_sum}
-    if path in FROM_LOGITS:
+    if from_logits:
         moved = 3 * tokens * vocab * torch.finfo(dtype).bits // 8
         row["gb_per_s"] = round(moved / seconds / 1e9, 1)
     return row
@@ -135,7 +154,7 @@ def _compare(rows: list[dict], peak_copy: float | None) -> None:
     for r in rows:
         if "error" in r:
             continue
-        base_path = "naive_logits" if r["path"] in FROM_LOGITS else "naive"
+        base_path = "naive_logits" if launch_of(r["path"])[0] in FROM_LOGITS else "naive"
         base = next((b for b in rows if b["tokens"] == r["tokens"] and b["path"] == base_path and "error" not in b),
                     None)
         if base:
@@ -152,6 +171,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--paths", nargs="+", default=None, choices=FROM_HIDDEN + FROM_LOGITS)
     ap.add_argument("--reps", type=int, default=3, help="timed runs per path on CUDA (median)")
+    ap.add_argument("--triton-launch", nargs="*", default=None, metavar="BLOCKxWARPS",
+                    help=f"extra launches of the Triton kernel on given logits; default on CUDA {' '.join(CUDA_LAUNCHES)}")
     ap.add_argument("--vocab", type=int, default=V, help=argparse.SUPPRESS)  # small shapes: checking the bench
     ap.add_argument("--hidden", type=int, default=H, help=argparse.SUPPRESS)
     ap.add_argument("--one", nargs=3, metavar=("PATH", "TOKENS", "DTYPE"), help=argparse.SUPPRESS)
@@ -170,6 +191,13 @@ def main() -> None:
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     paths = args.paths or (list(FROM_HIDDEN + FROM_LOGITS[:2]) + (["te_logits"] if te_available() else [])
                            if device == "cuda" else ["naive", "fused_linear"])
+    launches = args.triton_launch if args.triton_launch is not None else (CUDA_LAUNCHES if device == "cuda" else ())
+    for launch in launches:  # a malformed one fails here, before anything runs
+        try:
+            launch_of("triton_logits@" + launch)
+        except ValueError:
+            ap.error(f"--triton-launch {launch!r}: expected BLOCKxWARPS, e.g. 16384x16")
+    paths = paths + [f"triton_logits@{launch}" for launch in launches]
     rows = []
     for tokens in args.tokens:
         for path in paths:
@@ -179,12 +207,16 @@ def main() -> None:
                     rows.append(one_run(path, tokens, dtype, device, args.reps, args.vocab, args.hidden))
                 except torch.cuda.OutOfMemoryError:
                     rows.append({**label, "error": "out of memory"})
+                except Exception as e:  # one path's failure (e.g. a launch that does not compile) ends only its row
+                    rows.append({**label, "error": f"{type(e).__name__}: {e}"[:2000]})
                 torch.cuda.empty_cache()
             else:
                 rows.append(run_one([sys.executable, __file__, "--one", path, str(tokens), dtype, "--vocab",
                                      str(args.vocab), "--hidden", str(args.hidden)], label))
             print(json.dumps(rows[-1]), flush=True)
-    peak_copy = copy_bandwidth(device) if any(p in FROM_LOGITS for p in paths) else None
+            _compare(rows, None)
+            write_result("logprob_kernels", rows, sys.argv[1:], complete=False, vocab=args.vocab, hidden=args.hidden)
+    peak_copy = copy_bandwidth(device) if any(launch_of(p)[0] in FROM_LOGITS for p in paths) else None
     _compare(rows, peak_copy)
     extra = {"vocab": args.vocab, "hidden": args.hidden}
     if peak_copy:

@@ -67,15 +67,23 @@ def run_one(cmd: list[str], label: dict) -> dict:
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode == 0 and lines:
         return json.loads(lines[-1][len("RESULT "):])
-    return {**label, "error": (r.stdout + r.stderr).strip()[-800:]}
+    why = f"killed by signal {-r.returncode}" if r.returncode < 0 else f"exit code {r.returncode}"
+    if r.returncode == -9:
+        why += " (SIGKILL: most likely the out-of-memory killer)"
+    return {**label, "error": f"{why}; output ends: " + (r.stdout + r.stderr).strip()[-800:]}
 
 
-def write_result(name: str, rows: list[dict], argv: list[str], **extra) -> Path:
+def write_result(name: str, rows: list[dict], argv: list[str], complete: bool = True, **extra) -> Path:
+    """Write bench/results/<device>/<name>.json (atomically: a killed bench leaves the previous file whole) and
+    regenerate SUMMARY.md. Benches call it after every row with ``complete=False``, so a run stopped by a time
+    limit (a lent GPU's) keeps the rows it measured, marked incomplete, and once more at the end."""
     out = {"bench": name, **environment(), "commit": commit_of_checkout(),
-           "command": f"python bench/{name}.py " + " ".join(argv), **extra, "rows": rows}
+           "command": f"python bench/{name}.py " + " ".join(argv), **extra, "complete": complete, "rows": rows}
     dest = REPO / "bench" / "results" / device_dir() / f"{name}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    os.replace(tmp, dest)
     sys.path.insert(0, str(Path(__file__).parent))
     from summary import write_summary
 

@@ -22,7 +22,9 @@ def _error_cell(r: dict) -> str:
     """A failed row's table cell: out-of-memory said as such, anything else left to the JSON (a traceback would
     break the table)."""
     err = r["error"]
-    return "out of memory" if "out of memory" in err.lower() or "OutOfMemoryError" in err else "error: see JSON"
+    if "out of memory" in err.lower() or "OutOfMemoryError" in err:
+        return "out of memory"
+    return "killed (SIGKILL, likely out of memory)" if err.startswith("killed by signal 9") else "error: see JSON"
 
 
 def _kernels(d: dict) -> list[str]:
@@ -54,7 +56,7 @@ def _train_step(d: dict) -> list[str]:
     rows = []
     for r in d["rows"]:
         shape = r["shape"] + (" (recompute)" if r.get("recompute") == "full" else "")
-        head = [shape, r.get("impl", "torch"), r.get("tp", 1), f"{r['params'] / 1e9:.2f}B"]
+        head = [shape, r.get("impl", "torch"), r.get("tp", 1), f"{r['params'] / 1e9:.2f}B" if "params" in r else ""]
         if "skipped" in r or "error" in r:
             rows.append(head + [r.get("skipped") or _error_cell(r), *[""] * 9])
         else:
@@ -104,9 +106,14 @@ def write_summary(folder: str | Path) -> Path:
         lines += [f"## {d.get('bench', path.stem)} (`{path.name}`)", "",
                   f"Device: {d.get('device')}; commit {d.get('commit')}; command `{d.get('command')}`"
                   + (f"; absent here: {', '.join(absent)}" if absent else "") + ".", ""]
+        if d.get("complete") is False:
+            lines += [f"**Incomplete**: the run stopped before its last row; {len(d.get('rows', []))} rows recorded.",
+                      ""]
         lines += FORMATS.get(d.get("bench"), lambda d: ["(no formatter; see the JSON)"])(d) + [""]
     out = folder / "SUMMARY.md"
-    out.write_text("\n".join(lines))
+    tmp = out.with_name("SUMMARY.md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
     return out
 
 

@@ -193,7 +193,13 @@ def main() -> None:
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp)]
             rows.append(run_one(launch + one, {"shape": shape, "tp": tp, "impl": impl}))
         print(json.dumps(rows[-1]), flush=True)
+        _compare(rows)
+        write_result("train_step", rows, sys.argv[1:], complete=False)
+    print(f"wrote {write_result('train_step', rows, sys.argv[1:])}")
 
+
+def _compare(rows: list[dict]) -> None:
+    """vs_tp1, speed_vs_torch and memory_vs_torch of each measured row, against the rows measured so far."""
     def find(shape, tp, impl):
         return next((b for b in rows if (b["shape"], b["tp"], b["impl"]) == (shape, tp, impl)
                      and "tokens_per_s" in b), None)
@@ -206,7 +212,6 @@ def main() -> None:
         if (base := find(r["shape"], r["tp"], "torch")) and r["impl"] != "torch":
             r["speed_vs_torch"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
             r["memory_vs_torch"] = round(r["peak_memory_gib"] / base["peak_memory_gib"], 3)
-    print(f"wrote {write_result('train_step', rows, sys.argv[1:])}")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ OUT=${OUT:-/tmp/megarl-gpu}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 
-step() {  # step SECONDS NAME COMMAND...: run with a limit, report its status and time, carry on
+step() {  # step SECONDS NAME COMMAND...: run with a limit, report its status and time, save results, carry on
     local limit=$1 name=$2; shift 2
     local t0=$SECONDS
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@"
     echo "=== $name: exit $? after $((SECONDS - t0))s"
+    # the benches write their JSON after every row: whatever was measured is in $OUT even if the call is cut short
+    cp bench/results/"$DEV"/*.json bench/results/"$DEV"/SUMMARY.md "$OUT"/ 2>/dev/null || true
 }
 
 bash bench/gpu/install_wheels.sh /tmp/site || { echo "wheel install failed"; exit 1; }
@@ -33,15 +35,19 @@ python3 -c "import torch, triton, transformers, megatron.core as m; print('torch
 torch.version.cuda, '| triton', triton.__version__, '| transformers', transformers.__version__, '| megatron-core', \
 m.__version__)"
 python3 -m megarl.cli env
+DEV=$(cd bench && python3 -c "import results_io; print(results_io.device_dir())")
+# and every 15 s, in case the device call's own limit (600 s) ends this script inside a step
+( while sleep 15; do cp bench/results/"$DEV"/*.json bench/results/"$DEV"/SUMMARY.md "$OUT"/ 2>/dev/null; done ) &
+SYNC=$!
 
+# the limits add up to 540 s, so with the install and imports the script ends inside a 600 s call
 step 240 "GPU tests" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA
-step 150 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384 65536
+step 120 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384 65536
 # 7B: bf16 weights, fp32 gradients, fp32 main weights and Adam state (18 bytes/param) take ~137 GB of the
 # H200's 151 GB (H100: 80 GB, so "out of memory" there), so its activations are recomputed
-step 240 "training-step benchmark" python3 bench/train_step.py --rows 8 --prompt 256 --response 1792 \
+step 180 "training-step benchmark" python3 bench/train_step.py --rows 8 --prompt 256 --response 1792 \
     --micro-batch-tokens 8192 --impl auto torch --recompute-shapes qwen2.5-7b
 
-DEV=$(cd bench && python3 -c "import results_io; print(results_io.device_dir())")
-cp bench/results/"$DEV"/*.json bench/results/"$DEV"/SUMMARY.md "$OUT"/ 2>/dev/null
+kill $SYNC 2>/dev/null
 echo "results folder: bench/results/$DEV"
 ls -la "$OUT"

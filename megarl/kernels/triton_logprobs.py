@@ -100,19 +100,25 @@ def _launch(kernel, grid, *args, **meta):
     kernel[grid](*args, **meta)
 
 
-def _block(width: int) -> int:
-    return min(4096, triton.next_power_of_2(max(width, 16)))
+def _meta(width: int, block: int | None, num_warps: int | None) -> dict:
+    """Launch parameters: the vocabulary tile (at most 4096 columns unless given) and Triton's warps per program
+    (its default, 4, unless given; bench/logprob_kernels.py measures other choices on CUDA)."""
+    meta = {"BLOCK": block or min(4096, triton.next_power_of_2(max(width, 16)))}
+    if num_warps:
+        meta["num_warps"] = num_warps
+    return meta
 
 
 class TritonLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, vocab_size, group):
+    def forward(ctx, logits, targets, temperature, vocab_size, group, block, num_warps):
         logits = logits.contiguous()
         T, V_r = logits.shape
         v0 = tp_rank(group) * V_r
+        meta = _meta(V_r, block, num_warps)
         parts = torch.empty(4, T, dtype=torch.float32, device=logits.device)  # m, S, W, z_target
         _launch(_fwd_kernel, (T,), logits, logits.stride(0), targets, parts[0], parts[1], parts[2], parts[3], V_r, v0,
-                vocab_size, 1.0 / temperature, BLOCK=_block(V_r))
+                vocab_size, 1.0 / temperature, **meta)
         m, s, w, t = parts
         if tp_size(group) > 1:
             big_m = m.clone()
@@ -124,24 +130,29 @@ class TritonLogprobEntropy(torch.autograd.Function):
         lse = m + torch.log(s)
         ez = w / s
         ctx.save_for_backward(logits, targets, lse, ez)
-        ctx.cfg = (temperature, vocab_size, v0)
+        ctx.cfg = (temperature, vocab_size, v0, meta)
         return t - lse, lse - ez
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         logits, targets, lse, ez = ctx.saved_tensors
-        temperature, vocab_size, v0 = ctx.cfg
+        temperature, vocab_size, v0, meta = ctx.cfg
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
         grad = torch.empty_like(logits)
         T, V_r = logits.shape
         _launch(_bwd_kernel, (T,), logits, grad, logits.stride(0), targets, lse, ez, g_lp, g_ent, V_r, v0, vocab_size,
-                1.0 / temperature, BLOCK=_block(V_r))
-        return grad, None, None, None, None
+                1.0 / temperature, **meta)
+        return grad, None, None, None, None, None, None
 
 
 def logprob_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                           vocab_size: int | None = None, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits shard [T, V_r] (bf16/fp16/fp32), targets [T] -> (logp [T], entropy [T]) fp32."""
+                           vocab_size: int | None = None, group=None, block: int | None = None,
+                           num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits shard [T, V_r] (bf16/fp16/fp32), targets [T] -> (logp [T], entropy [T]) fp32. ``block`` (a power of
+    two) and ``num_warps`` override the launch parameters (see ``_meta``)."""
+    if block is not None and (block < 16 or block & (block - 1)):
+        raise ValueError(f"block={block}: the vocabulary tile must be a power of two >= 16")
     vocab = vocab_size if vocab_size is not None else logits.shape[-1] * tp_size(group)
-    return TritonLogprobEntropy.apply(logits, targets.contiguous(), float(temperature), vocab, group)
+    return TritonLogprobEntropy.apply(logits, targets.contiguous(), float(temperature), vocab, group, block,
+                                      num_warps)

@@ -53,6 +53,25 @@ def test_logits_paths_match_the_float64_oracle(data, impl, dtype, tol, temperatu
     assert torch.count_nonzero(x.grad[:, V_REAL:]) == 0  # padded columns get no gradient
 
 
+@pytest.mark.parametrize("block", [16, 128])
+def test_triton_online_softmax_across_vocabulary_tiles(data, block):
+    """The default tile holds all 384 columns here; 16- and 128-column tiles make the kernels rescale their running
+    sums tile by tile (as at V = 151,936, where the tile is 4,096); with 16, the last five tiles hold padding only."""
+    from megarl.kernels.triton_logprobs import logprob_entropy_triton
+
+    x = data["logits"].float().requires_grad_(True)
+    ref_in = x.detach().double().requires_grad_(True)
+    lp_o, ent_o = oracle(ref_in, data["targets"], 0.6)
+    weighted(lp_o, ent_o, data["a"], data["b"]).backward()
+    lp, ent = logprob_entropy_triton(x, data["targets"], 0.6, V_REAL, block=block, num_warps=8)
+    weighted(lp.double(), ent.double(), data["a"], data["b"]).backward()
+    torch.testing.assert_close(lp.double(), lp_o.detach(), rtol=2e-5, atol=2e-4)
+    torch.testing.assert_close(ent.double(), ent_o.detach(), rtol=2e-5, atol=2e-4)
+    torch.testing.assert_close(x.grad.double(), ref_in.grad, rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="power of two"):
+        logprob_entropy_triton(x, data["targets"], block=100)
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 11, 64])
 @pytest.mark.parametrize("temperature", [1.0, 1.3])
 def test_fused_linear_matches_the_oracle_without_logits(data, chunk, temperature):
