@@ -198,7 +198,7 @@ def main() -> None:
         except ValueError:
             ap.error(f"--triton-launch {launch!r}: expected BLOCKxWARPS, e.g. 16384x16")
     paths = paths + [f"triton_logits@{launch}" for launch in launches]
-    rows = []
+    rows, extra = [], {"vocab": args.vocab, "hidden": args.hidden}
     for tokens in args.tokens:
         for path in paths:
             label = {"path": path, "tokens": tokens, "dtype": dtype}
@@ -215,10 +215,9 @@ def main() -> None:
                                      str(args.vocab), "--hidden", str(args.hidden)], label))
             print(json.dumps(rows[-1]), flush=True)
             _compare(rows, None)
-            write_result("logprob_kernels", rows, sys.argv[1:], complete=False, vocab=args.vocab, hidden=args.hidden)
+            write_result("logprob_kernels", rows, sys.argv[1:], complete=False, **extra)
     peak_copy = copy_bandwidth(device) if any(launch_of(p)[0] in FROM_LOGITS for p in paths) else None
     _compare(rows, peak_copy)
-    extra = {"vocab": args.vocab, "hidden": args.hidden}
     if peak_copy:
         extra["copy_gb_per_s"] = round(peak_copy / 1e9, 1)
     print(f"wrote {write_result('logprob_kernels', rows, sys.argv[1:], **extra)}")

@@ -81,11 +81,9 @@ def write_result(name: str, rows: list[dict], argv: list[str], complete: bool = 
            "command": f"python bench/{name}.py " + " ".join(argv), **extra, "complete": complete, "rows": rows}
     dest = REPO / "bench" / "results" / device_dir() / f"{name}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, dest)
     sys.path.insert(0, str(Path(__file__).parent))
-    from summary import write_summary
+    from summary import write_summary, write_text_atomic
 
+    write_text_atomic(dest, json.dumps(out, indent=2) + "\n")
     write_summary(dest.parent)
     return dest

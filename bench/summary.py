@@ -18,13 +18,21 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out + ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a bench killed mid-write leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _error_cell(r: dict) -> str:
     """A failed row's table cell: out-of-memory said as such, anything else left to the JSON (a traceback would
     break the table)."""
     err = r["error"]
     if "out of memory" in err.lower() or "OutOfMemoryError" in err:
         return "out of memory"
-    return "killed (SIGKILL, likely out of memory)" if err.startswith("killed by signal 9") else "error: see JSON"
+    killed = err.startswith("killed by signal 9") or "Signal 9 (SIGKILL)" in err  # the latter: a torchrun rank
+    return "killed (SIGKILL, likely out of memory)" if killed else "error: see JSON"
 
 
 def _kernels(d: dict) -> list[str]:
@@ -111,9 +119,7 @@ def write_summary(folder: str | Path) -> Path:
                       ""]
         lines += FORMATS.get(d.get("bench"), lambda d: ["(no formatter; see the JSON)"])(d) + [""]
     out = folder / "SUMMARY.md"
-    tmp = out.with_name("SUMMARY.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    write_text_atomic(out, "\n".join(lines))
     return out
 
 

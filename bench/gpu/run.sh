@@ -22,7 +22,9 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, report its status an
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@"
     echo "=== $name: exit $? after $((SECONDS - t0))s"
-    # the benches write their JSON after every row: whatever was measured is in $OUT even if the call is cut short
+    save
+}
+save() {  # the benches write their JSON after every row: whatever was measured goes to $OUT
     cp bench/results/"$DEV"/*.json bench/results/"$DEV"/SUMMARY.md "$OUT"/ 2>/dev/null || true
 }
 
@@ -37,7 +39,7 @@ m.__version__)"
 python3 -m megarl.cli env
 DEV=$(cd bench && python3 -c "import results_io; print(results_io.device_dir())")
 # and every 15 s, in case the device call's own limit (600 s) ends this script inside a step
-( while sleep 15; do cp bench/results/"$DEV"/*.json bench/results/"$DEV"/SUMMARY.md "$OUT"/ 2>/dev/null; done ) &
+( while sleep 15; do save; done ) &
 SYNC=$!
 
 # the limits add up to 540 s, so with the install and imports the script ends inside a 600 s call
