@@ -9,11 +9,36 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The most the default suite holds at once under pytest's temp dir, with margin: 1.6 GB measured (the SmolLM2
+# round trip's two converted copies on top of the session's bundled model), each passed test's tmp_path being
+# deleted as it ends (pyproject: tmp_path_retention_policy). MEGARL_TEST_DISK_GB overrides it (0: no check).
+SUITE_DISK_GB = 2.5
+
+
+def pytest_collection_finish(session):
+    """Refuse to start, naming the folder and the fix, when the checkpoint-writing tests are selected and the temp
+    folder's disk has too little room: otherwise they fail one by one with ENOSPC after minutes of work."""
+    need_gb = float(os.environ.get("MEGARL_TEST_DISK_GB", SUITE_DISK_GB))
+    heavy = {"parallel", "train", "vllm"}
+    if need_gb <= 0 or not any(heavy & set(Path(item.path).parts) for item in session.items):
+        return
+    where = Path(session.config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir())
+    where = next(p for p in (where, *where.parents) if p.exists())
+    free_gb = shutil.disk_usage(where).free / 1e9
+    if free_gb < need_gb:
+        raise pytest.UsageError(
+            f"{where} has {free_gb:.1f} GB free; the selected tests write checkpoints and need about {need_gb:g} GB "
+            "there. Free some space, or point pytest at a larger disk with `--basetemp=/big/disk/megarl-tests` "
+            "(or TMPDIR=/big/disk), or set MEGARL_TEST_DISK_GB=0 to run anyway.")
 
 
 @pytest.hookimpl(tryfirst=True)
