@@ -42,14 +42,8 @@ def megarl(*args: str) -> tuple[float, float]:
     return time.perf_counter() - t0, usage.ru_maxrss / 2**20
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="bundled:smollm2")
-    ap.add_argument("--prompts", type=int, default=8, help="prompts per step, the same for every algorithm")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=4)
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="megarl-rl-step-"))
+def run_algos(work: Path, args) -> list[dict]:
+    """Train every algorithm in ALGOS under `work`; one row each."""
     common = [f"model.hf_dir={args.model}", "data.generate=arithmetic", "data.generate_size=32",
               f"rollout.max_tokens={args.max_tokens}", f"train.prompts_per_step={args.prompts}",
               f"train.steps={args.steps}", "reward.num_workers=0", "metrics.progress=false",
@@ -73,6 +67,18 @@ def main() -> None:
         row["process_seconds"] = round(seconds, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bundled:smollm2")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per step, the same for every algorithm")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=4)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="megarl-rl-step-") as work:  # ~3 GB of runs and checkpoints
+        rows = run_algos(Path(work), args)
     grpo = rows[0]
     for r in rows:
         r["vs_grpo_time"] = round(r["step_seconds"] / grpo["step_seconds"], 3)

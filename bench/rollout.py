@@ -41,7 +41,7 @@ def model_dir(name: str, work: Path) -> str:
     return str(out)
 
 
-def one_model(name: str, args) -> dict:
+def one_model(name: str, args, work: Path) -> dict:
     import torch
 
     from megarl.backends.megatron.generator import MegatronGenerator
@@ -53,7 +53,6 @@ def one_model(name: str, args) -> dict:
     from megarl.trainer.loop import prepare_run_dir
     from megarl.trainer.state import export_hf
 
-    work = Path(tempfile.mkdtemp(prefix="megarl-bench-"))
     cfg = load_config(None, [f"model.hf_dir={model_dir(name, work)}", f"run.dir={work / 'run'}",
                              "rollout.backend=vllm", "reward.num_workers=0", "data.generate=arithmetic",
                              f"rollout.max_tokens={args.max_tokens}", "data.max_prompt_tokens=256",
@@ -105,17 +104,20 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one_model(args.one, args)), flush=True)
+        print("RESULT " + json.dumps(one_model(args.one, args, args.work)), flush=True)
         return
     from results_io import run_one, write_result
 
     rows = []
     for name in args.models:
-        rows.append(run_one([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats), "--prompts",
-                             str(args.prompts), "--samples", str(args.samples), "--max-tokens",
-                             str(args.max_tokens)], {"model": name}))
+        # Made and removed here, not in the child: a child killed at its time limit leaves no GB of model files behind
+        with tempfile.TemporaryDirectory(prefix="megarl-bench-") as work:
+            rows.append(run_one([sys.executable, __file__, "--one", name, "--work", work, "--repeats",
+                                 str(args.repeats), "--prompts", str(args.prompts), "--samples", str(args.samples),
+                                 "--max-tokens", str(args.max_tokens)], {"model": name}))
         print(json.dumps(rows[-1]), flush=True)
 
     print(f"wrote {write_result('rollout', rows, sys.argv[1:])}")
