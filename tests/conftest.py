@@ -28,8 +28,11 @@ def pytest_collection_finish(session):
     """Refuse to start, naming the folder and the fix, when the checkpoint-writing tests are selected and the temp
     folder's disk has too little room: otherwise they fail one by one with ENOSPC after minutes of work."""
     need_gb = float(os.environ.get("MEGARL_TEST_DISK_GB", SUITE_DISK_GB))
-    heavy = {"parallel", "train", "vllm"}
-    if need_gb <= 0 or not any(heavy & set(Path(item.path).parts) for item in session.items):
+    heavy = {("tests", "parallel"), ("tests", "train"), ("tests", "vllm")}
+    root = session.config.rootpath
+    if need_gb <= 0 or not any(
+            item.path.is_relative_to(root) and item.path.relative_to(root).parts[:2] in heavy
+            for item in session.items):
         return
     where = Path(session.config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir())
     where = next(p for p in (where, *where.parents) if p.exists())
