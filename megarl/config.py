@@ -143,7 +143,8 @@ class RewardSection:
     num_workers: int = 2  # reward processes; 0 = score in the trainer process
     timeout_s: float = 10.0  # per call
     # "package.module:function" with compute_score's signature (data_source, solution_str, ground_truth,
-    # extra_info) -> {"score": float, "acc": bool, "level": int (TRPA)}; None = the built-in rule rewards
+    # extra_info) -> {"score": float, "acc": bool, "level": int (TRPA; optional: without it levels come from
+    # acc and the score's rank, megarl/rewards/levels.py)}; None = the built-in rule rewards
     custom_fn: str | None = None
 
 

@@ -25,8 +25,10 @@ from typing import Any
 
 from megarl.rewards import compute_score, reward_name
 
-FAILED_SCORE = {"kk": {"score": -3.0, "acc": False, "level": 4}, "gsm8k": {"score": 0.0, "acc": False},
-                "math": {"score": 0.0, "acc": False}, "math_dapo": {"score": -1.0, "acc": False}}
+# the score and TRPA level of an answer that could not be scored (a reward that raised or timed out)
+FAILED_SCORE = {"kk": {"score": -3.0, "acc": False, "level": 4}, "gsm8k": {"score": 0.0, "acc": False, "level": 4},
+                "math": {"score": 0.0, "acc": False, "level": 4}, "math_dapo": {"score": -1.0, "acc": False, "level": 4},
+                "arithmetic": {"score": 0.0, "acc": False, "level": 4}}
 
 
 @dataclasses.dataclass(frozen=True)

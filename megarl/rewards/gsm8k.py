@@ -3,12 +3,14 @@
 strict   the FIRST ``#### <number>`` in the response (regex ``#### (-?[0-9.,]+)``), commas and '$' removed
 flexible the LAST number anywhere in the response (skipping '' and '.'), commas removed
 The extracted string must equal the ground truth exactly: score 1.0 (``correct_score``), else 0.0 (``format_score``).
-A*-PO trains with strict and estimated V* with flexible (ALGORITHMS.md 2.2).
+Every result carries its TRPA preference level (rewards/levels.py). A*-PO trains with strict and estimated V* with flexible (ALGORITHMS.md 2.2).
 """
 
 from __future__ import annotations
 
 import re
+
+from megarl.rewards.levels import answer_level
 
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _NUMBER = re.compile(r"(\-?[0-9\.\,]+)")
@@ -30,4 +32,5 @@ def gsm8k_score(solution_str: str, ground_truth: str, method: str = "strict", fo
                 correct_score: float = 1.0) -> dict:
     pred = extract_gsm8k(solution_str, method)
     correct = pred is not None and pred == str(ground_truth).replace(",", "")
-    return {"score": correct_score if correct else format_score, "acc": correct, "pred": pred}
+    return {"score": correct_score if correct else format_score, "acc": correct, "pred": pred,
+            "level": answer_level(pred, correct, ground_truth)}

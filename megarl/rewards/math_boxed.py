@@ -6,9 +6,12 @@ Equivalence is decided in two steps:
 2. Only when the strings differ: math-verify (parse both into sympy, compare symbolically/numerically). It is the
    better judge for equivalent forms the string rule misses (``\\sqrt{8}`` vs ``2\\sqrt{2}``, ``0.25`` vs
    ``\\frac14``, reordered tuples); it can only turn a 0 into a 1, never the reverse.
+Every result carries its TRPA preference level (rewards/levels.py).
 """
 
 from __future__ import annotations
+
+from megarl.rewards.levels import answer_level
 
 
 def last_boxed(text: str) -> str | None:
@@ -100,10 +103,11 @@ def math_verify_equal(gold: str, pred: str) -> bool:
 def math_boxed_score(solution_str: str, ground_truth: str, use_math_verify: bool = True) -> dict:
     gold = last_boxed(ground_truth) if "\\boxed" in ground_truth else ground_truth
     pred = last_boxed(solution_str)
-    if pred is None:
-        return {"score": 0.0, "acc": False, "pred": None, "judge": None}
-    if strip_string(pred) == strip_string(gold):
-        return {"score": 1.0, "acc": True, "pred": pred, "judge": "string"}
-    if use_math_verify and math_verify_equal(gold, pred):
-        return {"score": 1.0, "acc": True, "pred": pred, "judge": "math_verify"}
-    return {"score": 0.0, "acc": False, "pred": pred, "judge": None}
+    judge = None
+    if pred is not None and strip_string(pred) == strip_string(gold):
+        judge = "string"
+    elif pred is not None and use_math_verify and math_verify_equal(gold, pred):
+        judge = "math_verify"
+    correct = judge is not None
+    return {"score": 1.0 if correct else 0.0, "acc": correct, "pred": pred, "judge": judge,
+            "level": answer_level(pred, correct, gold)}

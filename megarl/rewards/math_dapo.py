@@ -1,13 +1,15 @@
 """DAPO-Math / AIME / AMC reward: the last ``Answer: ...`` line, Minerva-normalised, exact match, +1 / -1
 (ALGORITHMS.md 4.7; verl math_dapo.py, whose normalisation comes from Minerva via lm-evaluation-harness).
 
-Only the last 300 characters of the response are read. The DAPO overlong penalty is a separate shaping step:
+Every result carries its TRPA preference level (rewards/levels.py). Only the last 300 characters of the response are read. The DAPO overlong penalty is a separate shaping step:
 ``megarl.rollout.shaping.overlong_penalty``.
 """
 
 from __future__ import annotations
 
 import re
+
+from megarl.rewards.levels import answer_level
 
 _ANSWER_LINE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 # Minerva's answer normalisation tables (Lewkowycz et al. 2022, appendix), as used by verl.
@@ -42,5 +44,7 @@ def normalize_final_answer(answer: str) -> str:
 def math_dapo_score(solution_str: str, ground_truth: str) -> dict:
     matches = _ANSWER_LINE.findall(solution_str[-300:])
     pred = normalize_final_answer(matches[-1] if matches else "[INVALID]")
-    correct = pred == normalize_final_answer(str(ground_truth))
-    return {"score": 1.0 if correct else -1.0, "acc": correct, "pred": pred}
+    gold = normalize_final_answer(str(ground_truth))
+    correct = pred == gold
+    return {"score": 1.0 if correct else -1.0, "acc": correct, "pred": pred,
+            "level": answer_level(pred if matches else None, correct, gold)}

@@ -156,3 +156,49 @@ def test_arithmetic_takes_the_last_integer(text, gt, score):
 
     r = compute_score("arithmetic", text, gt)
     assert r["score"] == score and r["acc"] == (score == 1.0)
+
+
+# TRPA levels of the answer-extraction rewards (docs/algorithms.md): 1 right, 2 wrong, 3 empty answer or no ground
+# truth, 4 nothing extracted. Written out per source from the rule, not from the code's own output.
+@pytest.mark.parametrize("source,text,gt,level", [
+    ("arithmetic", "It is 12.", "12", 1),
+    ("arithmetic", "7 + 5 = 13", "12", 2),
+    ("arithmetic", "twelve", "12", 4),
+    ("openai/gsm8k", "so #### 7", "7", 1),
+    ("openai/gsm8k", "so #### 8", "7", 2),
+    ("openai/gsm8k", "so #### 7", "", 3),                     # no ground truth
+    ("openai/gsm8k", "the answer is 7", "7", 4),               # strict: no marker
+    ("lighteval/MATH", "so $\\boxed{\\frac12}$", "\\frac{1}{2}", 1),
+    ("lighteval/MATH", "so $\\boxed{3}$", "\\boxed{4}", 2),
+    ("lighteval/MATH", "so $\\boxed{}$", "4", 3),              # empty box
+    ("lighteval/MATH", "the answer is 4", "4", 4),             # no box
+    ("math_dapo", "work\nAnswer: 34", "34", 1),
+    ("math_dapo", "work\nAnswer: 35", "34", 2),
+    ("math_dapo", "work\nAnswer: $$", "34", 3),                # an Answer line that normalises to nothing
+    ("aime2024", "I think 34", "34", 4),
+])
+def test_answer_rewards_give_trpa_levels(source, text, gt, level):
+    r = compute_score(source, text, gt)
+    assert r["level"] == level and r["acc"] == (level == 1)
+
+
+def test_levels_from_scores_for_custom_rewards():
+    from megarl.rewards.levels import levels_from_scores
+
+    # right answers level 1; the rest ranked by score, equal scores sharing a level; NaN last
+    assert levels_from_scores([1.0, 0.0, 0.0, 1.0], [True, False, False, True]) == [1, 2, 2, 1]
+    assert levels_from_scores([0.9, 0.2, 0.5, -1.0, 0.5], [True, False, False, False, False]) == [1, 3, 2, 4, 2]
+    assert levels_from_scores([float("nan"), 0.1, 0.3], [False, False, False]) == [4, 3, 2]
+    assert levels_from_scores([0.0, 0.0], [False, False]) == [2, 2]
+
+
+def test_failed_answers_score_at_the_worst_level_for_every_builtin_source():
+    executor = RewardExecutor(num_workers=0, score_fn=_raises)
+    sources = ["kk_logic", "openai/gsm8k", "arithmetic", "lighteval/MATH", "math_dapo"]
+    results, stats = executor.score([RewardRequest(s, "x", "1") for s in sources])
+    assert stats["errors"] == len(sources)
+    assert [r["level"] for r in results] == [4] * len(sources) and not any(r["acc"] for r in results)
+
+
+def _raises(data_source, solution_str, ground_truth, extra_info=None, **options):
+    raise RuntimeError("boom")
