@@ -24,6 +24,10 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.algo == "all":
+        from megarl.demo_compare import run_all
+
+        return run_all(args.overrides)
     from megarl.demo import run_demo
 
     return run_demo(args.algo, args.overrides)
@@ -228,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "length per step). Re-running resumes; key=value overrides any config key.")
     from megarl.demo import ALGOS  # light: a dict of overrides
 
-    demo.add_argument("--algo", default="grpo", choices=sorted(ALGOS), help="algorithm family (default grpo)")
+    demo.add_argument("--algo", default="grpo", choices=[*sorted(ALGOS), "all"],
+                      help="algorithm family (default grpo); 'all' runs every family in turn into runs/demo-all "
+                           "and writes a comparison table and plot there")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=10")
     demo.set_defaults(func=cmd_demo)
 

@@ -153,6 +153,7 @@ def vstar_files(cfg: RunConfig, files: list[str], generator, tokenizer, arch: Mo
                           tokenizer=tokenizer, executor=executor, sampling=rollout_sampling(cfg, tokenizer, arch),
                           n=cfg.algo.vstar_samples, beta1=cfg.algo.vstar_beta1,
                           max_prompt_tokens=cfg.data.max_prompt_tokens,
+                          overlong_buffer=cfg.rollout.overlong_buffer, overlong_factor=cfg.rollout.overlong_factor,
                           **{"progress": cfg.metrics.progress, **options})
 
 

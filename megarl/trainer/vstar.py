@@ -54,10 +54,13 @@ def _read_partial(path: Path, n: int) -> dict[int, list[float]]:
 
 def estimate_file(src: str | Path, out: Path, *, generator, tokenizer, executor: RewardExecutor,
                   sampling: SamplingParams, n: int, beta1: float, max_prompt_tokens: int, chunk: int = 32,
-                  stop_after_chunks: int | None = None, progress: bool = True) -> Path:
+                  overlong_buffer: int = 0, overlong_factor: float = 1.0, stop_after_chunks: int | None = None,
+                  progress: bool = True) -> Path:
     """Write ``out``: the rows of ``src`` with V* from ``n`` samples each of ``generator``. Every rank calls it;
-    data-parallel replicas split each chunk of prompts, rank 0 writes. ``stop_after_chunks`` stops early
-    (leaving the partial file), as a kill would -- for tests."""
+    data-parallel replicas split each chunk of prompts, rank 0 writes. The samples are scored as training scores
+    them, DAPO's overlong shaping included (``overlong_buffer``/``overlong_factor``): V* is the value of the reward
+    that stage 2 regresses on, so r - V* has no offset from a shaping term only one stage sees.
+    ``stop_after_chunks`` stops early (leaving the partial file), as a kill would -- for tests."""
     out = Path(out)
     if out.is_file():
         return out
@@ -85,8 +88,8 @@ def estimate_file(src: str | Path, out: Path, *, generator, tokenizer, executor:
         if mine:
             prompts = [source.prompt(i, i) for i in mine]  # uid = row: the samples depend on (seed, row) only
             ro = generate(generator, prompts, n, sampling, seed=sampling.seed or 0)
-            score(ro, prompts, n, tokenizer, executor, max_tokens=sampling.max_tokens, overlong_buffer=0,
-                  overlong_factor=0.0)
+            score(ro, prompts, n, tokenizer, executor, max_tokens=sampling.max_tokens,
+                  overlong_buffer=overlong_buffer, overlong_factor=overlong_factor)
             local = [(i, ro.rewards[k * n:(k + 1) * n].tolist()) for k, i in enumerate(mine)]
         records = [r for part in gather_dp(local, dp_group) for r in part]
         if main:
