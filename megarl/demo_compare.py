@@ -85,18 +85,19 @@ def figure(records: list[dict]):
     import matplotlib.pyplot as plt
 
     fig, (by_step, by_time, reward) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for r in records:
+    for i, r in enumerate(records):
+        color = f"C{i % 10}"
         pts = sorted((int(k), v) for k, v in r["avg_at_k"].items())
-        line, = by_step.plot(*zip(*pts), marker="o", label=r["algo"])
         clock = [0.0, *r["elapsed_s"]]
-        by_time.plot([clock[s] / 60 for s, _ in pts], [v for _, v in pts], marker="o", color=line.get_color())
-        reward.plot(range(1, len(r["reward"]) + 1), r["reward"], color=line.get_color(), alpha=0.8)
+        by_step.plot([s for s, _ in pts], [v for _, v in pts], marker="o", color=color, label=r["algo"])
+        by_time.plot([clock[s] / 60 for s, _ in pts], [v for _, v in pts], marker="o", color=color)
+        reward.plot(range(1, len(r["reward"]) + 1), r["reward"], color=color, alpha=0.8, label=r["algo"])
     for ax, title, x in ((by_step, "held-out avg@k", "RL step"), (by_time, "held-out avg@k", "training minutes"),
                          (reward, "training reward (mean)", "RL step")):
         ax.set_title(title)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
-    by_step.legend(fontsize=8)
+    reward.legend(fontsize=8)
     fig.suptitle("megarl demo --algo all: SmolLM2-135M-Instruct on arithmetic, same steps and held-out problems")
     fig.tight_layout()
     return fig
