@@ -14,6 +14,13 @@ Departure: TRPA's math reward also puts a response without ``</think>`` at level
 for think tags (A*-PO's and verl's prompts), so that check is not made; a task whose prompt asks for them can
 return its own ``level`` from a custom reward.
 
+A response cut off by ``rollout.max_tokens`` (finish reason "length") has given no final answer: its level is at
+least 4, below every finished answer (``truncated_last``). TRPA's own rewards rank such a response there too (no
+``</answer>`` or no ``</think>``), but the last integer of a cut-off ramble can still match the arithmetic answer.
+Measured on the demo without this rule: TRPA's responses grew to the full 24 tokens by step 3 and stayed there
+while its accuracy rose; the overlong penalty that teaches the other families brevity is not seen by a loss that
+reads levels only.
+
 Custom rewards (``reward.custom_fn``) may return ``level`` themselves. When any result of a step lacks one, the
 levels of the whole step come from ``levels_from_scores``: level 1 for answers marked ``acc``, the other answers
 ranked by their score, best first, from level 2 (equal scores share a level). A reward with only two values
@@ -42,3 +49,8 @@ def levels_from_scores(scores: Sequence[float], acc: Sequence[bool]) -> list[int
     rest = sorted({float(s) for s, a in zip(scores, acc) if not a and math.isfinite(s)}, reverse=True)
     rank = {s: i for i, s in enumerate(rest)}
     return [1 if a else 2 + rank.get(float(s), len(rest)) for s, a in zip(scores, acc)]
+
+
+def truncated_last(levels: Sequence[int], finish_reasons: Sequence[str]) -> list[int]:
+    """Levels with every response that hit the length limit moved to level 4 or below (module docstring)."""
+    return [max(lv, 4) if why == "length" else lv for lv, why in zip(levels, finish_reasons)]

@@ -13,7 +13,7 @@ from megarl.backends.protocols import SamplingParams
 from megarl.distributed import all_reduce_sum
 from megarl.data.source import Prompt, PromptSource
 from megarl.rewards.executor import RewardExecutor, RewardRequest
-from megarl.rewards.levels import levels_from_scores
+from megarl.rewards.levels import levels_from_scores, truncated_last
 from megarl.rollout.batch import Rollouts
 from megarl.rollout.shaping import dynamic_sampling_keep, overlong_penalty
 
@@ -46,7 +46,7 @@ def score(ro: Rollouts, prompts: list[Prompt], n: int, tokenizer, executor: Rewa
     ro.acc = torch.tensor([float(bool(r.get("acc", False))) for r in results], dtype=torch.float64)
     levels = [int(r["level"]) for r in results] if all("level" in r for r in results) else \
         levels_from_scores([float(r["score"]) for r in results], [bool(r.get("acc", False)) for r in results])
-    ro.levels = torch.tensor(levels, dtype=torch.int64)
+    ro.levels = torch.tensor(truncated_last(levels, ro.finish_reasons), dtype=torch.int64)
     if all(p.v_star is not None for p in prompts):
         ro.v_star = torch.tensor([p.v_star for p in prompts for _ in range(n)], dtype=torch.float64)
     return {f"reward/{k}": float(v) for k, v in stats.items()}

@@ -202,3 +202,10 @@ def test_failed_answers_score_at_the_worst_level_for_every_builtin_source():
 
 def _raises(data_source, solution_str, ground_truth, extra_info=None, **options):
     raise RuntimeError("boom")
+
+
+def test_a_response_cut_off_by_the_length_limit_ranks_below_every_finished_answer():
+    from megarl.rewards.levels import truncated_last
+
+    assert truncated_last([1, 2, 3, 4, 1, 5], ["length", "length", "stop", "length", "stop", "length"]) == \
+        [4, 4, 3, 4, 1, 5]
