@@ -1,7 +1,8 @@
 """The performance suite's one entry point: run the benchmarks (each writes bench/results/<device>/<name>.json
 with device, commit, command and versions), then regenerate bench/results/<device>/SUMMARY.md.
 
-    .venv/bin/python bench/run.py                      # all of them (CPU: about 15 minutes on 2 cores)
+    .venv/bin/python bench/run.py                      # all but demo_all (CPU: about 15 minutes on 2 cores)
+    .venv/bin/python bench/run.py demo_all             # every demo family (CPU: about 80 minutes)
     .venv/bin/python bench/run.py rollout train_step   # some
     python bench/run.py --list
 
@@ -23,12 +24,13 @@ BENCHES = {  # name: (script, default arguments, what it measures)
     "rollout": ("rollout.py", [], "Megatron->vLLM sync and HF export vs model size; vLLM vs native tokens/s"),
     "train_step": ("train_step.py", [], "GRPO update of Qwen2.5-0.5B/1.5B/7B shapes: tokens/s, MFU"),
     "rl_step": ("rl_step.py", [], "full RL step by phase; A*-PO (n=1) vs GRPO (n=8) time and memory"),
+    "demo_all": ("demo_all.py", [], "every algorithm family on the CPU demo: held-out curves, time, memory"),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", help=f"of {', '.join(BENCHES)}; default: all")
+    ap.add_argument("names", nargs="*", help=f"of {', '.join(BENCHES)}; default: all but demo_all")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     if args.list:
@@ -39,7 +41,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     failed = []
-    for name in args.names or list(BENCHES):
+    for name in args.names or [n for n in BENCHES if n != "demo_all"]:  # demo_all: on request (80 minutes)
         script, extra, _ = BENCHES[name]
         print(f"== {name}", flush=True)
         if subprocess.run([sys.executable, str(HERE / script), *extra]).returncode:

@@ -99,8 +99,20 @@ def _convert(d: dict) -> list[str]:
             f"(weights {d['weights_mib']} MiB)."]
 
 
+def _demo_all(d: dict) -> list[str]:
+    steps = sorted({int(s) for r in d["rows"] for s in r["avg_at_k"]})
+    rows = [[r["algo"], *[f"{r['avg_at_k'].get(str(s), float('nan')):.3f}" for s in steps],
+             f"{r['pass_at_k'][str(max(steps))]:.3f}" if str(max(steps)) in r["pass_at_k"] else None,
+             f"{r['reward_first5']:.3f}", f"{r['reward_last5']:.3f}", f"{r['step_s_median']:.1f}",
+             f"{r['peak_rss_gib']:.1f}", r["samples"]] for r in d["rows"]]
+    head = ["family", *[f"avg@4 step {s}" for s in steps], "pass@4 end", "reward steps 1-5", "reward last 5",
+            "s/step (median)", "peak RSS GiB", "samples"]
+    return _table(head, rows) + ["", "Plot: `demo_all.png` beside this file. Settings per family: "
+                                     "`megarl/demo.py` (ALGOS); why: `docs/demo_families.md`."]
+
+
 FORMATS = {"logprob_kernels": _kernels, "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step,
-           "convert_memory": _convert}
+           "convert_memory": _convert, "demo_all": _demo_all}
 
 
 def write_summary(folder: str | Path) -> Path:
