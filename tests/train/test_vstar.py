@@ -80,3 +80,18 @@ def test_astar_po_training_runs_stage_one_when_the_data_has_no_vstar(megatron_wo
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(math.isfinite(v) for m in metrics for v in m.values())
     assert metrics[0]["optim/grad_norm"] > 0
+
+
+def test_vstar_scores_with_the_overlong_shaping_that_training_applies(megatron_world, tmp_path, data):
+    """Stage 2 regresses on shaped rewards, so stage 1 must shape the same samples the same way: with the same
+    seeds the samples are the same, and each reward differs from the unshaped one by DAPO's penalty
+    -(len - (max_tokens - buffer)) / buffer, which for max_tokens 6 and buffer 2 is 0, -0.5 or -1."""
+    (plain,) = vstar(tmp_path / "plain", data, HASH)
+    (shaped,) = vstar(tmp_path / "shaped", data, HASH, "rollout.overlong_buffer=2")
+    diffs = [s - p for a, b in zip(shaped, plain)
+             for s, p in zip(a["extra_info"]["v_star_rewards"], b["extra_info"]["v_star_rewards"])]
+    assert all(min(abs(d - v) for v in (0.0, -0.5, -1.0)) < 1e-9 for d in diffs) and any(d < 0 for d in diffs)
+    for row in shaped:
+        rs = row["extra_info"]["v_star_rewards"]
+        want = 0.5 * math.log(sum(math.exp(r / 0.5) for r in rs) / len(rs))
+        assert math.isclose(row["extra_info"]["v_star"], want, rel_tol=1e-12, abs_tol=1e-12)
