@@ -6,7 +6,8 @@ the comparison is written to ``RUN``:
 
     compare.png   held-out avg@k against the RL step and against wall time, and the training reward per step
     compare.md    per family: held-out avg@k at every evaluation, final pass@k, training reward over the first
-                  and last 5 steps, median seconds per step, peak resident memory, samples generated
+                  and last 5 steps, median seconds per step, peak resident memory, samples generated (A*-PO's
+                  stage-1 samples and DAPO's dropped groups included)
     compare.json  the same numbers
 
 A family whose record (``RUN/A/compare_record.json``) says it finished is not run again, so an interrupted
@@ -42,10 +43,15 @@ def _run_family(algo: str, run: Path, overrides: list[str]) -> dict:
 
 def family_record(algo: str, run: Path, proc: dict) -> dict:
     """What the comparison reports of one finished family run (module docstring)."""
+    import yaml
+
     from megarl.data.parquet import read_rows
     from megarl.metrics import read_metrics
 
     rows, evals = read_metrics(run / "metrics.jsonl"), read_metrics(run / "eval.jsonl")
+    group_size = yaml.safe_load((run / "config.yaml").read_text())["rollout"]["group_size"]
+    # generated, not kept: DAPO's dynamic sampling draws further groups and drops the uninformative ones
+    generated = sum(r.get("rollout/sampled_groups", r["rollout/groups"]) * group_size for r in rows)
     vstar = sum(len(r["extra_info"]["v_star_rewards"]) for f in sorted((run / "vstar").glob("*.parquet"))
                 for r in read_rows(f))  # A*-PO stage 1: reference samples, counted as samples used
     avg = {e["step"]: v for e in evals for k, v in e.items() if "/avg@" in k}
@@ -58,7 +64,7 @@ def family_record(algo: str, run: Path, proc: dict) -> dict:
             "step_s_median": statistics.median(r["time/step"] for r in rows),
             "elapsed_s": [sum(r["time/step"] for r in rows[:i + 1]) for i in range(len(rows))],
             "reward": [r["reward/mean"] for r in rows],
-            "samples": int(sum(r["rollout/responses"] for r in rows)) + vstar, "vstar_samples": vstar}
+            "samples": int(generated) + vstar, "vstar_samples": vstar}
 
 
 def table(records: list[dict]) -> str:
@@ -115,12 +121,13 @@ def run_all(overrides: list[str] = (), algos: list[str] | None = None) -> int:
     records, failed = [], []
     for i, algo in enumerate(algos or list(ALGOS)):
         run, rec_path = root / algo, root / algo / "compare_record.json"
-        if rec_path.is_file() and json.loads(rec_path.read_text()).get("overrides_given") == overrides:
+        done = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+        if done.get("overrides_given") == overrides:  # finished: its numbers again, from its run folder
             print(f"demo all: {algo} already done ({rec_path})", flush=True)
-            records.append(json.loads(rec_path.read_text()))
-            continue
-        print(f"\ndemo all: family {i + 1}/{len(algos or ALGOS)}: {algo}", flush=True)
-        proc = _run_family(algo, run, overrides)
+            proc = {k: done[k] for k in ("returncode", "wall_s", "peak_rss_gib")}
+        else:
+            print(f"\ndemo all: family {i + 1}/{len(algos or ALGOS)}: {algo}", flush=True)
+            proc = _run_family(algo, run, overrides)
         if proc["returncode"] != 0:
             failed.append(algo)
             continue

@@ -13,10 +13,12 @@ from megarl.data.parquet import write_rows
 
 def fake_run(run, rewards, evals, vstar_rows=0):
     run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text("rollout:\n  group_size: 8\n")
     with (run / "metrics.jsonl").open("w") as f:
         for i, r in enumerate(rewards):
-            f.write(json.dumps({"step": i + 1, "reward/mean": r, "time/step": 2.0 + i,
-                                "rollout/responses": 32.0}) + "\n")
+            dynamic = {"rollout/sampled_groups": 12.0} if i == 0 else {}  # DAPO: 3 rounds of 4 prompts, 4 kept
+            f.write(json.dumps({"step": i + 1, "reward/mean": r, "time/step": 2.0 + i, "rollout/groups": 4.0,
+                                "rollout/responses": 32.0, **dynamic}) + "\n")
     with (run / "eval.jsonl").open("w") as f:
         for step, avg in evals:
             f.write(json.dumps({"step": step, "eval/arithmetic/avg@4": avg, "eval/arithmetic/pass@4": avg + 0.25,
@@ -39,7 +41,7 @@ def test_family_record_numbers(tmp_path):
     assert abs(rec["reward_first5"] - (-0.2)) < 1e-12 and abs(rec["reward_last5"] - 0.2) < 1e-12
     assert rec["step_s_median"] == 5.0  # times 2..8
     assert rec["elapsed_s"][:3] == [2.0, 5.0, 9.0]
-    assert rec["samples"] == 7 * 32 + 3 * 8 and rec["vstar_samples"] == 24
+    assert rec["samples"] == 12 * 8 + 6 * 32 + 3 * 8 and rec["vstar_samples"] == 24
 
 
 def test_run_all_runs_each_family_once_and_writes_table_and_plot(tmp_path, monkeypatch):
