@@ -1,6 +1,6 @@
 """Every algorithm family of the CPU demo at the same budget: ``megarl demo --algo all``, recorded as a benchmark.
 
-    .venv/bin/python bench/demo_all.py                        # run it (about 80 minutes on 2 cores), then record
+    .venv/bin/python bench/demo_all.py                        # run it (49 minutes on 2 cores with train.steps=15), then record
     .venv/bin/python bench/demo_all.py --from runs/demo-all   # record a finished `megarl demo --algo all`
 
 Writes bench/results/<device>/demo_all.json (per family: held-out avg@4/pass@4 at every evaluation, training

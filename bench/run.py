@@ -2,7 +2,7 @@
 with device, commit, command and versions), then regenerate bench/results/<device>/SUMMARY.md.
 
     .venv/bin/python bench/run.py                      # all but demo_all (CPU: about 15 minutes on 2 cores)
-    .venv/bin/python bench/run.py demo_all             # every demo family (CPU: about 80 minutes)
+    .venv/bin/python bench/run.py demo_all             # every demo family (CPU: 49 minutes at train.steps=15)
     .venv/bin/python bench/run.py rollout train_step   # some
     python bench/run.py --list
 
@@ -41,7 +41,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     failed = []
-    for name in args.names or [n for n in BENCHES if n != "demo_all"]:  # demo_all: on request (80 minutes)
+    for name in args.names or [n for n in BENCHES if n != "demo_all"]:  # demo_all: on request (49 minutes at 15 steps)
         script, extra, _ = BENCHES[name]
         print(f"== {name}", flush=True)
         if subprocess.run([sys.executable, str(HERE / script), *extra]).returncode:
