@@ -107,7 +107,9 @@ def _demo_all(d: dict) -> list[str]:
              f"{r['peak_rss_gib']:.1f}", r["samples"]] for r in d["rows"]]
     head = ["family", *[f"avg@4 step {s}" for s in steps], "pass@4 end", "reward steps 1-5", "reward last 5",
             "s/step (median)", "peak RSS GiB", "samples"]
-    return _table(head, rows) + ["", "Plot: `demo_all.png` beside this file. Settings per family: "
+    given = " ".join(["megarl demo --algo all", *(d["rows"][0].get("overrides_given", []) if d["rows"] else [])])
+    run = f"The runs: `{given}`" + (f" at commit {d['commit_of_run']}." if d.get("commit_of_run") else ".")
+    return _table(head, rows) + ["", run, "", "Plot: `demo_all.png` beside this file. Settings per family: "
                                      "`megarl/demo.py` (ALGOS); why: `docs/demo_families.md`."]
 
 
