@@ -8,8 +8,9 @@ torch optimizer, so it inherits all of that.
 
 Schedule-free keeps two points: y, where gradients are taken (``train()`` mode), and the average x, the point
 whose loss the method guarantees (``eval()`` mode). megarl samples rollouts and computes old log-probs at x, and
-updates at y (ALGORITHMS.md 4.6: verl's RPG calls ``eval()`` before old log-probs and ``train()`` before the
-update). Checkpoints always hold y plus the optimizer state; the exported HF model is x.
+updates at y (as in the RPG repository, complex-reasoning/RPG@ec8e30b: verl's RPG calls ``eval()`` before old
+log-probs and ``train()`` before the update). Checkpoints always hold y plus the optimizer state; the exported HF
+model is x.
 """
 
 from __future__ import annotations
