@@ -99,7 +99,8 @@ def _convert(d: dict) -> list[str]:
             f"(weights {d['weights_mib']} MiB)."]
 
 
-def _demo_all(d: dict) -> list[str]:
+def _family_table(d: dict) -> list[str]:
+    """One row per demo run (megarl/demo_compare.py's records): held-out avg@4 at every evaluation and the rest."""
     steps = sorted({int(s) for r in d["rows"] for s in r["avg_at_k"]})
     rows = [[r["algo"], *[f"{r['avg_at_k'].get(str(s), float('nan')):.3f}" for s in steps],
              f"{r['pass_at_k'][str(max(steps))]:.3f}" if str(max(steps)) in r["pass_at_k"] else None,
@@ -107,14 +108,25 @@ def _demo_all(d: dict) -> list[str]:
              f"{r['peak_rss_gib']:.1f}", r["samples"]] for r in d["rows"]]
     head = ["family", *[f"avg@4 step {s}" for s in steps], "pass@4 end", "reward steps 1-5", "reward last 5",
             "s/step (median)", "peak RSS GiB", "samples"]
+    return _table(head, rows)
+
+
+def _demo_all(d: dict) -> list[str]:
     given = " ".join(["megarl demo --algo all", *(d["rows"][0].get("overrides_given", []) if d["rows"] else [])])
     run = f"The runs: `{given}`" + (f" at commit {d['commit_of_run']}." if d.get("commit_of_run") else ".")
-    return _table(head, rows) + ["", run, "", "Plot: `demo_all.png` beside this file. Settings per family: "
+    return _family_table(d) + ["", run, "", "Plot: `demo_all.png` beside this file. Settings per family: "
                                      "`megarl/demo.py` (ALGOS); why: `docs/demo_families.md`."]
 
 
+def _rpg_variants(d: dict) -> list[str]:
+    return _family_table(d) + ["", "Each row: `megarl demo --algo rpg algo.loss=<row>` (REINFORCE++: `--algo "
+                               "reinforce_pp`) with the overrides in the JSON. Plot: `rpg_variants.png` beside this "
+                               "file; analysis: `docs/demo_families.md`."]
+
+
 FORMATS = {"logprob_kernels": _kernels, "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step,
-           "convert_memory": _convert, "demo_all": _demo_all}
+           "convert_memory": _convert, "demo_all": _demo_all,
+           "rpg_variants": _rpg_variants}
 
 
 def write_summary(folder: str | Path) -> Path:

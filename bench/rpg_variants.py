@@ -1,0 +1,59 @@
+"""RPG's variants against REINFORCE++ on the CPU demo, in one run (issue 19; the RPG paper's own comparison).
+
+    .venv/bin/python bench/rpg_variants.py                 # every variant, 15 steps each (about 40 minutes)
+    .venv/bin/python bench/rpg_variants.py train.steps=30  # any config override, applied to every variant
+
+Each variant is ``megarl demo --algo rpg algo.loss=<variant>`` (REINFORCE++ is ``--algo reinforce_pp``), all at
+the RPG family's demo temperature (0.7) so that only the loss and its advantage differ; a finished variant is not
+run again. Writes bench/results/<device>/rpg_variants.json (the same record per variant as
+``megarl demo --algo all``: megarl/demo_compare.py) and rpg_variants.png beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from results_io import REPO, write_result
+
+# (label, demo family, overrides): RPG's differentiable losses with each divergence, its REINFORCE-style losses
+# with the RPG-style clip, and REINFORCE++ with its baseline (the paper's comparison)
+VARIANTS = [
+    *[(f"rpg_{d}", "rpg", [f"algo.loss=rpg_{d}"]) for d in ("fkl", "rkl", "ufkl", "urkl")],
+    *[(f"rpg_rf_{d}_clip", "rpg", [f"algo.loss=rpg_rf_{d}_clip"]) for d in ("fkl", "rkl")],
+    ("reinforce_pp", "reinforce_pp", []),
+]
+COMMON = ["rollout.temperature=0.7", "train.steps=15"]
+
+
+def main() -> None:
+    sys.path.insert(0, str(REPO))
+    import matplotlib.pyplot as plt
+
+    from megarl.demo_compare import _run_family, family_record, figure, table
+
+    overrides = [*COMMON, *sys.argv[1:]]
+    root = REPO / "runs" / "rpg-variants"
+    records = []
+    for label, family, extra in VARIANTS:
+        run, rec_path = root / label, root / label / "compare_record.json"
+        given = [*extra, *overrides]
+        done = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
+        if done.get("overrides_given") != given:
+            print(f"\nrpg variants: {label}", flush=True)
+            proc = _run_family(family, run, given)
+            if proc["returncode"]:
+                sys.exit(f"rpg variants: {label} failed (its output is above)")
+            done = {**family_record(family, run, proc), "algo": label, "overrides_given": given}
+            rec_path.write_text(json.dumps(done, indent=1))
+        records.append(done)
+    fig = figure(records)
+    fig.suptitle("RPG variants against REINFORCE++: the CPU demo (SmolLM2-135M-Instruct, arithmetic), temperature 0.7")
+    dest = write_result("rpg_variants", records, sys.argv[1:])
+    fig.savefig(dest.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+    print(f"\n{table(records)}\n\nwrote {dest} and {dest.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
