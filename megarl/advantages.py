@@ -19,6 +19,7 @@ import math
 import torch
 
 ADVANTAGES = ("grpo", "dr_grpo", "rpg", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_RELATIVE = frozenset(ADVANTAGES) - {"reinforce_pp"}  # compare a response with its group: need >= 2 per prompt
 
 
 def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

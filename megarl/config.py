@@ -82,10 +82,10 @@ class DataSection:
 @frozen
 class AlgoSection:
     loss: str = "grpo"  # a name of megarl.losses.LOSSES
-    advantage: str = "grpo"  # a name of megarl.advantages.ADVANTAGES
+    advantage: str = "auto"  # "auto" = the loss's own estimator; or a name of megarl.advantages.ADVANTAGES
     loss_hparams: dict = dataclasses.field(default_factory=dict)  # overrides of the loss's own defaults
     # the policy the KL terms regularise toward: "fixed" = a frozen copy of the initial model, "old" = the rollout
-    # policy (RPG, REINFORCE++), "none"; "auto" picks what the loss's paper used (see trainer.reference_kind)
+    # policy (RPG, REINFORCE++), "none"; "auto" picks what the loss's paper used (megarl/algo.py)
     reference: Literal["auto", "fixed", "old", "none"] = "auto"
     vstar_samples: int = 8  # A*-PO stage 1: reference samples per prompt for V*
     vstar_beta1: float = 0.5  # A*-PO stage 1: V* = beta1 * log mean exp(r / beta1)
@@ -174,24 +174,9 @@ class RunConfig:
 
     def validate(self, world_size: int = 1) -> RunConfig:
         """Cross-section rules, checked before any model is built; raises ValueError naming the key and fix."""
-        from megarl.advantages import ADVANTAGES
-        from megarl.losses import build_loss
+        from megarl.algo import resolve
 
-        loss = build_loss(self.algo.loss, **self.algo.loss_hparams)  # unknown loss / hyperparameter -> named error
-        if self.kernels.impl == "te" and (self.algo.loss == "trw_entropy" or loss.hparams.get("entropy_coef")):
-            raise ValueError(f"kernels.impl='te' gives log-probs only, and algo.loss='{self.algo.loss}' reads the "
-                             "entropy (trw_entropy, or entropy_coef != 0); use kernels.impl=auto or triton, or set "
-                             "algo.loss_hparams={entropy_coef: 0}.")
-        if self.algo.advantage not in ADVANTAGES:
-            close = difflib.get_close_matches(self.algo.advantage, ADVANTAGES, n=1)
-            raise ValueError(f"algo.advantage='{self.algo.advantage}' is unknown; known: {', '.join(ADVANTAGES)}."
-                             + (f" Did you mean '{close[0]}'?" if close else ""))
-        # TRPA pairs within groups; group advantages compare within groups; A*-PO samples one response per prompt
-        group_relative = self.algo.loss == "trpa" or (self.algo.loss != "astar_po" and
-                                                      self.algo.advantage != "reinforce_pp")
-        if group_relative and self.rollout.group_size < 2:
-            raise ValueError(f"rollout.group_size={self.rollout.group_size} leaves nothing to compare against; "
-                             f"algo.advantage='{self.algo.advantage}' needs >= 2. Set rollout.group_size>=2.")
+        resolve(self)  # the loss, its estimator, reference and group size (megarl/algo.py): named errors
         mp = self.parallel.tp * self.parallel.pp
         if world_size % mp:
             raise ValueError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {mp}.")

@@ -17,15 +17,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-# Per algorithm family: what differs from GRPO (the trainer's defaults). GRPO runs without its KL term here (as
+# Per algorithm family: what differs from GRPO (the trainer's defaults; each loss brings its own advantage estimator
+# and reference, megarl/algo.py). GRPO runs without its KL term here (as
 # Dr. GRPO and DAPO do) so the demo needs no reference model pass. Each family's settings were chosen by measured
 # runs on the 2-core machine; docs/demo_families.md has those runs and why each setting is there.
 ALGOS: dict[str, list[str]] = {
     "grpo": ["algo.loss_hparams={kl_coef: 0}"],
     # Dr. GRPO and RPG: r - mean without the std division; at temperature 1 they learned brevity, then stalled on
     # short wrong answers (too few right ones to learn from); at 0.7 they learn as fast as GRPO. No KL (paper)
-    "dr_grpo": ["algo.loss=dr_grpo", "algo.advantage=dr_grpo", "algo.loss_hparams={kl_coef: 0}",
-                "rollout.temperature=0.7"],
+    "dr_grpo": ["algo.loss=dr_grpo", "algo.loss_hparams={kl_coef: 0}", "rollout.temperature=0.7"],
     "dapo": ["algo.loss=dapo", "rollout.dynamic_sampling=true"],  # overlong shaping is on for every family
     "trw": ["algo.loss=trw_entropy", "algo.loss_hparams={kl_coef: 0}"],
     "trpa": ["algo.loss=trpa"],  # levels: megarl/rewards/levels.py (a cut-off response ranks last)
@@ -34,8 +34,8 @@ ALGOS: dict[str, list[str]] = {
     # ran away); sampled at temperature 0.7, where the model answers right often enough for r - V* to carry signal
     "astar_po": ["algo.loss=astar_po", "rollout.group_size=1", "train.prompts_per_step=16",
                  "algo.loss_hparams={beta2: 0.1}", "rollout.temperature=0.7"],
-    "rpg": ["algo.loss=rpg_rf_fkl_clip", "algo.advantage=rpg", "rollout.temperature=0.7"],
-    "reinforce_pp": ["algo.loss=reinforce_pp", "algo.advantage=reinforce_pp_baseline"],
+    "rpg": ["algo.loss=rpg_rf_fkl_clip", "rollout.temperature=0.7"],
+    "reinforce_pp": ["algo.loss=reinforce_pp"],
 }
 
 # The demo's settings beside the defaults, chosen by measuring (runs on the 2-core machine): 4 prompts x 8 samples

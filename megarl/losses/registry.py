@@ -1,4 +1,9 @@
-"""Name -> loss, with each loss's own defaults. ``build_loss(name, **overrides)`` is the only constructor."""
+"""Name -> loss, with each loss's own defaults and the facts the trainer reads about it (``LossSpec``).
+
+``build_loss(name, **overrides)`` is the only constructor. Nothing outside megarl/losses tests a loss's name: the
+trainer asks the entry (which advantage estimator, which reference, which inputs, which normalisers, which stage
+before training); ``megarl/algo.py`` combines that with the run configuration.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,14 @@ class LossSpec:
     fn: LossFn
     defaults: Mapping[str, Any]
     counts: Callable[[LossInput], dict[str, float]] | None = None  # None: tokens and seqs
+    advantage: str | None = "grpo"  # its paper's estimator (megarl.advantages); None: it reads no advantages
+    # the policy its KL terms regularise toward: "fixed" (the initial model), "old" (the rollout policy: RPG and
+    # REINFORCE++ as RPG runs them), or "kl": a fixed reference exactly when its kl_coef > 0
+    reference: str = "kl"
+    reads: frozenset[str] = frozenset()  # LossInput fields it always reads besides log-probs: levels, v_star, ...
+    min_group_size: int = 1  # responses per prompt the loss itself compares (TRPA's pairs: 2)
+    normalisers: tuple[str, ...] = ("tokens", "seqs")  # the keys of counts(): summed over micro-batches and DP
+    stage1: str | None = None  # a stage before training: "vstar" (A*-PO's offline V*, megarl/trainer/vstar.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,32 +54,53 @@ class PolicyLoss:
     def counts(self, inp: LossInput) -> dict[str, float]:
         return self.spec.counts(inp) if self.spec.counts else local_counts(token_mask(inp))
 
+    def reference_kind(self) -> str:
+        """'fixed', 'old' or 'none': the reference its paper regularises toward (LossSpec.reference)."""
+        if self.spec.reference != "kl":
+            return self.spec.reference
+        return "fixed" if float(self.hparams.get("kl_coef") or 0.0) > 0 else "none"
+
+    def needs(self) -> frozenset[str]:
+        """The optional LossInput fields this loss reads with these hyperparameters."""
+        extra = {"entropy"} if self.hparams.get("entropy_coef") else set()
+        if self.reference_kind() != "none":
+            extra.add("ref_logprobs")
+        return self.spec.reads | extra
+
 
 def _rpg_entries() -> dict[str, LossSpec]:
     out = {}
     for div in rpg.DIVERGENCES:
-        out[f"rpg_{div}"] = LossSpec(functools.partial(rpg.rpg_differentiable, div=div), rpg.RPG_DEFAULTS)
+        # the RPG paper: group-mean baseline without std, regularised toward the old policy every step
+        meta = dict(advantage="rpg", reference="old")
+        out[f"rpg_{div}"] = LossSpec(functools.partial(rpg.rpg_differentiable, div=div), rpg.RPG_DEFAULTS, **meta)
         out[f"rpg_rf_{div}"] = LossSpec(functools.partial(rpg.rpg_reinforce, div=div, rpg_style_clip=False),
-                                        rpg.RPG_DEFAULTS)
+                                        rpg.RPG_DEFAULTS, **meta)
         out[f"rpg_rf_{div}_clip"] = LossSpec(functools.partial(rpg.rpg_reinforce, div=div, rpg_style_clip=True),
-                                             rpg.RPG_DEFAULTS)
+                                             rpg.RPG_DEFAULTS, **meta)
     return out
 
 
 LOSSES: dict[str, LossSpec] = {
     "grpo": LossSpec(ppo.grpo, ppo.PPO_DEFAULTS),
-    "dr_grpo": LossSpec(ppo.dr_grpo, {**ppo.PPO_DEFAULTS, "agg_mode": "seq-mean-token-sum-norm"}),
+    "dr_grpo": LossSpec(ppo.dr_grpo, {**ppo.PPO_DEFAULTS, "agg_mode": "seq-mean-token-sum-norm"},
+                        advantage="dr_grpo"),
     "dapo": LossSpec(ppo.dapo, {**ppo.PPO_DEFAULTS, "clip_high": 0.28, "clip_c": 10.0, "kl_coef": 0.0}),
     "reinforce_pp": LossSpec(ppo.reinforce_pp, {**ppo.PPO_DEFAULTS, "clip_high": 0.28, "clip_c": 10.0,
-                                                "kl_coef": 1e-4, "kl_estimator": "k1"}),
+                                                "kl_coef": 1e-4, "kl_estimator": "k1"},
+                                 advantage="reinforce_pp_baseline", reference="old"),
     "trw_indicator": LossSpec(trw.trw_indicator, {"clip_low": 0.2, "clip_high": 0.2, "clip_c": 3.0,
                                                   **trw.TRW_COMMON}),
     "trw_triangular": LossSpec(trw.trw_triangular, {**trw.TRIANGLE, **trw.TRW_COMMON}),
     "trw_logistic": LossSpec(trw.trw_logistic, {"alpha": 10.0, "gamma": 1.0, "eta": 0.0, "rescale": False,
                                                 **trw.TRW_COMMON}),
-    "trw_entropy": LossSpec(trw.trw_entropy, {**trw.TRIANGLE, "lam": 0.5, **trw.TRW_COMMON}),
-    "trpa": LossSpec(trpa.trpa, trpa.TRPA_DEFAULTS, trpa.trpa_counts),
-    "astar_po": LossSpec(astar_po.astar_po, astar_po.ASTAR_PO_DEFAULTS),
+    "trw_entropy": LossSpec(trw.trw_entropy, {**trw.TRIANGLE, "lam": 0.5, **trw.TRW_COMMON},
+                            reads=frozenset({"entropy"})),
+    "trpa": LossSpec(trpa.trpa, trpa.TRPA_DEFAULTS, trpa.trpa_counts, advantage=None, reference="fixed",
+                     reads=frozenset({"levels", "group_ids"}), min_group_size=2,
+                     normalisers=("tokens", "seqs", "pref_terms")),
+    "astar_po": LossSpec(astar_po.astar_po, astar_po.ASTAR_PO_DEFAULTS, advantage=None, reference="fixed",
+                         reads=frozenset({"rewards", "v_star"}), stage1="vstar"),
     **_rpg_entries(),
 }
 

@@ -1,7 +1,7 @@
 """``build(cfg)``: everything the RL loop needs, made from the run configuration on every rank.
 
 Called inside ``megarl.distributed.distributed()`` and Megatron's ``model_parallel`` groups. The reference policy
-follows the algorithm (``reference_kind``); the generator is the native Megatron one, which runs the policy's own
+follows the algorithm (``megarl.algo.resolve``); the generator is the native Megatron one, which runs the policy's own
 modules, so its weights are the trainer's without a copy.
 """
 
@@ -26,40 +26,11 @@ from megarl.convert.hf_io import HFReader
 from megarl.data.arith_dataset import write_arith_dataset
 from megarl.data.kk_dataset import write_kk_dataset
 from megarl.data.source import PromptSource
-from megarl.losses import build_loss
-from megarl.losses.registry import LOSSES, PolicyLoss
+from megarl.algo import Algorithm, resolve
 from megarl.rewards import compute_score
 from megarl.rewards.executor import RewardExecutor, load_score_fn
 from megarl.trainer.vllm_rollout import ColocatedVLLM
 from megarl.trainer.vstar import estimate_files, has_v_star
-
-
-def reference_kind(cfg: RunConfig) -> str:
-    """'fixed' (a frozen initial model), 'old' (the rollout policy) or 'none', per ALGORITHMS.md 5.3."""
-    if cfg.algo.reference != "auto":
-        return cfg.algo.reference
-    loss = cfg.algo.loss
-    if loss.startswith("rpg") or loss == "reinforce_pp":
-        return "old"  # RPG and its REINFORCE++ baselines: pi_ref := pi_old every step
-    if loss in ("trpa", "astar_po"):
-        return "fixed"
-    return "fixed" if float(loss_hparams(cfg).get("kl_coef", 0.0)) > 0 else "none"
-
-
-def loss_hparams(cfg: RunConfig) -> dict:
-    """The loss's defaults and overrides; Dr. GRPO's constant length normaliser defaults to rollout.max_tokens."""
-    hp = {**LOSSES[cfg.algo.loss].defaults, **cfg.algo.loss_hparams}
-    if "norm_len" in hp and hp["norm_len"] is None:
-        hp["norm_len"] = float(cfg.rollout.max_tokens)
-    return hp
-
-
-def check_reference(cfg: RunConfig, kind: str) -> None:
-    needs = cfg.algo.loss in ("trpa", "astar_po") or float(loss_hparams(cfg).get("kl_coef", 0.0)) > 0 or \
-        cfg.algo.loss.startswith("rpg")
-    if kind == "none" and needs:
-        raise ValueError(f"algo.reference=none but loss '{cfg.algo.loss}' regularises toward a reference; use "
-                         f"algo.reference=auto, or set its kl_coef to 0 in algo.loss_hparams.")
 
 
 @dataclasses.dataclass
@@ -74,7 +45,7 @@ class Components:
     generator: MegatronGenerator | ColocatedVLLM
     source: PromptSource
     executor: RewardExecutor
-    loss: PolicyLoss
+    algo: Algorithm  # the loss (algo.loss.loss), its advantage estimator and reference kind
     sampling: SamplingParams
 
 
@@ -193,9 +164,10 @@ def build(cfg: RunConfig) -> Components:
                  schedule=o.schedule)
     policy = MegatronPolicy(model, arch, optim, cfg.train.steps * cfg.train.minibatches_per_step,
                             kernel_impl=cfg.kernels.impl)
-    kind = reference_kind(cfg)
-    check_reference(cfg, kind)
-    reference = None
+    algo = resolve(cfg)
+    if dist.get_rank() == 0:
+        print("\n".join([algo.describe(), *algo.notes]), flush=True)
+    kind, reference = algo.reference, None
     if kind == "fixed":
         ref_model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False)
         load_weights_into(ref_model, arch, model_dir)
@@ -204,9 +176,9 @@ def build(cfg: RunConfig) -> Components:
     generator = make_generator(cfg, policy, arch, model_dir)
     executor = reward_executor(cfg)
     files = train_files(cfg)
-    if cfg.algo.loss == "astar_po":  # the policy is still the initial model here (a resume loads weights later)
+    if algo.loss.spec.stage1 == "vstar":  # the policy is still the initial model here (a resume loads weights later)
         files = vstar_files(cfg, files, generator, tokenizer, arch, executor)
     source = PromptSource(files, tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.run.seed,
                           shuffle=cfg.data.shuffle)
     return Components(cfg, arch, model_dir, tokenizer, policy, reference, kind, generator, source, executor,
-                      build_loss(cfg.algo.loss, **loss_hparams(cfg)), rollout_sampling(cfg, tokenizer, arch))
+                      algo, rollout_sampling(cfg, tokenizer, arch))

@@ -104,9 +104,10 @@ def gather_dp(values: list, group) -> list:
     return out
 
 
-def advantages_over_dp(ro: Rollouts, name: str, dp_group) -> tuple[torch.Tensor, dict[str, float]]:
+def advantages_over_dp(ro: Rollouts, name: str | None, dp_group) -> tuple[torch.Tensor | None, dict[str, float]]:
     """Advantages of this rank's rows computed over the whole step (all DP replicas), so batch-level estimators
-    (REINFORCE++ whitening) see the global batch; and the global reward / length metrics."""
+    (REINFORCE++ whitening) see the global batch; and the global reward / length metrics. ``name`` None (a loss
+    that reads no advantages): the metrics only."""
     local = (ro.rewards.tolist() if ro.rewards is not None else [], ro.group_ids.tolist(),
              ro.response_lengths.tolist(), ro.acc.tolist() if ro.acc is not None else [],
              [f == "length" for f in ro.finish_reasons])
@@ -120,12 +121,13 @@ def advantages_over_dp(ro: Rollouts, name: str, dp_group) -> tuple[torch.Tensor,
     clipped = torch.tensor([c for p in parts for c in p[4]], dtype=torch.float64)
     metrics = {"rollout/responses": float(len(rewards))}
     if len(rewards) == 0:
-        return torch.zeros(0, 1), metrics
+        return (None if name is None else torch.zeros(0, 1)), metrics
     width = int(lengths.max())
     mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
-    adv = compute_advantages(name, rewards=rewards, group_ids=gids, mask=mask)
-    mine = adv[offset: offset + len(ro)].float()
     metrics.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if len(rewards) > 1
                     else 0.0, "reward/acc": float(acc.mean()), "response/length_mean": float(lengths.double().mean()),
                     "response/length_max": float(lengths.max()), "response/clip_ratio": float(clipped.mean())})
-    return mine[:, : ro.max_response_len], metrics
+    if name is None:
+        return None, metrics
+    adv = compute_advantages(name, rewards=rewards, group_ids=gids, mask=mask)
+    return adv[offset: offset + len(ro)].float()[:, : ro.max_response_len], metrics

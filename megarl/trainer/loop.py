@@ -64,9 +64,9 @@ def train(c: Components) -> dict[str, float]:
                 ro.ref_logprobs = {"old": ro.old_logprobs, "none": None}.get(c.ref_kind) if c.reference is None \
                     else c.reference.logprobs(ro, budget, temperature)
             c.policy.rollout_point(False)
-            ro.advantages, rollout_metrics = advantages_over_dp(ro, cfg.algo.advantage, dp_group)
+            ro.advantages, rollout_metrics = advantages_over_dp(ro, c.algo.advantage, dp_group)
             with timer("update"):
-                updates = [c.policy.train_step(ro, groups, c.loss, budget, temperature)
+                updates = [c.policy.train_step(ro, groups, c.algo.loss, budget, temperature)
                            for groups in split_groups(ro.groups(), cfg.train.minibatches_per_step)]
             metrics = step_metrics(ro, entropy, updates, stats, rollout_metrics, timer, time.perf_counter() - t0,
                                    dp_group)

@@ -83,10 +83,10 @@ def test_demo_rejects_an_unknown_algorithm():
 def test_every_demo_algorithm_is_a_valid_run():
     """`megarl demo --algo A` for each family: the config validates (loss and its hyperparameters, group size,
     batch split) and the reference the loss needs is built."""
+    from megarl.algo import resolve
     from megarl.demo import ALGOS, demo_config
-    from megarl.trainer.build import check_reference, reference_kind
 
     for algo in ALGOS:
         cfg = demo_config(algo, []).validate(1)
-        check_reference(cfg, reference_kind(cfg))
+        resolve(cfg)  # the reference the loss needs agrees with algo.reference
         assert cfg.run.dir == f"runs/demo-{algo}" and cfg.data.generate == "arithmetic"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megarl.advantages import compute_advantages
+from megarl.algo import resolve
 from megarl.demo import ALGOS, demo_config
 from megarl.losses import LossInput, build_loss
 from megarl.rewards import compute_score
@@ -53,10 +54,12 @@ def loss_input(task: str, n_groups: int, group_size: int) -> LossInput:
 @pytest.mark.parametrize("algo", list(ALGOS))
 def test_every_family_trains_on_every_task(algo, task, tmp_path):
     cfg = demo_config(algo, [f"run.dir={tmp_path / algo}"])
+    plan = resolve(cfg)  # the loss and the estimator the trainer runs for it
     inp = loss_input(task, n_groups=2, group_size=cfg.rollout.group_size)
-    inp.advantages = compute_advantages(cfg.algo.advantage, rewards=inp.rewards, group_ids=inp.group_ids,
-                                        mask=inp.mask)
-    loss, _ = build_loss(cfg.algo.loss, **cfg.algo.loss_hparams)(inp)
+    if plan.advantage:
+        inp.advantages = compute_advantages(plan.advantage, rewards=inp.rewards, group_ids=inp.group_ids,
+                                            mask=inp.mask)
+    loss, _ = plan.loss(inp)
     loss.backward()
     grad = inp.logprobs.grad
     assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -21,7 +21,6 @@ so the result is independent of how the mini-batch is split over micro-batches a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,6 +34,7 @@ from megarl.backends.megatron.optim import build_optimizer, is_schedulefree, set
 from megarl.convert.arch import ModelArch
 from megarl.distributed import all_reduce_sum
 from megarl.losses.base import LossInput
+from megarl.losses.registry import PolicyLoss
 from megarl.rollout.batch import MicroBatch, Rollouts, make_micro_batches, row_field
 
 
@@ -153,7 +153,7 @@ class MegatronPolicy:
     def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature, self.kernel_impl)
 
-    def train_step(self, ro: Rollouts, groups: list[list[int]], loss_fn: Callable, token_budget: int,
+    def train_step(self, ro: Rollouts, groups: list[list[int]], loss_fn: PolicyLoss, token_budget: int,
                    temperature: float) -> dict[str, float]:
         """One optimizer step on the mini-batch made of ``groups`` (row indices of ``ro``). Every rank calls it,
         also with no groups (dynamic sampling can empty a rank): its DP all-reduce is still needed."""
@@ -164,8 +164,7 @@ class MegatronPolicy:
         for inp in inputs:
             for k, v in loss_fn.counts(inp).items():
                 local[k] = local.get(k, 0.0) + v
-        keys = ("tokens", "seqs", "pref_terms")
-        counts = all_reduce_sum({k: local.get(k, 0.0) for k in keys},
+        counts = all_reduce_sum({k: local.get(k, 0.0) for k in loss_fn.spec.normalisers},
                                 parallel_state.get_data_parallel_group())
 
         def post(out, d):
