@@ -1,5 +1,6 @@
 """A full RL step broken down by phase, and A*-PO (one sample per prompt) against GRPO (n=8) at the same number of
-prompts per step: per-step time and peak memory (the A*-PO paper reports ~2x faster steps and ~30% less memory).
+prompts per step: per-step time and peak memory (the A*-PO paper reports ~2x faster steps and ~30% less memory);
+and GRPO with ``algo.bypass_old_logprobs=true`` (the sampler's log-probs as pi_old, no old-log-prob pass).
 
     .venv/bin/python bench/rl_step.py                 # CPU: the bundled SmolLM2-135M on generated arithmetic
     python bench/rl_step.py --model /ckpt/Qwen2.5-1.5B-Instruct --max-tokens 1024   # a GPU machine
@@ -27,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALGOS = {  # what differs per algorithm; the rest is shared
     "grpo": ["algo.loss=grpo", "rollout.group_size=8"],
     "astar_po": ["algo.loss=astar_po", "rollout.group_size=1"],
+    "grpo_bypass": ["algo.loss=grpo", "rollout.group_size=8", "algo.bypass_old_logprobs=true"],
 }
 
 

@@ -16,6 +16,7 @@ import difflib
 from typing import TYPE_CHECKING
 
 from megarl.advantages import ADVANTAGES, GROUP_RELATIVE
+from megarl.losses import correction
 from megarl.losses.registry import LOSSES, PolicyLoss, build_loss
 
 if TYPE_CHECKING:
@@ -78,4 +79,9 @@ def resolve(cfg: RunConfig) -> Algorithm:
         raise ValueError(f"algo.reference=none but loss '{loss.name}' regularises toward a reference "
                          f"({loss.reference_kind()}); use algo.reference=auto, or set its kl_coef to 0 in "
                          f"algo.loss_hparams where it has one.")
+    truncated = cfg.rollout.top_p < 1.0 or cfg.rollout.top_k > 0
+    if truncated and (cfg.algo.bypass_old_logprobs or correction.active(loss.correction)):
+        notes.append(f"rollout.top_p={cfg.rollout.top_p} / top_k={cfg.rollout.top_k}: the sampler's log-probs are "
+                     "those of the truncated, renormalised distribution, not the trainer's full-vocabulary pi_old; "
+                     "rollout correction and bypass treat that difference as mismatch (docs/rollout_correction.md)")
     return Algorithm(loss, advantage, reference, tuple(notes))

@@ -89,6 +89,8 @@ class AlgoSection:
     reference: Literal["auto", "fixed", "old", "none"] = "auto"
     vstar_samples: int = 8  # A*-PO stage 1: reference samples per prompt for V*
     vstar_beta1: float = 0.5  # A*-PO stage 1: V* = beta1 * log mean exp(r / beta1)
+    # use the sampler's log-probs as pi_old and skip the old-log-prob forward pass (docs/rollout_correction.md)
+    bypass_old_logprobs: bool = False
 
 
 @frozen

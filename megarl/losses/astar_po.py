@@ -24,7 +24,10 @@ def astar_po(inp: LossInput, *, beta2: float, entropy_coef: float) -> tuple[torc
     target = require(inp, "rewards", "astar_po") - require(inp, "v_star", "astar_po")  # [B] optimal advantage
     s = ((inp.logprobs - ref) * mask).sum(-1)  # [B]
     residual = beta2 * s - target.to(s.dtype)
-    reg = residual.square().sum() / max(counts["seqs"], 1.0)
+    sq = residual.square() * (mask.sum(-1) > 0)  # a row emptied by rollout-correction rejection leaves the loss
+    if inp.is_weights is not None:  # rollout_is=sequence: one weight per response (registry: no token mode)
+        sq = sq * inp.is_weights.max(-1).values.to(sq.dtype)
+    reg = sq.sum() / max(counts["seqs"], 1.0)
     loss = reg
     metrics = {"regression_loss": float(reg.detach()), "logratio_sum_mean": float(s.detach().mean()),
                "target_adv_mean": float(target.mean())}

@@ -46,6 +46,8 @@ class LossInput:
     levels: torch.Tensor | None = None  # [B] TRPA preference level, 1 = best
     v_star: torch.Tensor | None = None  # [B] A*-PO optimal value of the response's prompt
     entropy: torch.Tensor | None = None  # [B, T] token entropy of pi_theta
+    rollout_logprobs: torch.Tensor | None = None  # [B, T] log-probs of the sampled tokens under the sampling engine
+    is_weights: torch.Tensor | None = None  # [B, T] rollout-correction IS weights (set by losses.correction)
     counts: Mapping[str, float] | None = None  # global normalisers, see the module docstring
 
 
@@ -67,8 +69,14 @@ def token_mask(inp: LossInput) -> torch.Tensor:
 
 
 def local_counts(mask: torch.Tensor) -> dict[str, float]:
-    """Additive normalisers of one micro-batch: valid tokens and sequences."""
-    return {"tokens": float(mask.sum()), "seqs": float(mask.shape[0])}
+    """Additive normalisers of one micro-batch: valid tokens, and sequences with at least one valid token (a row
+    emptied by padding or by rollout-correction rejection is not a sequence of the mean)."""
+    return {"tokens": float(mask.sum()), "seqs": float((mask.sum(-1) > 0).sum())}
+
+
+def is_weighted(pg_mat: torch.Tensor, inp: LossInput) -> torch.Tensor:
+    """The per-token policy-gradient term times the rollout-correction IS weights, when there are any."""
+    return pg_mat if inp.is_weights is None else pg_mat * inp.is_weights.to(pg_mat.dtype)
 
 
 def counts_of(inp: LossInput, local: Mapping[str, float]) -> Mapping[str, float]:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from megarl.losses.base import LossInput, agg, counts_of, local_counts, masked_mean, require, token_mask
+from megarl.losses.base import (LossInput, agg, counts_of, is_weighted, local_counts, masked_mean, require,
+                                token_mask)
 from megarl.losses.kl import kl_estimate
 
 
@@ -61,7 +62,7 @@ def clipped_pg_loss(inp: LossInput, *, name: str, clip_low: float, clip_high: fl
     lr = log_ratio(inp, name)
     ratio = torch.exp(lr)  # [B, T]
     pg_mat, clipped, dual = dual_clip_pg(ratio, adv, clip_low, clip_high, clip_c)
-    pg = agg(pg_mat, mask, agg_mode, counts, norm_len)
+    pg = agg(is_weighted(pg_mat, inp), mask, agg_mode, counts, norm_len)
     loss = pg
     metrics = {
         "pg_loss": float(pg.detach()),

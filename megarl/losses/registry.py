@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from megarl.losses import astar_po, ppo, rpg, trpa, trw
+from megarl.losses import astar_po, correction, ppo, rpg, trpa, trw
 from megarl.losses.base import LossInput, local_counts, token_mask
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
@@ -34,6 +34,7 @@ class LossSpec:
     min_group_size: int = 1  # responses per prompt the loss itself compares (TRPA's pairs: 2)
     normalisers: tuple[str, ...] = ("tokens", "seqs")  # the keys of counts(): summed over micro-batches and DP
     stage1: str | None = None  # a stage before training: "vstar" (A*-PO's offline V*, megarl/trainer/vstar.py)
+    rollout_is: tuple[str, ...] = correction.IS_MODES  # the IS-weight modes its terms can take (losses/correction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,16 +43,24 @@ class PolicyLoss:
 
     ``counts(inp)`` gives the additive normalisers of one micro-batch; sum them over the mini-batch and DP ranks
     and pass the sums as ``LossInput.counts`` to make micro-batching exact (see ``megarl.losses.base``).
+    ``hparams`` holds the loss's own and the rollout-correction keys (``megarl.losses.correction``); both calls
+    apply the correction first, so rejected tokens leave the loss and its normalisers alike.
     """
 
     name: str
     hparams: Mapping[str, Any]
     spec: LossSpec
 
+    @property
+    def correction(self) -> dict[str, Any]:
+        return {k: self.hparams[k] for k in correction.CORRECTION_DEFAULTS}
+
     def __call__(self, inp: LossInput) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.spec.fn(inp, **self.hparams)
+        own = {k: v for k, v in self.hparams.items() if k not in correction.CORRECTION_DEFAULTS}
+        return self.spec.fn(correction.corrected(inp, self.correction), **own)
 
     def counts(self, inp: LossInput) -> dict[str, float]:
+        inp = correction.corrected(inp, self.correction)
         return self.spec.counts(inp) if self.spec.counts else local_counts(token_mask(inp))
 
     def reference_kind(self) -> str:
@@ -96,11 +105,13 @@ LOSSES: dict[str, LossSpec] = {
                                                 **trw.TRW_COMMON}),
     "trw_entropy": LossSpec(trw.trw_entropy, {**trw.TRIANGLE, "lam": 0.5, **trw.TRW_COMMON},
                             reads=frozenset({"entropy"})),
+    # sequence-level objectives: TRPA's pairwise preferences have no policy-gradient term to reweight (rejection
+    # still applies); A*-PO's squared residual per response takes one sequence weight
     "trpa": LossSpec(trpa.trpa, trpa.TRPA_DEFAULTS, trpa.trpa_counts, advantage=None, reference="fixed",
                      reads=frozenset({"levels", "group_ids"}), min_group_size=2,
-                     normalisers=("tokens", "seqs", "pref_terms")),
+                     normalisers=("tokens", "seqs", "pref_terms"), rollout_is=("none",)),
     "astar_po": LossSpec(astar_po.astar_po, astar_po.ASTAR_PO_DEFAULTS, advantage=None, reference="fixed",
-                         reads=frozenset({"rewards", "v_star"}), stage1="vstar"),
+                         reads=frozenset({"rewards", "v_star"}), stage1="vstar", rollout_is=("none", "sequence")),
     **_rpg_entries(),
 }
 
@@ -116,7 +127,10 @@ def build_loss(name: str, **overrides: Any) -> PolicyLoss:
     if name not in LOSSES:
         raise ValueError(_unknown("loss", name, list(LOSSES)))
     spec = LOSSES[name]
-    bad = [k for k in overrides if k not in spec.defaults]
+    known = {**spec.defaults, **correction.CORRECTION_DEFAULTS}
+    bad = [k for k in overrides if k not in known]
     if bad:
-        raise TypeError(_unknown(f"hyperparameter of loss '{name}'", bad[0], list(spec.defaults)))
-    return PolicyLoss(name, {**spec.defaults, **overrides}, spec)
+        raise TypeError(_unknown(f"hyperparameter of loss '{name}'", bad[0], list(known)))
+    hp = {**known, **overrides}
+    correction.check(hp, name, spec.rollout_is)
+    return PolicyLoss(name, hp, spec)

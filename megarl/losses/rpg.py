@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from megarl.losses.base import LossInput, agg, counts_of, local_counts, masked_mean, require, token_mask
+from megarl.losses.base import (LossInput, agg, counts_of, is_weighted, local_counts, masked_mean, require,
+                                token_mask)
 from megarl.losses.ppo import dual_clip_pg, log_ratio
 
 DIVERGENCES = ("fkl", "rkl", "ufkl", "urkl")
@@ -66,9 +67,14 @@ def rpg_differentiable(inp: LossInput, *, div: str, clip_low: float, clip_high: 
     lw = log_ratio(inp, name)
     pg_mat, clipped, dual = dual_clip_pg(torch.exp(lw), require(inp, "advantages", name), clip_low, clip_high,
                                          clip_c)
-    pg = agg(pg_mat, mask, "token-mean", counts)
-    kl = agg(rpg_kl_matrix(lw, div), mask, "token-mean", counts)
-    metrics = {"pg_loss": float(pg.detach()), "kl": float(kl.detach()), "clip_frac": masked_mean(clipped.to(mask.dtype), mask),
+    pg = agg(is_weighted(pg_mat, inp), mask, "token-mean", counts)
+    # fkl (-lw) from the UNclamped log-ratio, as the paper's runs: its gradient is -1 even where |lw| > 20. The
+    # others exponentiate lw, so they keep the [-20, 20] clamp against overflow; past it their values are already
+    # at the [-10, 10] clamp or within exp(-20) of the unclamped ones
+    raw = inp.logprobs - inp.old_logprobs
+    kl = agg(rpg_kl_matrix(raw if div == "fkl" else lw, div), mask, "token-mean", counts)
+    metrics = {"pg_loss": float(pg.detach()), "kl": float(kl.detach()),
+               "clip_frac": masked_mean(clipped.to(mask.dtype), mask),
                "clip_frac_dual": masked_mean(dual.to(mask.dtype), mask)}
     return pg + beta * kl, metrics
 
@@ -90,7 +96,7 @@ def rpg_reinforce(inp: LossInput, *, div: str, clip_low: float, clip_high: float
         else:
             keep = torch.ones_like(w, dtype=torch.bool)
             coef = adv * wc + kl_term
-    loss = agg(-coef * inp.logprobs, mask, "token-mean", counts)
+    loss = agg(is_weighted(-coef * inp.logprobs, inp), mask, "token-mean", counts)
     metrics = {"pg_loss": float(loss.detach()), "coef_mean": masked_mean(coef, mask),
                "clip_frac": masked_mean((~keep).to(mask.dtype), mask) if rpg_style_clip
                else masked_mean((w != wc).to(mask.dtype), mask),

@@ -36,7 +36,8 @@ def seq_mean_logratio(inp: LossInput, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _groups(inp: LossInput) -> list[torch.Tensor]:
-    """Indices of each group; raises on a group with a single response."""
+    """Indices of each group's responses that have valid tokens (rollout-correction rejection can empty a row,
+    which then leaves the pairs); raises on a group with a single response."""
     gid = require(inp, "group_ids", "trpa")
     out = []
     for g in torch.unique(gid):
@@ -45,14 +46,16 @@ def _groups(inp: LossInput) -> list[torch.Tensor]:
             raise ValueError(f"trpa: group {int(g)} has a single response in this batch. TRPA pairs need whole "
                              f"groups of >= 2 responses: set rollout.group_size >= 2 and keep groups whole when "
                              f"splitting into micro-batches.")
-        out.append(idx)
+        idx = idx[inp.mask[idx].sum(-1) > 0]
+        if idx.numel():
+            out.append(idx)
     return out
 
 
 def pair_terms(inp: LossInput, ell: torch.Tensor, beta: float, kappa: float) -> tuple[torch.Tensor, int, int]:
     """All pair and fallback arguments of log-sigmoid, concatenated. Returns (args [K], n_pairs, n_fallback)."""
     levels = require(inp, "levels", "trpa", "preference levels from the rule reward")
-    args, n_pairs, n_fallback = [], 0, 0
+    args, n_pairs, n_fallback = [ell.new_zeros(0)], 0, 0
     for idx in _groups(inp):
         lv, el = levels[idx], ell[idx]
         better = lv[:, None] < lv[None, :]  # [g, g] i preferred over j

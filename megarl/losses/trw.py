@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from megarl.losses.base import LossInput, agg, counts_of, local_counts, masked_mean, require, token_mask
+from megarl.losses.base import LossInput, agg, counts_of, is_weighted, local_counts, masked_mean, require, token_mask
 from megarl.losses.kl import kl_estimate
 from megarl.losses.ppo import log_ratio
 
@@ -68,7 +68,7 @@ def trw_loss(inp: LossInput, weight: torch.Tensor, *, name: str, kl_coef: float,
     counts = counts_of(inp, local_counts(mask))
     adv = require(inp, "advantages", name)
     rho = torch.exp(log_ratio(inp, name))  # [B, T]
-    loss = agg(-(weight.detach() * rho * adv), mask, agg_mode, counts, norm_len)
+    loss = agg(is_weighted(-(weight.detach() * rho * adv), inp), mask, agg_mode, counts, norm_len)
     metrics = {"pg_loss": float(loss.detach()), "weight_mean": masked_mean(weight, mask),
                "weight_zero_frac": masked_mean((weight == 0).to(mask.dtype), mask),
                "ratio_mean": masked_mean(rho.detach(), mask)}

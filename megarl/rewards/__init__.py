@@ -5,7 +5,8 @@
 kk_logic (and any source containing "kk")           Knights-and-Knaves, with "level" (1 best)   rewards/kk.py
 openai/gsm8k                                        strict "#### n" (flexible on request)        rewards/gsm8k.py
 arithmetic                                          the last integer                             rewards/arith.py
-DigitalLearningGmbH/MATH-lighteval, lighteval/MATH  last \\boxed{}, Hendrycks + math-verify       rewards/math_boxed.py
+DigitalLearningGmbH/MATH-lighteval, lighteval/MATH,
+HuggingFaceH4/MATH-500                              last \\boxed{}, Hendrycks + math-verify       rewards/math_boxed.py
 math_dapo, aime*, amc*                              last "Answer:" line, Minerva, +1/-1          rewards/math_dapo.py
 """
 
@@ -19,7 +20,7 @@ from megarl.rewards.kk import kk_score
 from megarl.rewards.math_boxed import math_boxed_score
 from megarl.rewards.math_dapo import math_dapo_score
 
-MATH_SOURCES = ("DigitalLearningGmbH/MATH-lighteval", "lighteval/MATH")
+MATH_SOURCES = ("DigitalLearningGmbH/MATH-lighteval", "lighteval/MATH", "HuggingFaceH4/MATH-500")
 KNOWN_SOURCES = ("kk_logic", "openai/gsm8k", "arithmetic", *MATH_SOURCES, "math_dapo", "aime*", "amc*")
 
 

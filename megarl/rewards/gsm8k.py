@@ -1,8 +1,11 @@
-"""GSM8K answer reward (as in verl and A*-PO: verl/utils/reward_score/gsm8k.py).
+"""GSM8K answer reward (A*-PO's verl fork, verl/utils/reward_score/gsm8k.py at the A*-PO commit).
 
-strict   the FIRST ``#### <number>`` in the response (regex ``#### (-?[0-9.,]+)``), commas and '$' removed
+strict   the FIRST ``#### <number>`` in the response (regex ``#### (-?[0-9.,]+)``), commas and '$' removed. A*-PO's
+         verl takes the first match; current verl takes the last: a response that repeats "#### n" with different
+         numbers can score differently there.
 flexible the LAST number anywhere in the response (skipping '' and '.'), commas removed
-The extracted string must equal the ground truth exactly: score 1.0 (``correct_score``), else 0.0 (``format_score``).
+The extracted string must equal the ground truth with its thousands commas removed ("1,234" -> "1234", what verl's
+GSM8K preprocessing does to the dataset's answers): score 1.0 (``correct_score``), else 0.0 (``format_score``).
 Every result carries its TRPA preference level (rewards/levels.py). A*-PO trains with strict and estimated V* with flexible (ALGORITHMS.md 2.2).
 """
 

@@ -21,11 +21,13 @@ _GT_LINE = re.compile(r"\b([A-Za-z]+)\b.*?\b(knight|knave)\b", re.IGNORECASE)
 
 
 def response_text(solution_str: str) -> str:
-    """The model's own text: after an assistant header if the string still carries the prompt."""
-    for header in ("<|im_start|>assistant", "Assistant:"):
-        if header in solution_str:
-            solution_str = solution_str.split(header, 1)[1]
-            break
+    """The model's own text. megarl passes the response alone (as verl's reward managers do); a caller that passes
+    prompt + response in the chat template is cut after its ``<|im_start|>assistant`` header, a special token the
+    model's decoded text does not contain. The base template's plain ``Assistant:`` is never a cut: a response may
+    write it itself (``...</answer>\nAssistant: done`` would otherwise lose its answer and score -3)."""
+    header = "<|im_start|>assistant"
+    if header in solution_str:
+        solution_str = solution_str.split(header, 1)[1]
     return solution_str if "<think>" in solution_str else "<think>" + solution_str
 
 

@@ -67,14 +67,20 @@ def _fix_sqrt(s: str) -> str:
     return out
 
 
+def _remove_right_units(s: str) -> str:
+    """"5 \\text{ cm}" -> "5 ": a single ``\\text{ `` starts the unit (Hendrycks, who asserts there is exactly
+    one). With more (``6 \\text{ cm} \\text{ and } 8``) the text is part of the answer, so nothing is cut:
+    cutting at the first would score that answer as "6"."""
+    return s.split("\\text{ ")[0] if s.count("\\text{ ") == 1 else s
+
+
 def strip_string(s: str) -> str:
     """Hendrycks MATH answer normalisation."""
     s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     s = s.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
-    if "\\text{ " in s:  # trailing units: "5 \\text{ cm}"
-        s = s.split("\\text{ ")[0]
-    s = s.replace("\\%", "").replace("%", "")
+    s = _remove_right_units(s)
+    s = s.replace("\\%", "")  # Hendrycks and verl strip the escaped percent only: "50%" is not "50"
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if not s:
         return s
@@ -101,6 +107,8 @@ def math_verify_equal(gold: str, pred: str) -> bool:
 
 
 def math_boxed_score(solution_str: str, ground_truth: str, use_math_verify: bool = True) -> dict:
+    """Score the last boxed answer. A ground truth that is itself a solution with ``\\boxed{}`` (the MATH dataset's
+    ``solution`` column) is reduced to its last boxed content first, what verl's data preprocessing does."""
     gold = last_boxed(ground_truth) if "\\boxed" in ground_truth else ground_truth
     pred = last_boxed(solution_str)
     judge = None

@@ -41,6 +41,13 @@ class Rollouts:
     def max_response_len(self) -> int:
         return max((len(r) for r in self.response_ids), default=1)
 
+    def rollout_logprobs(self) -> torch.Tensor:
+        """The sampler's log-probs as [B, R] float32, 0 past each response (rollout correction, bypass)."""
+        out = torch.zeros(len(self), self.max_response_len)
+        for r, lps in enumerate(self.sampler_logprobs):
+            out[r, :len(lps)] = torch.tensor(lps, dtype=torch.float32)
+        return out
+
     def response_mask(self) -> torch.Tensor:
         """[B, R] float32, 1 on real response tokens."""
         lengths = self.response_lengths

@@ -58,8 +58,9 @@ def train(c: Components) -> dict[str, float]:
                     reward_opts=dict(max_tokens=cfg.rollout.max_tokens, overlong_buffer=cfg.rollout.overlong_buffer,
                                      overlong_factor=cfg.rollout.overlong_factor))
             c.generator.sleep()  # colocated vLLM on CUDA: give its memory to the update
-            with timer("old_logprobs"):
-                ro.old_logprobs, entropy = c.policy.logprobs(ro, budget, temperature)
+            with timer("old_logprobs"):  # bypass: the sampler's log-probs are pi_old (megarl/losses/correction.py)
+                ro.old_logprobs, entropy = (ro.rollout_logprobs(), None) if cfg.algo.bypass_old_logprobs else \
+                    c.policy.logprobs(ro, budget, temperature)
             with timer("ref_logprobs"):
                 ro.ref_logprobs = {"old": ro.old_logprobs, "none": None}.get(c.ref_kind) if c.reference is None \
                     else c.reference.logprobs(ro, budget, temperature)
@@ -69,7 +70,7 @@ def train(c: Components) -> dict[str, float]:
                 updates = [c.policy.train_step(ro, groups, c.algo.loss, budget, temperature)
                            for groups in split_groups(ro.groups(), cfg.train.minibatches_per_step)]
             metrics = step_metrics(ro, entropy, updates, stats, rollout_metrics, timer, time.perf_counter() - t0,
-                                   dp_group)
+                                   dp_group, None if cfg.algo.bypass_old_logprobs else c.algo.loss.correction)
             metrics.update(synced)
             if cfg.eval.interval and step % cfg.eval.interval == 0 and cfg.data.val_files:
                 with timer("eval"):

@@ -15,6 +15,7 @@ from megarl.backends.megatron.optim import averaged_weights, is_schedulefree
 from megarl.config import RunConfig, load_config, to_dict
 from megarl.convert.hf_io import ShardedWriter, atomic_output_dir, copy_side_files
 from megarl.distributed import all_reduce_sum
+from megarl.losses import correction
 from megarl.metrics import Timer
 from megarl.rollout.batch import Rollouts
 from megarl.trainer import checkpointing
@@ -105,26 +106,29 @@ def export_hf(c: Components, out: Path) -> None:
         dist.barrier()
 
 
-def step_metrics(ro: Rollouts, entropy: torch.Tensor, updates: list[dict], stats: dict[str, float],
-                 global_metrics: dict[str, float], timer: Timer, seconds: float, dp_group) -> dict[str, float]:
+def step_metrics(ro: Rollouts, entropy: torch.Tensor | None, updates: list[dict], stats: dict[str, float],
+                 global_metrics: dict[str, float], timer: Timer, seconds: float, dp_group,
+                 correction_hp: dict | None = None) -> dict[str, float]:
     """Metrics of one step, equal on every rank: ``stats`` (this replica's counters) summed over replicas,
     ``global_metrics`` (already over all replicas) as they are, update statistics averaged over the step's
-    mini-batches, timings and throughput."""
+    mini-batches, timings and throughput; the rollout-vs-trainer mismatch (``rollout_corr/``) unless
+    ``correction_hp`` is None (bypass: pi_old is the sampler's, nothing to compare). ``entropy`` None: no
+    old-log-prob pass ran (bypass), so no actor/entropy."""
     out = all_reduce_sum({k: v for k, v in stats.items() if k != "rollout/rounds"}, dp_group)
     out["rollout/rounds"] = stats.get("rollout/rounds", 1.0)
     out.update(global_metrics)
     mask = ro.response_mask() if len(ro) else torch.zeros(0, 1)
-    diff = 0.0
+    diff, sampler = 0.0, ro.rollout_logprobs() if len(ro) else None
     if len(ro):
-        sampler = torch.zeros_like(ro.old_logprobs)
-        for i, lps in enumerate(ro.sampler_logprobs):
-            sampler[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
         diff = float(((sampler - ro.old_logprobs).abs() * mask).max())
     out["rollout/logprob_diff_max"] = all_reduce_sum({"d": diff}, dp_group, dist.ReduceOp.MAX)["d"]
+    if correction_hp is not None:
+        out.update(mismatch_metrics(ro, sampler, mask, correction_hp, dp_group))
     tokens = float(sum(len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids)))
-    sums = all_reduce_sum({"ent": float((entropy * mask).sum()) if len(ro) else 0.0, "n": float(mask.sum()),
-                    "tokens": tokens, "groups": float(len(ro.groups()))}, dp_group)
-    out["actor/entropy"] = sums["ent"] / max(sums["n"], 1.0)
+    sums = all_reduce_sum({"ent": float((entropy * mask).sum()) if len(ro) and entropy is not None else 0.0,
+                           "n": float(mask.sum()), "tokens": tokens, "groups": float(len(ro.groups()))}, dp_group)
+    if entropy is not None:
+        out["actor/entropy"] = sums["ent"] / max(sums["n"], 1.0)
     out["rollout/groups"] = sums["groups"]
     out["perf/tokens_per_s"] = sums["tokens"] / max(seconds, 1e-9)
     for k in sorted({k for u in updates for k in u}):
@@ -133,3 +137,12 @@ def step_metrics(ro: Rollouts, entropy: torch.Tensor, updates: list[dict], stats
     out.update(timer.metrics())
     out["time/step"] = seconds
     return out
+
+
+def mismatch_metrics(ro: Rollouts, sampler: torch.Tensor | None, mask: torch.Tensor, hp: dict,
+                     dp_group) -> dict[str, float]:
+    """rollout_corr/ metrics of the step over all replicas (megarl/losses/correction.py ``stats``)."""
+    local = correction.stats(ro.old_logprobs, sampler, mask, hp) if len(ro) else \
+        correction.stats(torch.zeros(0, 1), torch.zeros(0, 1), torch.zeros(0, 1), hp)
+    peak = all_reduce_sum({"is_max": local.pop("is_max")}, dp_group, dist.ReduceOp.MAX) if "is_max" in local else {}
+    return correction.finish_stats({**all_reduce_sum(local, dp_group), **peak})

@@ -100,6 +100,25 @@ def test_micro_batch_split_does_not_change_the_update(megatron_world, tmp_path, 
                                                "loss/pref_loss", "loss/logratio"))
 
 
+def test_rollout_correction_and_bypass_train_and_log(megatron_world, tmp_path, data_dir):
+    """rollout_is=token + rollout_rs=geometric trains and logs the mismatch; the native generator samples with the
+    trainer's own weights, so the weights are ~1 and nothing is rejected. Bypass (the sampler's log-probs as
+    pi_old, no old pass) then matches the run that recomputes them, up to that sampler/trainer difference."""
+    hp = "algo.loss_hparams={rollout_is: token, rollout_rs: geometric}"
+    corrected = run(tmp_path / "corr", data_dir, hp)
+    plain = run(tmp_path / "plain", data_dir)
+    for r in corrected:
+        assert all(math.isfinite(v) for v in r.values()) and r["optim/grad_norm"] > 0
+        assert abs(r["rollout_corr/is_weight_mean"] - 1) < 1e-3 and r["rollout_corr/is_weight_max"] < 1.01
+        assert r["rollout_corr/rejected_token_frac"] == 0 and r["rollout_corr/rejected_seq_frac"] == 0
+        assert 0 <= r["rollout_corr/k3_kl"] < 1e-6 and abs(r["rollout_corr/log_ppl_diff"]) < 1e-3
+    same_metrics(corrected, plain, tol=2e-3, skip=("rollout_corr/",))
+    bypass = run(tmp_path / "bypass", data_dir, "algo.bypass_old_logprobs=true")
+    assert all("actor/entropy" not in r and not any(k.startswith("rollout_corr/") for k in r) for r in bypass)
+    assert all(r["rollout/logprob_diff_max"] == 0 for r in bypass)  # pi_old is the sampler's, exactly
+    same_metrics(bypass, plain, tol=2e-3, skip=("rollout_corr/", "actor/entropy", "rollout/logprob_diff_max"))
+
+
 def test_fused_output_layer_path_equals_the_logits_path(megatron_world, tmp_path, data_dir):
     """kernels.impl=auto (hidden states -> fused output layer, no logits) against the logits path through the plain
     torch reference and through the Triton kernel: the same losses, gradient norms and entropies over three updates,

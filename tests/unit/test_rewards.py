@@ -41,6 +41,11 @@ def test_kk_same_score_with_or_without_the_prompts_think():
     assert own == supplied == with_header and own["level"] == 1
 
 
+def test_kk_does_not_cut_at_an_assistant_the_model_wrote():
+    """The response alone (what the trainer passes): an "Assistant:" after the answer is the model's own text."""
+    assert kk(GOOD + "\nAssistant: done")["level"] == 1
+
+
 def test_kk_names_are_matched_as_words():
     truth = {"solution_text_format": "(1) Ava is a knight\n(2) Avan is a knave"}
     r = compute_score("kk_logic", "x</think><answer>(1) Avan is a knave (2) Ava is a knight</answer>", truth)
@@ -49,6 +54,7 @@ def test_kk_names_are_matched_as_words():
 
 @pytest.mark.parametrize("text,gt,method,score,pred", [
     ("So the total is #### 1,234", "1234", "strict", 1.0, "1234"),
+    ("So the total is #### 1234", "1,234", "strict", 1.0, "1234"),     # the ground truth's commas go too
     ("#### 12\nthen #### 13", "13", "strict", 0.0, "12"),          # strict takes the FIRST marker
     ("The answer is 42.", "42", "strict", 0.0, None),               # no marker
     ("#### $-7", "-7", "strict", 0.0, None),                        # '$' before the number: no match
@@ -68,6 +74,9 @@ def test_gsm8k_branches(text, gt, method, score, pred):
     ("\\boxed{0.5}", "\\frac{1}{2}", True, "string"),                   # Hendrycks special case
     ("\\boxed{x = 3}", "3", True, "string"),                            # short lhs dropped
     ("\\boxed{5 \\text{ cm}}", "5", True, "string"),                    # units
+    ("\\boxed{6 \\text{ cm} \\text{ and } 8}", "6", False, None),       # two \text{: not a unit, not cut
+    ("\\boxed{50\\%}", "50", True, "string"),                          # escaped percent stripped (Hendrycks)
+    ("\\boxed{50%}", "50", True, "math_verify"),                         # a plain % is not: math-verify decides
     ("first \\boxed{1} then \\boxed{\\{1, 2\\}}", "\\{1, 2\\}", True, "string"),  # last box, nested braces
     ("\\boxed{\\sqrt{8}}", "2\\sqrt{2}", True, "math_verify"),          # only math-verify sees this
     ("\\boxed{0.25}", "\\frac{1}{4}", True, "math_verify"),
@@ -82,6 +91,7 @@ def test_math_boxed_branches(text, gt, acc, judge):
 
 def test_math_ground_truth_may_carry_a_box_and_math_verify_can_be_off():
     assert compute_score("lighteval/MATH", "\\boxed{7}", "so \\boxed{7}")["acc"]
+    assert compute_score("HuggingFaceH4/MATH-500", "\\boxed{\\frac12}", "\\frac{1}{2}")["acc"]  # MATH-500 source
     assert not compute_score("lighteval/MATH", "\\boxed{\\sqrt{8}}", "2\\sqrt{2}", use_math_verify=False)["acc"]
 
 

@@ -159,7 +159,9 @@ class MegatronPolicy:
         also with no groups (dynamic sampling can empty a rank): its DP all-reduce is still needed."""
         self.model.train()
         mbs = make_micro_batches(ro, groups, token_budget)
-        inputs = [self._loss_input(ro, mb, mb.mask.new_zeros(mb.mask.shape), None) for mb in mbs]
+        rollout_lp = ro.rollout_logprobs()
+        inputs = [self._loss_input(ro, mb, mb.mask.new_zeros(mb.mask.shape), None, rollout_lp=rollout_lp)
+                  for mb in mbs]
         local = {}
         for inp in inputs:
             for k, v in loss_fn.counts(inp).items():
@@ -170,7 +172,7 @@ class MegatronPolicy:
         def post(out, d):
             mb = d["mb"]
             lp, ent = response_logprobs(self.model, self.arch, out, mb, temperature, self.kernel_impl)
-            loss, metrics = loss_fn(self._loss_input(ro, mb, lp, ent, counts))
+            loss, metrics = loss_fn(self._loss_input(ro, mb, lp, ent, counts, rollout_lp))
             return loss, {"loss/total": float(loss.detach()), **{f"loss/{k}": v for k, v in metrics.items()}}
 
         self.model.zero_grad_buffer()
@@ -184,7 +186,7 @@ class MegatronPolicy:
         return self._reduce_metrics(per_mb, ok, grad_norm)
 
     def _loss_input(self, ro: Rollouts, mb: MicroBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None,
-                    counts: dict | None = None) -> LossInput:
+                    counts: dict | None = None, rollout_lp: torch.Tensor | None = None) -> LossInput:
         dev = logprobs.device
 
         def f(t):
@@ -194,7 +196,7 @@ class MegatronPolicy:
         return LossInput(logprobs=logprobs, mask=mb.mask.to(dev), old_logprobs=f(ro.old_logprobs),
                          ref_logprobs=f(ro.ref_logprobs), advantages=f(ro.advantages),
                          rewards=f(ro.rewards), group_ids=f(ro.group_ids), levels=f(ro.levels),
-                         v_star=f(ro.v_star), entropy=entropy, counts=counts)
+                         v_star=f(ro.v_star), entropy=entropy, counts=counts, rollout_logprobs=f(rollout_lp))
 
     def _reduce_metrics(self, per_mb: list[dict], ok: bool, grad_norm) -> dict[str, float]:
         """``loss/total`` summed over micro-batches and DP ranks (each micro-batch carries its share of the global
