@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from megarl.losses import astar_po, correction, ppo, rpg, trpa, trw
+from megarl.losses import astar_po, correction, peers, ppo, rpg, trpa, trw
 from megarl.losses.base import LossInput, local_counts, token_mask
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
@@ -113,6 +113,11 @@ LOSSES: dict[str, LossSpec] = {
     "astar_po": LossSpec(astar_po.astar_po, astar_po.ASTAR_PO_DEFAULTS, advantage=None, reference="fixed",
                          reads=frozenset({"rewards", "v_star"}), stage1="vstar", rollout_is=("none", "sequence")),
     **_rpg_entries(),
+    # what the peer frameworks ship (megarl/losses/peers.py): group advantages, no reference unless kl_coef > 0
+    "gspo": LossSpec(peers.gspo, peers.GSPO_DEFAULTS),
+    "gmpo": LossSpec(peers.gmpo, peers.GMPO_DEFAULTS, rollout_is=("none", "sequence")),
+    "cispo": LossSpec(peers.cispo, peers.CISPO_DEFAULTS),
+    "sapo": LossSpec(peers.sapo, peers.SAPO_DEFAULTS),
 }
 
 

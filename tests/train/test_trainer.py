@@ -71,6 +71,7 @@ FAMILIES = {
     "astar_po": ["algo.loss=astar_po", "rollout.group_size=1", "data.train_files=VSTAR"],
     "rpg": ["algo.loss=rpg_rf_fkl_clip", "algo.advantage=rpg", "optim.name=schedulefree"],
     "reinforce_pp": ["algo.loss=reinforce_pp", "algo.advantage=reinforce_pp_baseline"],
+    "gspo": ["algo.loss=gspo"], "gmpo": ["algo.loss=gmpo"], "cispo": ["algo.loss=cispo"], "sapo": ["algo.loss=sapo"],
 }
 
 

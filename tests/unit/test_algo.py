@@ -26,7 +26,7 @@ def cfg_of(*overrides: str):
     ("dapo", "grpo", "none"),  # no KL
     ("reinforce_pp", "reinforce_pp_baseline", "old"),  # as the RPG paper runs its baselines
     ("rpg_fkl", "rpg", "old"), ("rpg_rf_urkl_clip", "rpg", "old"),
-    ("trw_triangular", "grpo", "none"),
+    ("trw_triangular", "grpo", "none"), ("gspo", "grpo", "none"), ("cispo", "grpo", "none"),
     ("trpa", None, "fixed"), ("astar_po", None, "fixed"),
 ])
 def test_auto_picks_each_papers_estimator_and_reference(loss, advantage, reference):
