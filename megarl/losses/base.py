@@ -48,6 +48,7 @@ class LossInput:
     entropy: torch.Tensor | None = None  # [B, T] token entropy of pi_theta
     rollout_logprobs: torch.Tensor | None = None  # [B, T] log-probs of the sampled tokens under the sampling engine
     is_weights: torch.Tensor | None = None  # [B, T] rollout-correction IS weights (set by losses.correction)
+    selected: torch.Tensor | None = None  # [B, T] 1 on tokens a covariance loss singled out (losses.cov)
     counts: Mapping[str, float] | None = None  # global normalisers, see the module docstring
 
 

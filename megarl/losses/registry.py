@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from megarl.losses import astar_po, correction, peers, ppo, rpg, trpa, trw
+from megarl.losses import astar_po, correction, cov, peers, ppo, rpg, trpa, trw
 from megarl.losses.base import LossInput, local_counts, token_mask
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
@@ -35,6 +35,9 @@ class LossSpec:
     normalisers: tuple[str, ...] = ("tokens", "seqs")  # the keys of counts(): summed over micro-batches and DP
     stage1: str | None = None  # a stage before training: "vstar" (A*-PO's offline V*, megarl/trainer/vstar.py)
     rollout_is: tuple[str, ...] = correction.IS_MODES  # the IS-weight modes its terms can take (losses/correction)
+    # a token selection made once per step over all ranks (cov, mask, hparams, generator) -> [B, T]: the trainer
+    # passes it as LossInput.selected (Clip-Cov / KL-Cov, megarl/losses/cov.py)
+    select: Callable[..., torch.Tensor] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +121,8 @@ LOSSES: dict[str, LossSpec] = {
     "gmpo": LossSpec(peers.gmpo, peers.GMPO_DEFAULTS, rollout_is=("none", "sequence")),
     "cispo": LossSpec(peers.cispo, peers.CISPO_DEFAULTS),
     "sapo": LossSpec(peers.sapo, peers.SAPO_DEFAULTS),
+    "clip_cov": LossSpec(cov.clip_cov, cov.CLIP_COV_DEFAULTS, select=cov.clip_cov_select),
+    "kl_cov": LossSpec(cov.kl_cov, cov.KL_COV_DEFAULTS, select=cov.kl_cov_select),
 }
 
 

@@ -29,6 +29,7 @@ class Rollouts:
     advantages: torch.Tensor | None = None  # [B, R] float32
     old_logprobs: torch.Tensor | None = None  # [B, R] float32
     ref_logprobs: torch.Tensor | None = None  # [B, R] float32
+    selected: torch.Tensor | None = None  # [B, R] float32, tokens a covariance loss singled out (losses/cov.py)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -69,7 +70,7 @@ class Rollouts:
                         [self.sampler_logprobs[i] for i in keep], [self.finish_reasons[i] for i in keep],
                         self.group_ids[idx], *(rows_of(getattr(self, f)) for f in
                                                ("rewards", "acc", "levels", "v_star", "advantages",
-                                                "old_logprobs", "ref_logprobs")))
+                                                "old_logprobs", "ref_logprobs", "selected")))
 
     def groups(self) -> list[list[int]]:
         """Row indices of each group, in order of first appearance."""

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 
 from megarl.advantages import compute_advantages
+from megarl.losses.cov import covariance
+from megarl.losses.registry import PolicyLoss
 from megarl.backends.protocols import SamplingParams
 from megarl.distributed import all_reduce_sum
 from megarl.data.source import Prompt, PromptSource
@@ -131,3 +133,27 @@ def advantages_over_dp(ro: Rollouts, name: str | None, dp_group) -> tuple[torch.
         return None, metrics
     adv = compute_advantages(name, rewards=rewards, group_ids=gids, mask=mask)
     return adv[offset: offset + len(ro)].float()[:, : ro.max_response_len], metrics
+
+
+def select_over_dp(ro: Rollouts, loss: PolicyLoss, dp_group, seed: int) -> torch.Tensor | None:
+    """The loss's per-step token selection (``LossSpec.select``: Clip-Cov, KL-Cov) made over every replica's rows
+    at once, with a generator seeded per step (so a resumed run draws the same); this rank's rows. None when the
+    loss selects nothing."""
+    if loss.spec.select is None:
+        return None
+    mask = ro.response_mask()
+    local = [(ro.advantages[i, :n].tolist(), ro.old_logprobs[i, :n].tolist())
+             for i, n in enumerate(ro.response_lengths.tolist())]
+    parts = gather_dp(local, dp_group)
+    me = dist.get_rank(dp_group)
+    offset = sum(len(p) for p in parts[:me])
+    rows = [r for p in parts for r in p]
+    if not rows:
+        return torch.zeros_like(mask)
+    width = max(len(a) for a, _ in rows)
+    adv, old, m = (torch.zeros(len(rows), width, dtype=torch.float64) for _ in range(3))
+    for i, (a, lp) in enumerate(rows):
+        adv[i, :len(a)], old[i, :len(lp)], m[i, :len(a)] = torch.tensor(a), torch.tensor(lp), 1.0
+    gen = torch.Generator().manual_seed(seed)
+    sel = loss.spec.select(covariance(old, adv, m), m, loss.hparams, gen)
+    return sel[offset: offset + len(ro), : mask.shape[1]].float()

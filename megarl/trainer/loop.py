@@ -23,7 +23,7 @@ from megarl.metrics import MetricsLogger, Timer, append_jsonl, read_metrics, tru
 from megarl.rollout.batch import split_groups
 from megarl.trainer import checkpointing
 from megarl.trainer.build import Components
-from megarl.trainer.collect import advantages_over_dp, collect
+from megarl.trainer.collect import advantages_over_dp, collect, select_over_dp
 from megarl.trainer.evaluate import evaluate_files
 from megarl.trainer.vllm_rollout import ColocatedVLLM
 from megarl.backends.megatron.parallel import dp_info
@@ -66,6 +66,7 @@ def train(c: Components) -> dict[str, float]:
                     else c.reference.logprobs(ro, budget, temperature)
             c.policy.rollout_point(False)
             ro.advantages, rollout_metrics = advantages_over_dp(ro, c.algo.advantage, dp_group)
+            ro.selected = select_over_dp(ro, c.algo.loss, dp_group, seed=cfg.run.seed * 100_003 + step)
             with timer("update"):
                 updates = [c.policy.train_step(ro, groups, c.algo.loss, budget, temperature)
                            for groups in split_groups(ro.groups(), cfg.train.minibatches_per_step)]

@@ -72,6 +72,7 @@ FAMILIES = {
     "rpg": ["algo.loss=rpg_rf_fkl_clip", "algo.advantage=rpg", "optim.name=schedulefree"],
     "reinforce_pp": ["algo.loss=reinforce_pp", "algo.advantage=reinforce_pp_baseline"],
     "gspo": ["algo.loss=gspo"], "gmpo": ["algo.loss=gmpo"], "cispo": ["algo.loss=cispo"], "sapo": ["algo.loss=sapo"],
+    "clip_cov": ["algo.loss=clip_cov"], "kl_cov": ["algo.loss=kl_cov", "algo.loss_hparams={select_ratio: 0.05}"],
 }
 
 

@@ -27,6 +27,7 @@ def cfg_of(*overrides: str):
     ("reinforce_pp", "reinforce_pp_baseline", "old"),  # as the RPG paper runs its baselines
     ("rpg_fkl", "rpg", "old"), ("rpg_rf_urkl_clip", "rpg", "old"),
     ("trw_triangular", "grpo", "none"), ("gspo", "grpo", "none"), ("cispo", "grpo", "none"),
+    ("kl_cov", "grpo", "none"),
     ("trpa", None, "fixed"), ("astar_po", None, "fixed"),
 ])
 def test_auto_picks_each_papers_estimator_and_reference(loss, advantage, reference):

@@ -196,7 +196,8 @@ class MegatronPolicy:
         return LossInput(logprobs=logprobs, mask=mb.mask.to(dev), old_logprobs=f(ro.old_logprobs),
                          ref_logprobs=f(ro.ref_logprobs), advantages=f(ro.advantages),
                          rewards=f(ro.rewards), group_ids=f(ro.group_ids), levels=f(ro.levels),
-                         v_star=f(ro.v_star), entropy=entropy, counts=counts, rollout_logprobs=f(rollout_lp))
+                         v_star=f(ro.v_star), entropy=entropy, counts=counts, rollout_logprobs=f(rollout_lp),
+                         selected=f(ro.selected))
 
     def _reduce_metrics(self, per_mb: list[dict], ok: bool, grad_norm) -> dict[str, float]:
         """``loss/total`` summed over micro-batches and DP ranks (each micro-batch carries its share of the global
