@@ -274,7 +274,7 @@ def subset(inp: LossInput, idx) -> LossInput:
     idx = torch.tensor(idx)
     kw = {f: (getattr(inp, f)[idx] if getattr(inp, f) is not None else None)
           for f in ("old_logprobs", "ref_logprobs", "mask", "advantages", "rewards", "group_ids", "levels",
-                    "v_star", "entropy")}
+                    "v_star", "entropy", "rollout_logprobs", "selected")}
     return LossInput(logprobs=inp.logprobs[idx], **kw)
 
 
@@ -287,6 +287,13 @@ INVARIANCE_CASES = [(n, m) for n in sorted(LOSSES) for m in
 def test_micro_batches_and_ranks_reproduce_the_whole_batch_gradient(name, mode):
     loss_fn = build_loss(name, **({"agg_mode": mode, "norm_len": 9} if mode else {}))
     inp = make_batch(12, spread=0.5)
+    if loss_fn.spec.select:  # Clip-Cov / KL-Cov: the trainer selects once over the whole step, then splits
+        from megarl.losses.cov import covariance
+
+        cov = covariance(inp.old_logprobs, inp.advantages, inp.mask)
+        inp.selected = loss_fn.spec.select(cov, inp.mask, {**loss_fn.hparams, "select_ratio": 0.1, "cov_lb": -9.0},
+                                           torch.Generator().manual_seed(0))
+        assert inp.selected.sum() > 0
     full, _ = loss_fn(inp)
     full.backward()
     g_full = inp.logprobs.grad.clone()
