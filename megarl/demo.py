@@ -36,6 +36,11 @@ ALGOS: dict[str, list[str]] = {
                  "algo.loss_hparams={beta2: 0.1}", "rollout.temperature=0.7"],
     "rpg": ["algo.loss=rpg_rf_fkl_clip", "rollout.temperature=0.7"],
     "reinforce_pp": ["algo.loss=reinforce_pp"],
+    # the peers' losses (megarl/losses/peers.py) with GRPO's advantages. With one update per step the update is
+    # on-policy (ratio 1): GSPO's sequence clip and CISPO's weight clip never bind, so their gradients are GRPO's
+    # up to aggregation (GSPO: mean over responses of token means); they differ off-policy (minibatches, async)
+    "gspo": ["algo.loss=gspo"],
+    "cispo": ["algo.loss=cispo"],
 }
 
 # The demo's settings beside the defaults, chosen by measuring (runs on the 2-core machine): 4 prompts x 8 samples
