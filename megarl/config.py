@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -158,6 +160,16 @@ class KernelsSection:
     impl: Literal["auto", "fused_linear", "triton", "torch", "te"] = "auto"
 
 
+# the smallest value of each count, size and rate; checked before anything divides by them
+MINIMA = {"train.steps": 1, "train.prompts_per_step": 1, "train.minibatches_per_step": 1,
+          "train.micro_batch_tokens": 1, "parallel.tp": 1, "parallel.pp": 1, "rollout.max_tokens": 1,
+          "rollout.group_size": 1, "rollout.temperature": 0.0, "rollout.overlong_buffer": 0,
+          "checkpoint.interval": 0, "checkpoint.keep_last": 1, "data.generate_size": 1, "eval.n": 1,
+          "eval.interval": 0, "eval.max_tokens": 0, "eval.max_prompts": 0, "optim.lr": 0.0, "optim.min_lr": 0.0,
+          "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "optim.warmup_steps": 0, "algo.vstar_samples": 1,
+          "reward.num_workers": 0, "reward.timeout_s": 0.001}
+
+
 @frozen
 class RunConfig:
     run: RunSection = dataclasses.field(default_factory=RunSection)
@@ -178,6 +190,13 @@ class RunConfig:
         """Cross-section rules, checked before any model is built; raises ValueError naming the key and fix."""
         from megarl.algo import resolve
 
+        for section in dataclasses.fields(self):  # every number finite, every count within its range
+            for f in dataclasses.fields(getattr(self, section.name)):
+                key, value = f"{section.name}.{f.name}", getattr(getattr(self, section.name), f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{key}={value} must be a finite number.")
+                if key in MINIMA and value < MINIMA[key]:
+                    raise ValueError(f"{key}={value} must be >= {MINIMA[key]}.")
         resolve(self)  # the loss, its estimator, reference and group size (megarl/algo.py): named errors
         mp = self.parallel.tp * self.parallel.pp
         if world_size % mp:
@@ -187,13 +206,6 @@ class RunConfig:
             raise ValueError(f"train.prompts_per_step ({self.train.prompts_per_step}) must be divisible by "
                              f"data-parallel size ({dp}) x train.minibatches_per_step "
                              f"({self.train.minibatches_per_step}) = {dp * self.train.minibatches_per_step}.")
-        for key, value, low in (("train.steps", self.train.steps, 1), ("rollout.max_tokens", self.rollout.max_tokens, 1),
-                                ("checkpoint.interval", self.checkpoint.interval, 0),
-                                ("checkpoint.keep_last", self.checkpoint.keep_last, 1),
-                                ("train.micro_batch_tokens", self.train.micro_batch_tokens, 1),
-                                ("data.generate_size", self.data.generate_size, 1), ("eval.n", self.eval.n, 1)):
-            if value < low:
-                raise ValueError(f"{key}={value} must be >= {low}.")
         if self.optim.name == "schedulefree" and self.optim.distributed:
             raise ValueError("optim.name=schedulefree swaps the model weights between its two points, which the "
                              "distributed optimizer's sharded copies cannot follow; set optim.distributed=false.")
@@ -326,5 +338,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), world
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written beside and renamed over: a start killed or out of disk never leaves a torn config.yaml."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -138,14 +138,14 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to write into; rename it to ``out`` only if the body succeeds.
 
-    A killed or failed conversion leaves a hidden ``.NAME.tmp-PID`` directory, never something at ``out`` that
+    A killed or failed conversion leaves a hidden ``.NAME.tmp-HOST-PID`` directory, never something at ``out`` that
     looks complete. An existing non-empty ``out`` is refused unless ``overwrite``.
     """
     out = Path(out)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = out.parent / f".{out.name}.tmp-{_host()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -174,9 +174,18 @@ def file_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _host() -> str:
+    """This node's name, made safe for a file name (no '-': the PID follows the last one)."""
+    import socket
+
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
 def remove_stale_tmp(out: Path) -> None:
-    """Delete ``.NAME.tmp-PID`` directories that killed runs left beside ``out`` (their process is gone)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+    """Delete ``.NAME.tmp-HOST-PID`` directories that killed runs of THIS node left beside ``out`` (their process
+    is gone). Another node's are left alone: its PIDs mean nothing here, and on a shared filesystem its writer may
+    still be running."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-{_host()}-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(tmp, ignore_errors=True)

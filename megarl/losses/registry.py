@@ -132,6 +132,25 @@ def _unknown(kind: str, name: str, known: list[str], where: str = "") -> str:
     return f"Unknown {kind} '{name}'{where}. Known: {', '.join(sorted(known))}.{hint}"
 
 
+def _check_type(loss: str, key: str, value: Any, default: Any) -> None:
+    """A hyperparameter must have its default's kind: a number for a number (int or float; not a bool), a string
+    for a string, a bool for a bool; ``clip_c`` (None: no dual clip) and ``norm_len`` (None: the generation budget)
+    also take None."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif number(default) or default is None:
+        ok = number(value) or (value is None and key in ("clip_c", "norm_len"))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        want = "true or false" if isinstance(default, bool) else "a number" if number(default) or default is None \
+            else f"a {type(default).__name__}"
+        raise ValueError(f"hyperparameter {key}={value!r} of loss '{loss}' must be {want} (default {default!r}).")
+
+
 def build_loss(name: str, **overrides: Any) -> PolicyLoss:
     """The loss ``name`` with its defaults, overridden by keyword. Unknown names and keys raise."""
     if name not in LOSSES:
@@ -140,7 +159,9 @@ def build_loss(name: str, **overrides: Any) -> PolicyLoss:
     known = {**spec.defaults, **correction.CORRECTION_DEFAULTS}
     bad = [k for k in overrides if k not in known]
     if bad:
-        raise TypeError(_unknown(f"hyperparameter of loss '{name}'", bad[0], list(known)))
+        raise ValueError(_unknown(f"hyperparameter of loss '{name}'", bad[0], list(known)))
+    for key, value in overrides.items():
+        _check_type(name, key, value, known[key])
     hp = {**known, **overrides}
     correction.check(hp, name, spec.rollout_is)
     return PolicyLoss(name, hp, spec)

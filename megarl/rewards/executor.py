@@ -7,8 +7,10 @@ gets through) or raise. Each call therefore runs in a worker process, under two 
 - per batch: calls not done by ``timeout_s * (ceil(n / workers) + 1)`` are abandoned (C-level hangs ignore
   signals) and the pool is replaced, which kills the stuck workers.
 
-A call that raises or times out gets the failed-answer score of its reward and is counted in the stats, so one bad
-response costs one timeout, never the run.
+A call that raises, times out, or returns something that is not a score (not a dict with a finite ``score`` or a
+finite number; NaN and inf included) gets the failed-answer score of its reward and is counted in the stats, so one
+bad response costs one timeout, never the run. With ``num_workers=0`` the per-call alarm runs in the trainer's own
+main thread (Python-level hangs only: a C-level hang there cannot be interrupted; use workers for untrusted code).
 
 Why not concurrent.futures: a ProcessPoolExecutor cannot kill one hung worker, and a timed-out future keeps
 its worker busy forever.
@@ -27,7 +29,8 @@ from megarl.rewards import compute_score, reward_name
 
 # the score and TRPA level of an answer that could not be scored (a reward that raised or timed out)
 FAILED_SCORE = {"kk": {"score": -3.0, "acc": False, "level": 4}, "gsm8k": {"score": 0.0, "acc": False, "level": 4},
-                "math": {"score": 0.0, "acc": False, "level": 4}, "math_dapo": {"score": -1.0, "acc": False, "level": 4},
+                "math": {"score": 0.0, "acc": False, "level": 4},
+                "math_dapo": {"score": -1.0, "acc": False, "level": 4},
                 "arithmetic": {"score": 0.0, "acc": False, "level": 4}}
 
 
@@ -51,18 +54,34 @@ def _alarm(signum, frame):
     raise _CallTimeout()
 
 
+def checked(out: Any) -> dict:
+    """A reward's return value as a result dict, or a failure record: a finite number is ``{"score": x}``; a dict
+    needs a finite numeric ``score``."""
+    if isinstance(out, (int, float)) and not isinstance(out, bool):
+        out = {"score": float(out), "acc": False}
+    if not isinstance(out, dict) or "score" not in out:
+        return {"__failure__": "errors", "why": f"the reward returned {type(out).__name__} {str(out)[:60]!r}, not a "
+                                                f"dict with 'score' or a number"}
+    score = out["score"]
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        return {"__failure__": "errors", "why": f"the reward's score is {score!r}, not a finite number"}
+    return out
+
+
 def _score_in_worker(req: RewardRequest, options: dict, timeout_s: float, score_fn) -> dict:
-    """Worker side: score under a per-call alarm; errors come back as data, not as pickled exceptions."""
-    signal.signal(signal.SIGALRM, _alarm)
+    """Score under a per-call alarm (a worker, or the main thread of the trainer); errors come back as data, not as
+    pickled exceptions. The previous SIGALRM handler is restored."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
-        return _score(req, options, score_fn)
+        return checked(_score(req, options, score_fn))
     except _CallTimeout:
         return {"__failure__": "timeouts", "why": f"timed out after {timeout_s}s"}
     except Exception as e:  # a bad response must not end the run
         return {"__failure__": "errors", "why": f"{type(e).__name__}: {e}"}
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def load_score_fn(spec: str):
@@ -93,7 +112,8 @@ def failed(req: RewardRequest, why: str) -> dict:
 class RewardExecutor:
     """``score(requests) -> (results, stats)``; results in request order, stats = counts of errors/timeouts.
 
-    ``num_workers=0`` scores in this process (no timeout protection): for debugging and tiny runs.
+    ``num_workers=0`` scores in this process, with the per-call alarm when on the main thread: for debugging and
+    tiny runs.
     ``score_fn`` (a module-level function with compute_score's signature) replaces the built-in rewards.
     """
 
@@ -116,13 +136,22 @@ class RewardExecutor:
             reward_name(r.data_source)  # unknown sources are a configuration error, not a failed answer
         stats = {"errors": 0, "timeouts": 0}
         if self.num_workers == 0:
+            import threading
+
+            main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
             results = []
             for r in requests:
-                try:
-                    results.append(_score(r, self.options, self.score_fn))
-                except Exception as e:  # a bad response must not end the run
-                    stats["errors"] += 1
-                    results.append(failed(r, f"{type(e).__name__}: {e}"))
+                if main:
+                    out = _score_in_worker(r, self.options, self.timeout_s, self.score_fn)
+                else:
+                    try:
+                        out = checked(_score(r, self.options, self.score_fn))
+                    except Exception as e:  # a bad response must not end the run
+                        out = {"__failure__": "errors", "why": f"{type(e).__name__}: {e}"}
+                if "__failure__" in out:
+                    stats[out["__failure__"]] += 1
+                    out = failed(r, out["why"])
+                results.append(out)
             return results, stats
         pool = self._pool_get()
         pending = [pool.apply_async(_score_in_worker, (r, self.options, self.timeout_s, self.score_fn))

@@ -6,7 +6,8 @@ strict   the FIRST ``#### <number>`` in the response (regex ``#### (-?[0-9.,]+)`
 flexible the LAST number anywhere in the response (skipping '' and '.'), commas removed
 The extracted string must equal the ground truth with its thousands commas removed ("1,234" -> "1234", what verl's
 GSM8K preprocessing does to the dataset's answers): score 1.0 (``correct_score``), else 0.0 (``format_score``).
-Every result carries its TRPA preference level (rewards/levels.py). A*-PO trains with strict and estimated V* with flexible (ALGORITHMS.md 2.2).
+Every result carries its TRPA preference level (rewards/levels.py). A*-PO trains with strict and estimated V*
+with flexible (docs/algorithms.md).
 """
 
 from __future__ import annotations

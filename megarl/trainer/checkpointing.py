@@ -3,7 +3,8 @@
     megarl.json, hf/        as a model checkpoint of ``megarl convert`` (so mcore-to-hf and eval read it)
     model/                  torch_dist: model + optimizer state (loadable at another TP/PP layout)
     trainer_state.json      step, prompt-stream position, LR scheduler state
-    rng/rank_R.pt           every rank's Python / NumPy / torch RNG states
+    rng/rank_R.pt           every rank's Python / NumPy / torch RNG states, as plain tensors and numbers: loaded
+                            with ``torch.load(weights_only=True)``, so a planted file cannot run code
 
 A checkpoint is written into ``.step_NNNNNN.tmp`` and renamed only after every rank has finished, so a run killed at
 any moment leaves either a complete checkpoint or none; resume ignores (and removes) the temporary directory.
@@ -41,13 +42,28 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """The RNG states in types ``weights_only`` loading accepts (NumPy's key array becomes a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   gauss),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def load_rng(path: Path) -> dict:
+    """An RNG file of ``rng_state()``; anything that is not plain data is refused, never executed."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # weights_only raises UnpicklingError (or others) on anything but plain data
+        raise ValueError(f"{path}: refused to load: it is not the plain RNG state megarl writes ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}). A checkpoint directory must come from a source you "
+                         f"trust; delete this checkpoint to resume from an earlier one.") from None
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -82,7 +98,7 @@ def load_trainer_state(ckpt: Path) -> dict:
     state = json.loads((ckpt / "trainer_state.json").read_text())
     rng = ckpt / "rng" / f"rank_{dist.get_rank()}.pt"
     if rng.is_file():  # absent when resuming at a different world size: nothing to restore for new ranks
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(load_rng(rng))
     return state
 
 

@@ -30,6 +30,9 @@ from megarl.backends.megatron.parallel import dp_info
 from megarl.trainer.state import check_compatible, export_hf, resume, save_checkpoint, step_metrics
 
 
+MAX_NONFINITE_STEPS = 3
+
+
 def train(c: Components) -> dict[str, float]:
     """Run (or resume) the configured RL training; returns the last step's metrics."""
     cfg = c.cfg
@@ -41,6 +44,7 @@ def train(c: Components) -> dict[str, float]:
     temperature = cfg.rollout.temperature or 1.0
     budget, per_rank = cfg.train.micro_batch_tokens, cfg.train.prompts_per_step // dp_size
     metrics: dict[str, float] = {}
+    nonfinite = 0  # consecutive steps whose every update was skipped for a NaN/inf loss or gradient
     with log:
         if step == 0 and cfg.eval.before_train and cfg.data.val_files:
             before = record_eval(cfg, 0, evaluate_files(c, list(cfg.data.val_files)))
@@ -73,10 +77,16 @@ def train(c: Components) -> dict[str, float]:
             metrics = step_metrics(ro, entropy, updates, stats, rollout_metrics, timer, time.perf_counter() - t0,
                                    dp_group, None if cfg.algo.bypass_old_logprobs else c.algo.loss.correction)
             metrics.update(synced)
+            nonfinite = nonfinite + 1 if metrics.get("optim/nonfinite", 0.0) > 0 else 0
             if cfg.eval.interval and step % cfg.eval.interval == 0 and cfg.data.val_files:
                 with timer("eval"):
                     metrics.update(record_eval(cfg, step, evaluate_files(c, list(cfg.data.val_files))))
             log.log(step, metrics)
+            if nonfinite >= MAX_NONFINITE_STEPS:
+                raise ValueError(f"step {step}: the loss or the gradients were NaN/inf in {nonfinite} steps in a row, "
+                                 f"so no update was made since step {step - nonfinite + 1} (weights unchanged; see "
+                                 f"loss/* in {cfg.run.dir}/metrics.jsonl). Lower optim.lr, check the reward's scale, "
+                                 "or the loss hyperparameters.")
             if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps:
                 save_checkpoint(c, step, position)
         if cfg.data.val_files and not (cfg.eval.interval and step % cfg.eval.interval == 0) and \

@@ -24,7 +24,7 @@ from megarl.trainer.build import Components
 # keys that may change between the runs of one run.dir (how long, how often, how parallel, where to log, which
 # kernel computes the same log-probs, what is recomputed instead of stored)
 RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "eval.", "metrics.", "parallel.", "kernels.", "model.recompute",
-                     "reward.num_workers", "reward.timeout_s", "data.val_files")
+                     "reward.num_workers", "reward.timeout_s", "data.val_files", "run.dir")  # run.dir: a moved run
 
 
 def check_compatible(cfg: RunConfig, saved: Path) -> None:
@@ -38,7 +38,8 @@ def check_compatible(cfg: RunConfig, saved: Path) -> None:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
         raise ValueError(f"{saved}: run.dir holds a run with other settings ({diff}). Resuming would mix two "
                          f"experiments; use a new run.dir, or the same settings (only train.steps, checkpoint.*, "
-                         f"eval.*, metrics.*, parallel.*, kernels.*, model.recompute, reward workers may change).")
+                         f"eval.*, metrics.*, parallel.*, kernels.*, model.recompute, reward workers, run.dir may "
+                         f"change).")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

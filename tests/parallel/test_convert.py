@@ -158,7 +158,9 @@ def test_killed_conversion_leaves_nothing_that_looks_complete(smollm2_dir, tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "megarl.cli", "convert", "hf-to-mcore", str(smollm2_dir), str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    tmp = tmp_path / f".mcore.tmp-{proc.pid}"
+    from megarl.convert.hf_io import _host
+
+    tmp = tmp_path / f".mcore.tmp-{_host()}-{proc.pid}"
     while time.time() < deadline and not (tmp / "model").exists():
         time.sleep(0.05)
     assert (tmp / "model").exists(), "the conversion never reached its checkpoint write"

@@ -19,3 +19,8 @@ def prompt_constant_reward(data_source, solution_str, ground_truth, extra_info=N
 
 def prompt_constant(ground_truth) -> float:
     return float(zlib.crc32(repr(ground_truth).encode()) % 5) / 4.0
+
+
+def huge_reward(data_source, solution_str, ground_truth, extra_info=None, **options) -> dict:
+    """Finite scores of +-1e300: r - mean overflows float32, so Dr. GRPO's advantages (no std) are inf (issue 21)."""
+    return {"score": 1e300 if zlib.crc32(solution_str.encode()) % 2 else -1e300, "acc": False}

@@ -121,6 +121,17 @@ def test_rollout_correction_and_bypass_train_and_log(megatron_world, tmp_path, d
     same_metrics(bypass, plain, tol=2e-3, skip=("rollout_corr/", "actor/entropy", "rollout/logprob_diff_max"))
 
 
+def test_nonfinite_updates_are_skipped_and_a_run_of_them_stops(megatron_world, tmp_path, data_dir):
+    """Rewards of +-1e300 make Dr. GRPO's float32 advantages inf: each update is skipped (weights, schedule and
+    checkpoints untouched), counted, and the third in a row stops the run with an error naming the step."""
+    with pytest.raises(ValueError, match=r"step 3: the loss or the gradients were NaN/inf in 3 steps in a row"):
+        run(tmp_path / "r", data_dir, "algo.loss=dr_grpo", "reward.custom_fn=tests.train.rewards:huge_reward",
+            "train.steps=5")
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [(r["optim/skipped"], r["optim/nonfinite"]) for r in rows] == [(1.0, 1.0)] * 3
+    assert not list((tmp_path / "r" / "checkpoints").glob("step_*"))  # nothing NaN was ever written
+
+
 def test_fused_output_layer_path_equals_the_logits_path(megatron_world, tmp_path, data_dir):
     """kernels.impl=auto (hidden states -> fused output layer, no logits) against the logits path through the plain
     torch reference and through the Triton kernel: the same losses, gradient norms and entropies over three updates,

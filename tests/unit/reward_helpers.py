@@ -21,3 +21,9 @@ def deaf_hang(data_source, solution_str, ground_truth, extra_info=None, **option
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(60)
     return compute_score(data_source, solution_str, ground_truth, extra_info, **options)
+
+
+def bad_returns(data_source, solution_str, ground_truth, extra_info=None, **options):
+    """A custom reward that returns what is not a score for some responses (issue 21)."""
+    return {"nan": {"score": float("nan")}, "inf": float("inf"), "str": "1.0", "none": None, "num": 0.5,
+            "nodict": {"acc": True}}.get(solution_str, {"score": 1.0, "acc": True})

@@ -55,7 +55,7 @@ def test_cross_section_validation(tmp_path):
         load_config(None, ["kernels.impl=cuda"], world_size=1)
     with pytest.raises(ValueError, match=r"Unknown loss 'dapo2'.*Did you mean 'dapo'"):
         load_config(None, ["algo.loss=dapo2"], world_size=1)
-    with pytest.raises(TypeError, match=r"clip_hihg"):
+    with pytest.raises(ValueError, match=r"clip_hihg"):
         load_config(None, ["algo.loss_hparams={clip_hihg: 0.3}"], world_size=1)
     bad = tmp_path / "bad.yaml"
     bad.write_text("optimizer:\n  lr: 1.0\n")

@@ -24,7 +24,8 @@ def make_input(seed: int = 0) -> LossInput:
     old = -torch.rand(3, 4, generator=g, dtype=torch.float64) - 0.5
     lp = (old + 0.1 * torch.randn(3, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
     mask = torch.tensor(MASK, dtype=torch.float64)
-    return LossInput(logprobs=lp, mask=mask, old_logprobs=old, rollout_logprobs=old - torch.tensor(LR, dtype=torch.float64),
+    return LossInput(logprobs=lp, mask=mask, old_logprobs=old,
+                     rollout_logprobs=old - torch.tensor(LR, dtype=torch.float64),
                      advantages=torch.tensor(ADV).double()[:, None] * mask, group_ids=torch.tensor([0, 0, 1]))
 
 

@@ -320,7 +320,7 @@ def test_registry_errors_list_names_and_suggest():
     with pytest.raises(ValueError, match=r"Did you mean 'dapo'\?") as e:
         build_loss("dapo2")
     assert "grpo" in str(e.value) and "trpa" in str(e.value)
-    with pytest.raises(TypeError, match=r"clip_high"):
+    with pytest.raises(ValueError, match=r"clip_high"):
         build_loss("grpo", clip_hihg=0.3)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from megarl.rewards import compute_score, reward_name
 from megarl.rewards.executor import RewardExecutor, RewardRequest
-from tests.unit.reward_helpers import deaf_hang, sleepy_or_real
+from tests.unit.reward_helpers import bad_returns, deaf_hang, sleepy_or_real
 
 KK_TRUTH = {"solution_text_format": "(1) Zoey is a knight\n(2) Oliver is a knave"}
 GOOD = "Zoey tells the truth, so Oliver lies.</think>\n<answer> (1) Zoey is a knight\n(2) Oliver is a knave </answer>"
@@ -150,6 +150,27 @@ def test_executor_hard_deadline_kills_a_hang_that_ignores_signals():
         assert [r["score"] for r in results] == [0.0, 1.0] and stats["timeouts"] == 1
         assert ex._pool is None  # replaced: the stuck worker is gone
         assert ex.score([RewardRequest("openai/gsm8k", "#### 2", "2")])[0][0]["acc"]
+
+
+def test_in_process_scoring_times_out_too():
+    """reward.num_workers=0 (the demo, the tiny config): a reward that never returns costs one timeout, not the
+    run (before: it hung forever)."""
+    reqs = [RewardRequest("math_dapo", "sleep", "5"), RewardRequest("math_dapo", "Answer: 5", "5")]
+    t = time.monotonic()
+    results, stats = RewardExecutor(num_workers=0, timeout_s=1.0, score_fn=sleepy_or_real).score(reqs)
+    assert time.monotonic() - t < 10 and stats == {"errors": 0, "timeouts": 1}
+    assert [r["score"] for r in results] == [-1.0, 1.0]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_what_is_not_a_finite_score_is_a_counted_failure(workers):
+    texts = ["nan", "inf", "str", "none", "nodict", "num", "fine"]
+    reqs = [RewardRequest("arithmetic", t, "1") for t in texts]
+    with RewardExecutor(num_workers=workers, timeout_s=20, score_fn=bad_returns) as ex:
+        results, stats = ex.score(reqs)
+    assert stats == {"errors": 5, "timeouts": 0}
+    assert [r["score"] for r in results] == [0.0] * 5 + [0.5, 1.0]
+    assert "not a finite number" in results[0]["error"] and "returned str" in results[2]["error"]
 
 
 def test_unknown_source_is_a_config_error_not_a_failed_answer():

@@ -180,10 +180,20 @@ class MegatronPolicy:
         with _model_output(self.model, self.kernel_impl):
             per_mb = forward_backward(self.model, [_mb_inputs(mb) for mb in mbs], post, forward_only=False)
         finalize_model_grads([self.model])
+        if not self._grads_finite():  # a NaN/inf loss or gradient: no update at all (weights and schedule kept)
+            return {**self._reduce_metrics(per_mb, False, 0.0), "optim/nonfinite": 1.0}
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
         self.version += 1
-        return self._reduce_metrics(per_mb, ok, grad_norm)
+        return {**self._reduce_metrics(per_mb, ok, grad_norm), "optim/nonfinite": 0.0}
+
+    def _grads_finite(self) -> bool:
+        """Whether every rank's gradients (Megatron DDP's main_grad buffers, already summed over DP) are finite."""
+        local = all(bool(torch.isfinite(p.main_grad).all()) for p in self.model.parameters()
+                    if getattr(p, "main_grad", None) is not None)
+        flag = torch.tensor([1.0 if local else 0.0], device=next(self.model.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
 
     def _loss_input(self, ro: Rollouts, mb: MicroBatch, logprobs: torch.Tensor, entropy: torch.Tensor | None,
                     counts: dict | None = None, rollout_lp: torch.Tensor | None = None) -> LossInput:

@@ -24,6 +24,16 @@ import torch
 from megarl.backends.protocols import Completion, SamplingParams
 
 
+def no_telemetry() -> None:
+    """vLLM reports usage statistics to its authors unless told not to; a trainer never phones home (set before
+    vLLM is imported; a user who wants them may set VLLM_NO_USAGE_STATS=0 / DO_NOT_TRACK=0 themselves)."""
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+no_telemetry()  # at import: every vllm import in this package happens after this module is loaded
+
+
 def vllm_available() -> bool:
     import importlib.util
 
@@ -65,6 +75,7 @@ class VLLMGenerator:
         # vLLM logs every load and cache reset at INFO; the trainer reports what matters (VLLM_LOGGING_LEVEL=INFO
         # brings them back)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        no_telemetry()
         from vllm import LLM
 
         self.cuda = torch.cuda.is_available()

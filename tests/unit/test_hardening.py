@@ -1,0 +1,102 @@
+"""Issue 21's security and silent-corruption cases that need no model: a planted RNG file is refused without
+running, vLLM never reports usage, stale temporaries of another node survive, bad numbers in the config are one
+named error."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from megarl.config import load_config
+from megarl.convert.hf_io import _host, remove_stale_tmp
+from megarl.trainer.checkpointing import load_rng, rng_state, set_rng_state
+
+
+class Planted:
+    """What an attacker would put in rng/rank_0.pt: unpickling it touches a file (any code could run)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_a_planted_rng_file_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "code_ran"
+    torch.save(Planted(marker), tmp_path / "rank_0.pt")
+    with pytest.raises(ValueError, match="refused to load"):
+        load_rng(tmp_path / "rank_0.pt")
+    assert not marker.exists()
+
+
+def test_rng_state_round_trips_through_the_safe_loader(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "r.pt")
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(load_rng(tmp_path / "r.pt"))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
+
+
+def test_vllm_usage_statistics_are_off_once_the_engine_module_is_loaded(monkeypatch):
+    monkeypatch.delenv("VLLM_NO_USAGE_STATS", raising=False)
+    monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    from megarl.backends.vllm import engine
+
+    engine.no_telemetry()
+    assert os.environ["VLLM_NO_USAGE_STATS"] == "1" and os.environ["DO_NOT_TRACK"] == "1"
+
+
+def test_stale_temporaries_of_another_node_are_left_alone(tmp_path):
+    out = tmp_path / "mcore"
+    dead = 2 ** 22 + 12345  # above pid_max's default: no such process here
+    mine, theirs = tmp_path / f".mcore.tmp-{_host()}-{dead}", tmp_path / f".mcore.tmp-othernode-{dead}"
+    mine.mkdir(), theirs.mkdir()
+    remove_stale_tmp(out)
+    assert not mine.exists() and theirs.exists()
+
+
+BAD_CONFIGS = [  # (override, what the one-line error names) -- each silently accepted or a traceback before
+    ("train.prompts_per_step=0", "train.prompts_per_step=0 must be >= 1"),
+    ("train.prompts_per_step=-4", "train.prompts_per_step=-4 must be >= 1"),
+    ("optim.lr=inf", "optim.lr=inf must be a finite number"),
+    ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0 must be >= 0.0"),
+    ("optim.warmup_steps=-3", "optim.warmup_steps=-3 must be >= 0"),
+    ("parallel.tp=0", "parallel.tp=0 must be >= 1"),
+    ("parallel.pp=0", "parallel.pp=0 must be >= 1"),
+    ("parallel.tp=-1", "parallel.tp=-1 must be >= 1"),
+    ("train.minibatches_per_step=0", "train.minibatches_per_step=0 must be >= 1"),
+    ("algo.vstar_samples=0", "algo.vstar_samples=0 must be >= 1"),
+    ("algo.loss_hparams={clip_low: abc}", "clip_low='abc' of loss 'grpo' must be a number"),
+    ("algo.loss_hparams={clip_hihg: 0.3}", "Did you mean 'clip_high'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_bad_numbers_are_one_named_error(override, message):
+    with pytest.raises(ValueError) as e:
+        load_config(None, ["model.hf_dir=tiny:qwen2", override], world_size=1)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_cli_says_it_in_one_line_and_writes_nothing(tmp_path):
+    from tests.cli import megarl
+
+    r = megarl("train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}",
+               "algo.loss_hparams={clip_low: abc}", timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "megarl: error: hyperparameter clip_low='abc' of loss 'grpo' must be a number (default 0.2)."]
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_yaml_is_written_atomically(tmp_path):
+    from megarl.config import RunConfig, save_config
+
+    save_config(RunConfig(), tmp_path / "config.yaml")
+    assert (tmp_path / "config.yaml").read_text().startswith("run:") and not list(tmp_path.glob(".*.tmp"))
