@@ -301,7 +301,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), world
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such config file.")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', None) or e}.") from None
         if not isinstance(data, dict):
             raise ValueError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}.")
         for section, values in data.items():
@@ -315,16 +320,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), world
         if "=" not in item:
             raise ValueError(f"override '{item}' is not key=value (e.g. train.steps=8).")
         key, value = item.split("=", 1)
-        if "." not in key:
-            raise _unknown(key, _all_keys())
-        section, name = key.split(".", 1)
-        if section not in _sections():
+        section, _, name = key.partition(".")
+        if not name or section not in _sections():
             raise _unknown(key, _all_keys())
         tree.setdefault(section, {})[name] = value
     sections = {}
-    for section, values in tree.items():
-        if section not in _sections():
-            raise _unknown(section, list(_sections()))
+    for section, values in tree.items():  # (every section was checked above)
         cls = _sections()[section]
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}

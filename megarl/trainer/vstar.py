@@ -34,6 +34,36 @@ def has_v_star(files: list[str]) -> bool:
     return all(r["extra_info"].get("v_star") is not None for f in files for r in read_rows(f))
 
 
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _settings_match(out: Path, made_by: dict) -> bool:
+    """Main rank: whether ``out`` (and its partial file) were made from this data with these settings. If not,
+    both are removed (they answer another question: other samples, beta1, sampling or data) and the settings
+    recorded for the new estimate. ``OUT.settings.json`` ties the stage-1 output to what made it."""
+    record = out.with_name(out.name + ".settings.json")
+    old = json.loads(record.read_text()) if record.is_file() else None
+    if old == made_by:
+        return True
+    if old is not None or out.is_file():
+        changed = sorted(k for k in made_by if (old or {}).get(k) != made_by[k])
+        print(f"V*: {out} was made with other settings ({', '.join(changed)}); estimating it again", flush=True)
+    out.unlink(missing_ok=True)
+    out.with_name(out.name + ".partial.jsonl").unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(made_by, indent=1))
+    os.replace(tmp, record)
+    return False
+
+
 def vstar_path(out_dir: Path, src: str | Path) -> Path:
     return Path(out_dir) / f"{Path(src).stem}.parquet"
 
@@ -62,10 +92,16 @@ def estimate_file(src: str | Path, out: Path, *, generator, tokenizer, executor:
     that stage 2 regresses on, so r - V* has no offset from a shaping term only one stage sees.
     ``stop_after_chunks`` stops early (leaving the partial file), as a kill would -- for tests."""
     out = Path(out)
-    if out.is_file():
+    main = dist.get_rank() == 0
+    made_by = {"source": str(src), "source_sha256": _sha256(src), "samples": n, "beta1": beta1,
+               "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+               "max_tokens": sampling.max_tokens, "seed": sampling.seed, "overlong_buffer": overlong_buffer,
+               "overlong_factor": overlong_factor}
+    box = [_settings_match(out, made_by) if main else None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] and out.is_file():
         return out
     dp_rank, dp_size, dp_group = dp_info()
-    main = dist.get_rank() == 0
     partial = out.with_name(out.name + ".partial.jsonl")
     box = [_read_partial(partial, n) if main else None]
     dist.broadcast_object_list(box, src=0)

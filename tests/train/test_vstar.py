@@ -95,3 +95,17 @@ def test_vstar_scores_with_the_overlong_shaping_that_training_applies(megatron_w
         rs = row["extra_info"]["v_star_rewards"]
         want = 0.5 * math.log(sum(math.exp(r / 0.5) for r in rs) / len(rs))
         assert math.isclose(row["extra_info"]["v_star"], want, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def test_vstar_is_estimated_again_when_its_settings_change(megatron_world, tmp_path, data):
+    """The stage-1 output is tied to what made it (issue 21): another beta1 or sample count is a new estimate,
+    the same settings reuse the file."""
+    (first,) = vstar(tmp_path, data, HASH, "algo.vstar_beta1=0.5")
+    (again,) = vstar(tmp_path, data, HASH, "algo.vstar_beta1=0.5")
+    assert again == first
+    (other,) = vstar(tmp_path, data, HASH, "algo.vstar_beta1=0")  # beta1 = 0: the plain mean of the samples
+    for row in other:
+        rs = row["extra_info"]["v_star_rewards"]
+        assert math.isclose(row["extra_info"]["v_star"], sum(rs) / len(rs), rel_tol=1e-12, abs_tol=1e-12)
+    (more,) = vstar(tmp_path, data, HASH, "algo.vstar_samples=4")
+    assert all(len(r["extra_info"]["v_star_rewards"]) == 4 for r in more)
