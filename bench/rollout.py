@@ -55,6 +55,7 @@ def one_model(name: str, args, work: Path) -> dict:
 
     cfg = load_config(None, [f"model.hf_dir={model_dir(name, work)}", f"run.dir={work / 'run'}",
                              "rollout.backend=vllm", "reward.num_workers=0", "data.generate=arithmetic",
+                             "data.generate_size=96",
                              f"rollout.max_tokens={args.max_tokens}", "data.max_prompt_tokens=256",
                              "rollout.vllm_kv_cache_mb=512"])
     with distributed(), model_parallel(ParallelDims(1, 1)):

@@ -84,15 +84,32 @@ def cmd_convert_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse then reports a bad value as a one-line usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
 def _people(spec: str) -> list[int]:
-    """'3' -> [3]; '2-8' -> [2, ..., 8]; '3,5' -> [3, 5]."""
+    """'3' -> [3]; '2-8' -> [2, ..., 8]; '3,5' -> [3, 5] (a range is low-high; the generator checks 2..8)."""
     try:
         if "-" in spec:
             lo, hi = map(int, spec.split("-"))
-            return list(range(lo, hi + 1))
-        return [int(x) for x in spec.split(",")]
+            people = list(range(lo, hi + 1))
+        else:
+            people = [int(x) for x in spec.split(",")]
     except ValueError:
         raise ValueError(f"--people '{spec}' is not N, N-M or N,M,...") from None
+    if not people:
+        raise ValueError(f"--people '{spec}' is an empty range; write it low-high (e.g. 2-4).")
+    return people
 
 
 def cmd_data_kk(args: argparse.Namespace) -> int:
@@ -183,7 +200,7 @@ def add_train_parsers(sub) -> None:
                                     "megarl train with algo.loss=astar_po runs this itself when the data has no V*.")
     vs.add_argument("--config", default=None, help="YAML preset (the one you will train with)")
     vs.add_argument("--out-dir", default=None, help="where to write (default: run.dir/vstar)")
-    vs.add_argument("--chunk", type=int, default=32, help="prompts per saved chunk (a killed run redoes at most one)")
+    vs.add_argument("--chunk", type=at_least(1), default=32, help="prompts per saved chunk (a killed run redoes at most one)")
     vs.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     vs.set_defaults(func=cmd_vstar)
 
@@ -191,7 +208,7 @@ def add_train_parsers(sub) -> None:
                         description="Convert the latest (or --step) checkpoint of RUN_DIR to a Hugging Face directory "
                                     "(schedule-free runs: the averaged weights x). Any time, also while it trains.")
     ex.add_argument("run_dir")
-    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ex.add_argument("--step", type=at_least(1), default=None, help="checkpoint step (default: the latest)")
     ex.add_argument("--out", default=None, help="output directory (default: RUN_DIR/hf_step_N)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     ex.set_defaults(func=cmd_export)
@@ -202,14 +219,14 @@ def add_train_parsers(sub) -> None:
                                     "avg@k and pass@k per data_source as JSON.")
     ev.add_argument("checkpoint")
     ev.add_argument("--data", action="append", required=True, help="verl-layout parquet file (repeatable)")
-    ev.add_argument("--n", type=int, default=4, help="samples per prompt (k)")
+    ev.add_argument("--n", type=at_least(1), default=4, help="samples per prompt (k)")
     ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--max-tokens", type=int, default=1024)
-    ev.add_argument("--max-prompts", type=int, default=0, help="first N prompts only (0 = all)")
-    ev.add_argument("--tp", type=int, default=1)
-    ev.add_argument("--pp", type=int, default=1)
+    ev.add_argument("--max-tokens", type=at_least(1), default=1024)
+    ev.add_argument("--max-prompts", type=at_least(0), default=0, help="first N prompts only (0 = all)")
+    ev.add_argument("--tp", type=at_least(1), default=1)
+    ev.add_argument("--pp", type=at_least(1), default=1)
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--reward-workers", type=int, default=2)
+    ev.add_argument("--reward-workers", type=at_least(0), default=2)
     ev.set_defaults(func=cmd_eval)
 
 
@@ -242,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Build the bundled SmolLM2-135M-Instruct as a Megatron model and greedy-"
                                        "decode chat prompts, checked token for token against HF transformers. "
                                        "Under torchrun, --tp/--pp set the layout (TP must divide 3).")
-    smoke.add_argument("--tp", type=int, default=1, help="tensor-parallel size (1 or 3 for SmolLM2)")
-    smoke.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (divides 30 layers)")
-    smoke.add_argument("--max-new-tokens", type=int, default=24)
+    smoke.add_argument("--tp", type=at_least(1), default=1, help="tensor-parallel size (1 or 3 for SmolLM2)")
+    smoke.add_argument("--pp", type=at_least(1), default=1, help="pipeline-parallel size (divides 30 layers)")
+    smoke.add_argument("--max-new-tokens", type=at_least(1), default=24)
     smoke.add_argument("--no-hf-check", action="store_true", help="skip the HF transformers comparison")
     smoke.set_defaults(func=cmd_smoke)
 
@@ -261,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Print the architecture megarl reads from HF_DIR/config.json and check "
                                        "that the TP/PP layout (and world size) fits the model.")
     insp.add_argument("hf_dir")
-    insp.add_argument("--tp", type=int, default=1)
-    insp.add_argument("--pp", type=int, default=1)
-    insp.add_argument("--world-size", type=int, default=None)
+    insp.add_argument("--tp", type=at_least(1), default=1)
+    insp.add_argument("--pp", type=at_least(1), default=1)
+    insp.add_argument("--world-size", type=at_least(1), default=None)
     insp.set_defaults(func=cmd_convert_inspect)
 
     h2m = csub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron torch_dist checkpoint",
@@ -289,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "absolute difference, exit non-zero above --tol.")
     ver.add_argument("hf_dir")
     ver.add_argument("mcore_dir")
-    ver.add_argument("--tp", type=int, default=1)
-    ver.add_argument("--pp", type=int, default=1)
+    ver.add_argument("--tp", type=at_least(1), default=1)
+    ver.add_argument("--pp", type=at_least(1), default=1)
     ver.add_argument("--tol", type=float, default=1e-4, help="maximum |logit difference| (fp32)")
     ver.set_defaults(func=cmd_convert_verify)
 
@@ -300,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Generate seeded Knights-and-Knaves puzzles, each checked by brute force to have "
                                      "exactly one solution, as verl-layout train.parquet and test.parquet.")
     kk.add_argument("--out", required=True, help="output directory")
-    kk.add_argument("--train", type=int, default=1000, help="number of training puzzles")
-    kk.add_argument("--test", type=int, default=100, help="number of test puzzles")
+    kk.add_argument("--train", type=at_least(1), default=1000, help="number of training puzzles")
+    kk.add_argument("--test", type=at_least(0), default=100, help="number of test puzzles")
     kk.add_argument("--people", default="3", help="people per puzzle: N, N-M or N,M,... (2 to 8)")
     kk.add_argument("--seed", type=int, default=0)
     kk.add_argument("--template", default="instruct", choices=["instruct", "base"],
@@ -312,16 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "as verl-layout train.parquet and test.parquet; the test split holds problems "
                                      "the training split does not (up to a quarter of all of them).")
     ar.add_argument("--out", required=True, help="output directory")
-    ar.add_argument("--train", type=int, default=96, help="number of training rows")
-    ar.add_argument("--test", type=int, default=12, help="number of test rows")
-    ar.add_argument("--max-operand", type=int, default=9, help="largest operand N")
+    ar.add_argument("--train", type=at_least(1), default=96, help="number of training rows")
+    ar.add_argument("--test", type=at_least(0), default=12, help="number of test rows")
+    ar.add_argument("--max-operand", type=at_least(1), default=9, help="largest operand N")
     ar.add_argument("--seed", type=int, default=0)
     ar.set_defaults(func=cmd_data_arithmetic)
     insp = dsub.add_parser("inspect", help="schema, rows per data_source and sample rows of a parquet file",
                            description="Validate a verl-layout parquet file and print its schema, rows per "
                                        "data_source and sample rows.")
     insp.add_argument("file")
-    insp.add_argument("--rows", type=int, default=2, help="sample rows to print")
+    insp.add_argument("--rows", type=at_least(0), default=2, help="sample rows to print")
     insp.set_defaults(func=cmd_data_inspect)
     return p
 

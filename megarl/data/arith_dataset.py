@@ -27,8 +27,8 @@ def arith_row(a: int, op: str, b: int, index: int, split: str) -> dict:
 
 def write_arith_dataset(out_dir: str | Path, n_train: int, n_test: int, max_operand: int = 9,
                         seed: int = 0) -> dict[str, int]:
-    """``train.parquet`` and ``test.parquet``. Problems are drawn without repetition while distinct ones remain
-    (the test split first, so the two splits share no problem when the space allows it)."""
+    """``train.parquet`` and ``test.parquet`` of distinct problems, the two splits disjoint (the test split takes
+    at most a quarter of the problems); asking for more rows than there are problems is an error."""
     if max_operand < 1:
         raise ValueError(f"data.arith_max_operand={max_operand} must be >= 1.")
     space = [(a, op, b) for a in range(1, max_operand + 1) for b in range(1, max_operand + 1) for op in "+-"
@@ -36,10 +36,17 @@ def write_arith_dataset(out_dir: str | Path, n_train: int, n_test: int, max_oper
     rng = random.Random(seed)
     rng.shuffle(space)
     counts = {}
+    if n_train < 1 or n_test < 0:
+        raise ValueError(f"arithmetic data: {n_train} training and {n_test} test rows; need >= 1 and >= 0.")
     k = max(1, min(n_test, len(space) // 4))  # space has >= 2 problems (1 + 1, 1 - 1)
     test, rest = space[:k], space[k:]
     for split, n, pool in (("test", n_test, test), ("train", n_train, rest)):
-        rows = [arith_row(*pool[i % len(pool)], index=i, split=split) for i in range(n)]
+        if n > len(pool):  # repeating problems would silently shrink the data (and leak between splits)
+            raise ValueError(f"arithmetic data: {n} {split} rows asked, but operands 1..{max_operand} give only "
+                             f"{len(pool)} distinct {split} problems ({len(space)} in all; the test split takes at "
+                             f"most a quarter). Raise the largest operand (--max-operand / data.arith_max_operand) "
+                             f"or ask for fewer rows (--train, --test / data.generate_size).")
+        rows = [arith_row(*pool[i], index=i, split=split) for i in range(n)]
         write_rows(Path(out_dir) / f"{split}.parquet", rows)
         counts[split] = len(rows)
     return counts

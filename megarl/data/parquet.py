@@ -48,6 +48,16 @@ def validate_row(row: dict, where: str) -> dict:
     if "kk" in src and not (isinstance(gt, dict) and isinstance(gt.get("solution_text_format"), str)):
         raise DataError(f"{where}: field 'reward_model.ground_truth.solution_text_format' is missing "
                         f"(Knights-and-Knaves rows carry the solution text).")
+    if "kk" not in src and (not isinstance(gt, (str, int)) or isinstance(gt, bool)):
+        from megarl.rewards import reward_name
+
+        try:
+            reward_name(src)
+        except ValueError:  # a source only a custom reward knows: its ground truth is its own business
+            pass
+        else:  # the built-in rewards compare answers as text: 7.0 would never equal "7"
+            raise DataError(f"{where}: field 'reward_model.ground_truth' is {type(gt).__name__} {gt!r:.40}; the "
+                            f"'{src}' reward compares answers as text: write it as a string (e.g. '7').")
     extra = row.get("extra_info") or {}
     if not isinstance(extra, dict):
         raise DataError(f"{where}: field 'extra_info' must be a dict (got {type(extra).__name__}).")

@@ -100,3 +100,39 @@ def test_config_yaml_is_written_atomically(tmp_path):
 
     save_config(RunConfig(), tmp_path / "config.yaml")
     assert (tmp_path / "config.yaml").read_text().startswith("run:") and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_generated_arithmetic_is_distinct_or_refused(tmp_path):
+    from megarl.data.arith_dataset import write_arith_dataset
+    from megarl.data.parquet import read_rows
+
+    write_arith_dataset(tmp_path, 96, 12, max_operand=9)
+    train, test = read_rows(tmp_path / "train.parquet"), read_rows(tmp_path / "test.parquet")
+    prompts = lambda rows: [str(r["prompt"]) for r in rows]  # noqa: E731
+    assert len(set(prompts(train))) == 96 and len(set(prompts(test))) == 12
+    assert not set(prompts(train)) & set(prompts(test))
+    with pytest.raises(ValueError, match="1000 test rows asked, but operands 1..2 give only 1 distinct"):
+        write_arith_dataset(tmp_path, 4, 1000, max_operand=2)  # before: 1000 copies of one problem
+    with pytest.raises(ValueError, match="-5 training"):
+        write_arith_dataset(tmp_path, -5, 1)
+
+
+@pytest.mark.parametrize("source,truth,refused", [("openai/gsm8k", 7.0, True), ("math_dapo", 7.0, True),
+                                                  ("aime2024", [7], True), ("openai/gsm8k", "7", False),
+                                                  ("openai/gsm8k", 7, False), ("my_task", 7.0, False)])
+def test_ground_truth_types_are_checked_at_read(tmp_path, source, truth, refused):
+    """A float ground truth scored every right GSM8K answer as wrong, silently (issue 21); a source only a custom
+    reward knows keeps whatever ground truth it likes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megarl.data.parquet import DataError, read_rows
+
+    row = {"data_source": source, "prompt": [{"role": "user", "content": "q"}],
+           "reward_model": {"ground_truth": truth}, "extra_info": {"index": 0}}
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "d.parquet")  # as another tool would write it
+    if refused:
+        with pytest.raises(DataError, match=r"d.parquet row 0: field 'reward_model.ground_truth' is"):
+            read_rows(tmp_path / "d.parquet")
+    else:
+        assert read_rows(tmp_path / "d.parquet")[0]["reward_model"]["ground_truth"] == truth
