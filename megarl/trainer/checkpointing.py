@@ -3,6 +3,7 @@
     megarl.json, hf/        as a model checkpoint of ``megarl convert`` (so mcore-to-hf and eval read it)
     model/                  torch_dist: model + optimizer state (loadable at another TP/PP layout)
     trainer_state.json      step, prompt-stream position, LR scheduler state
+    checksums.sha256        SHA-256 of every file above (megarl/checksums.py), checked before a resume
     rng/rank_R.pt           every rank's Python / NumPy / torch RNG states, as plain tensors and numbers: loaded
                             with ``torch.load(weights_only=True)``, so a planted file cannot run code
 
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megarl.checksums import verify_checksums, write_checksums
+
 _STEP = re.compile(r"^step_(\d{6,})$")
 
 
@@ -30,11 +33,22 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of the run, or None."""
+def latest_checkpoint(run_dir: str | Path, verify: bool = False) -> Path | None:
+    """The newest complete checkpoint of the run, or None. ``verify``: the newest whose files match their
+    checksums; a damaged newer one is named and passed over (resume falls back to the newest intact one)."""
     root = checkpoint_root(run_dir)
-    done = [p for p in root.glob("step_*") if _STEP.match(p.name) and (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(_STEP.match(p.name).group(1)), default=None)
+    done = sorted((p for p in root.glob("step_*") if _STEP.match(p.name) and (p / "trainer_state.json").is_file()),
+                  key=lambda p: int(_STEP.match(p.name).group(1)), reverse=True)
+    for p in done:
+        if not verify:
+            return p
+        try:
+            verify_checksums(p)
+            return p
+        except ValueError as e:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"checkpoint {p.name} is damaged and is skipped: {e}", flush=True)
+    return None
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -82,6 +96,7 @@ def save(run_dir: str | Path, step: int, trainer_state: dict, write_model, keep_
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        write_checksums(tmp)
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

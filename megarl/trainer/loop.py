@@ -116,7 +116,7 @@ def prepare_run_dir(cfg: RunConfig) -> None:
         check_compatible(cfg, run / "config.yaml")
         save_config(cfg, run / "config.yaml")
         checkpointing.remove_partial(run)
-        latest = checkpointing.latest_checkpoint(run)
+        latest = checkpointing.latest_checkpoint(run, verify=True)
         last = int(latest.name.split("_")[1]) if latest else 0
         truncate_metrics(run / "metrics.jsonl", last)
         # from scratch, eval.before_train runs again: drop its earlier step-0 line rather than repeat it

@@ -54,7 +54,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def resume(c: Components) -> tuple[int, int]:
     """(step, prompt-stream position) of the latest checkpoint of run.dir, with every state restored; (0, 0)."""
-    latest = checkpointing.latest_checkpoint(c.cfg.run.dir)
+    latest = checkpointing.latest_checkpoint(c.cfg.run.dir, verify=True)  # the newest intact one
     if latest is None:
         return 0, 0
     load_training_state(c.policy.module, c.policy.optimizer, latest / "model")

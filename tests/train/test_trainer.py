@@ -132,6 +132,24 @@ def test_nonfinite_updates_are_skipped_and_a_run_of_them_stops(megatron_world, t
     assert not list((tmp_path / "r" / "checkpoints").glob("step_*"))  # nothing NaN was ever written
 
 
+def test_a_damaged_checkpoint_is_named_and_resume_falls_back(megatron_world, tmp_path, data_dir, capsys):
+    """One flipped byte in the newest checkpoint's shard: reading it names the file; a resume passes over it to
+    the newest intact checkpoint and then logs exactly what an uninterrupted run logs."""
+    run(tmp_path / "r", data_dir, "train.steps=2", "checkpoint.interval=1")
+    ckpt = tmp_path / "r" / "checkpoints" / "step_000002"
+    shard = sorted((ckpt / "model").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    from megarl.backends.megatron.checkpoint import read_meta
+
+    with pytest.raises(ValueError, match=f"{shard.name}: damaged"):
+        read_meta(ckpt)
+    resumed = run(tmp_path / "r", data_dir, "train.steps=3", "checkpoint.interval=1")
+    assert "checkpoint step_000002 is damaged and is skipped" in capsys.readouterr().out
+    same_metrics(resumed, run(tmp_path / "whole", data_dir, "train.steps=3", "checkpoint.interval=1"))
+
+
 def test_fused_output_layer_path_equals_the_logits_path(megatron_world, tmp_path, data_dir):
     """kernels.impl=auto (hidden states -> fused output layer, no logits) against the logits path through the plain
     torch reference and through the Triton kernel: the same losses, gradient norms and entropies over three updates,

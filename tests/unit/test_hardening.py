@@ -136,3 +136,23 @@ def test_ground_truth_types_are_checked_at_read(tmp_path, source, truth, refused
             read_rows(tmp_path / "d.parquet")
     else:
         assert read_rows(tmp_path / "d.parquet")[0]["reward_model"]["ground_truth"] == truth
+
+
+def test_checksums_name_a_changed_or_missing_file(tmp_path, monkeypatch):
+    from megarl.checksums import verify_checksums, write_checksums
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "a.distcp").write_bytes(b"x" * 1000)
+    (tmp_path / "megarl.json").write_text("{}")
+    assert not verify_checksums(tmp_path)  # no list yet (an older checkpoint): nothing to check against
+    write_checksums(tmp_path)
+    assert verify_checksums(tmp_path)
+    (tmp_path / "model" / "a.distcp").write_bytes(b"x" * 999 + b"y")
+    with pytest.raises(ValueError, match=r"a.distcp: damaged"):
+        verify_checksums(tmp_path)
+    monkeypatch.setenv("MEGARL_SKIP_CHECKSUMS", "1")
+    assert not verify_checksums(tmp_path)
+    monkeypatch.delenv("MEGARL_SKIP_CHECKSUMS")
+    (tmp_path / "model" / "a.distcp").unlink()
+    with pytest.raises(ValueError, match=r"a.distcp: missing from the checkpoint"):
+        verify_checksums(tmp_path)

@@ -21,6 +21,7 @@ from megatron.core import dist_checkpointing
 
 from megarl.backends.megatron.model import unwrap
 from megarl.convert.arch import ModelArch, read_arch
+from megarl.checksums import verify_checksums
 
 FORMAT = "megarl-mcore-model-v1"
 # the distributed optimizer's state in the canonical per-parameter layout (gathered on DP rank 0 to save), so a run
@@ -164,4 +165,5 @@ def read_meta(mcore_dir: str | Path) -> tuple[ModelArch, torch.dtype, Path]:
                                 f"are required); make one with `megarl convert hf-to-mcore HF_DIR {mcore_dir}`.")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}.")
+    verify_checksums(d)  # a damaged or incomplete copy is named here, not found as wrong values later
     return read_arch(meta["hf_config"], str(meta_path)), getattr(torch, meta["dtype"]), weights

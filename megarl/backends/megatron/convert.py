@@ -25,6 +25,7 @@ from megarl.backends.megatron.weights import load_hf_weights
 from megarl.convert.arch import check_parallel, read_arch_dir
 from megarl.convert.hf_io import HFReader, ShardedWriter, atomic_output_dir, check_output_dir, copy_side_files
 from megarl.distributed import distributed
+from megarl.checksums import write_checksums
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Knights always tell the truth and knaves always lie."
 
@@ -60,6 +61,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, overwrite: bool = False, log=print) -
         write_meta(tmp, arch, dtype, str(Path(hf_dir).resolve()))
         (tmp / "model").mkdir()
         save_model(model, tmp / "model")
+        write_checksums(tmp)
     stats = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mib": round(peak_rss_mib(), 1)}
     log(f"wrote {out_dir} (torch_dist, loadable at any TP/PP) in {stats['seconds']}s, peak RSS {stats['peak_rss_mib']} MiB")
     return stats
