@@ -78,6 +78,20 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, float | None]:
 
 def read_arch(cfg: dict[str, Any], source: str = "config.json") -> ModelArch:
     """Parse an HF config dict. Raises UnsupportedModel with one line naming what is wrong."""
+    if not isinstance(cfg, dict):
+        raise UnsupportedModel(f"{source}: a model config is a JSON object; this holds a {type(cfg).__name__}.")
+    try:
+        return _read_arch(cfg, source)
+    except KeyError as e:
+        raise UnsupportedModel(f"{source}: key {e.args[0]!r} is missing; a Hugging Face config.json of a "
+                               f"supported model has it.") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UnsupportedModel):
+            raise
+        raise UnsupportedModel(f"{source}: a size or rate has the wrong type ({e}).") from None
+
+
+def _read_arch(cfg: dict[str, Any], source: str) -> ModelArch:
     archs = cfg.get("architectures") or []
     if archs:  # the class transformers would instantiate decides; model_type only when it is absent
         family = next((FAMILIES[a] for a in archs if a in FAMILIES), None)
@@ -121,7 +135,11 @@ def read_arch_dir(hf_dir: str | Path) -> ModelArch:
         raise FileNotFoundError(f"{hf_dir}: no such directory (expected a Hugging Face model directory).")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; a Hugging Face model directory holds config.json.")
-    return read_arch(json.loads(path.read_text()), str(path))
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnsupportedModel(f"{path}: not valid JSON ({e}).") from None
+    return read_arch(cfg, str(path))
 
 
 def check_parallel(arch: ModelArch, tp: int, pp: int, world_size: int | None = None) -> None:

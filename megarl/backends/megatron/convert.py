@@ -45,6 +45,12 @@ def checkpoint_dtype(reader: HFReader) -> torch.dtype:
     return dtypes.pop()
 
 
+def _derived(names, tied: bool) -> set[str]:
+    """HF tensors that carry nothing to convert: rotary frequency buffers some exporters save, and the output
+    layer of a model with tied embeddings (saved by some, equal to the embedding)."""
+    return {n for n in names if n.endswith("rotary_emb.inv_freq") or (tied and n == "lm_head.weight")}
+
+
 def hf_to_mcore(hf_dir: str, out_dir: str, overwrite: bool = False, log=print) -> dict:
     t0 = time.perf_counter()
     check_output_dir(Path(out_dir), overwrite)
@@ -53,7 +59,12 @@ def hf_to_mcore(hf_dir: str, out_dir: str, overwrite: bool = False, log=print) -
     dtype = checkpoint_dtype(reader)
     with distributed(), model_parallel(ParallelDims(1, 1)), atomic_output_dir(out_dir, overwrite) as tmp:
         model = build_model(arch, dtype=dtype, init_weights=False)
-        load_hf_weights(model, arch, reader.get)
+        unused = sorted(set(reader.names()) - load_hf_weights(model, arch, reader.get)
+                        - _derived(reader.names(), arch.tie_embeddings))
+        if unused:  # the config does not describe them: a different architecture, or a config that lost a key
+            raise ValueError(f"{hf_dir}: {len(unused)} tensor(s) that config.json does not describe, e.g. "
+                             f"{', '.join(unused[:3])}; converting would silently drop them. Check that config.json "
+                             f"belongs to these weights.")
         reader.close()  # unmap the last shard before the checkpoint writer needs memory
         log(f"loaded {len(reader.names())} HF tensors ({arch.family}, {dtype}) in {time.perf_counter() - t0:.1f}s")
         (tmp / "hf").mkdir()

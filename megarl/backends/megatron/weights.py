@@ -50,24 +50,33 @@ def _rule_for(name: str, rules: tuple[Rule, ...], layers: dict[int, int], tied: 
     raise KeyError(f"no HF tensor maps to Megatron parameter '{name}'")
 
 
-def load_hf_weights(model: torch.nn.Module, arch: ModelArch, get_hf: Callable[[str], torch.Tensor]) -> None:
-    """Copy HF tensors (``get_hf(name)``, e.g. a safetensors handle) into this rank's parameters.
+def load_hf_weights(model: torch.nn.Module, arch: ModelArch, get_hf: Callable[[str], torch.Tensor]) -> set[str]:
+    """Copy HF tensors (``get_hf(name)``, e.g. a safetensors handle) into this rank's parameters; returns the HF
+    names read.
 
-    Raises ValueError naming the tensor and both shapes when the checkpoint disagrees with the config.
+    Raises ValueError naming the tensor and both shapes when the checkpoint disagrees with the config, and naming
+    the tensor that holds NaN or inf (a model that cannot train, found before any step).
     """
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     rules, layers = key_map(arch), _local_layers(model)
+    used: set[str] = set()
     for name, param in unwrap(model).named_parameters():
         rule, layer = _rule_for(name, rules, layers, arch.tie_embeddings)
         hf_names = tuple(n.replace("{i}", str(layer)) for n in rule.hf)
         hf = tuple(get_hf(n) for n in hf_names)
         _check_hf_shapes(rule, hf_names, hf, arch)
+        for n, t in zip(hf_names, hf):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{n}: holds NaN or inf values; the checkpoint is damaged or was saved from a "
+                                 f"diverged run.")
+        used.update(hf_names)
         local = sh.shard(rule.kind, sh.to_mcore_full(rule.kind, hf, arch), tp, rank)
         if local.shape != param.shape:
             raise ValueError(f"{hf_names[0]}: gives Megatron '{name}' shape {tuple(local.shape)} on TP rank "
                              f"{rank}, but the model built from config.json expects {tuple(param.shape)}.")
         with torch.no_grad():
             param.copy_(local.to(param.dtype))
+    return used
 
 
 def expected_hf_shapes(rule: Rule, arch: ModelArch) -> tuple[tuple[int, ...], ...]:
