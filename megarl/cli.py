@@ -352,6 +352,18 @@ def main(argv: list[str] | None = None) -> int:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             print(f"megarl: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk or a read-only place: the path and the cause, not a traceback
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            cause = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                     errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}[e.errno]
+            where = f" at {e.filename}" if e.filename else ""
+            print(f"megarl: error: {cause}{where}; free space or choose another path (whatever was being written "
+                  f"was not finished and will be redone).", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

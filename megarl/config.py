@@ -343,5 +343,8 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    try:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    except OSError as e:  # name the file (write_text's error does not)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.replace(tmp, path)

@@ -156,3 +156,17 @@ def test_checksums_name_a_changed_or_missing_file(tmp_path, monkeypatch):
     (tmp_path / "model" / "a.distcp").unlink()
     with pytest.raises(ValueError, match=r"a.distcp: missing from the checkpoint"):
         verify_checksums(tmp_path)
+
+
+def test_a_full_disk_is_one_line_naming_the_path(tmp_path):
+    """/dev/full answers every write with ENOSPC: the start of a run that cannot write its config says so."""
+    from tests.cli import megarl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".config.yaml.tmp").symlink_to("/dev/full")
+    r = megarl("train", "--config", "configs/tiny.yaml", f"run.dir={run}", timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"megarl: error: disk full at {run / 'config.yaml'}; free space or choose another path (whatever was being "
+        f"written was not finished and will be redone)."]
+    assert not (run / "config.yaml").exists()
