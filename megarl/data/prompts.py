@@ -16,11 +16,15 @@ TEMPLATES = ("instruct", "base")
 
 def render_prompt(messages: list[dict], tokenizer=None, raw_template: str | None = None,
                   generation_prefix: str = "") -> str:
-    """Text of a prompt: ``raw_template.format(question=<last user message>)`` when given, else the tokenizer's chat
-    template with the generation prompt; then ``generation_prefix``."""
+    """Text of a prompt: ``raw_template`` with ``{question}`` replaced by the last user message when given, else
+    the tokenizer's chat template with the generation prompt; then ``generation_prefix``. Only ``{question}`` is
+    replaced: other braces (LaTeX's ``\\boxed{}``, JSON) are the template's own text, not format fields."""
     if raw_template is not None:
-        question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-        return raw_template.format(question=question) + generation_prefix
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+        if question is None or "{question}" not in raw_template:
+            raise ValueError("extra_info.raw_template needs a user message and a '{question}' placeholder "
+                             f"(got {raw_template[:60]!r}).")
+        return raw_template.replace("{question}", question) + generation_prefix
     if tokenizer is None:
         raise ValueError("render_prompt needs a tokenizer (for its chat template) or a raw_template.")
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

@@ -170,3 +170,13 @@ def test_a_full_disk_is_one_line_naming_the_path(tmp_path):
         f"megarl: error: disk full at {run / 'config.yaml'}; free space or choose another path (whatever was being "
         f"written was not finished and will be redone)."]
     assert not (run / "config.yaml").exists()
+
+
+def test_a_raw_template_may_hold_braces():
+    """Before: str.format read LaTeX braces as fields and raised a traceback."""
+    from megarl.data.prompts import render_prompt
+
+    text = render_prompt([{"role": "user", "content": "1 + 1"}], raw_template="Answer in \\boxed{}. {question} =")
+    assert text == "Answer in \\boxed{}. 1 + 1 ="
+    with pytest.raises(ValueError, match="placeholder"):
+        render_prompt([{"role": "user", "content": "x"}], raw_template="no field")
