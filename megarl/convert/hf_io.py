@@ -24,6 +24,15 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 INDEX = "model.safetensors.index.json"
 
 
+def _open_safetensors(path: Path):
+    """``safe_open`` with a truncated, fake or foreign file reported as one line naming it."""
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a bad header
+        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]}); the "
+                         f"download or copy is incomplete or the file is something else.") from None
+
+
 class HFReader:
     """Tensors of an HF directory by name, from ``model.safetensors`` or a sharded index."""
 
@@ -33,9 +42,13 @@ class HFReader:
             raise FileNotFoundError(f"{hf_dir}: no such directory (expected a Hugging Face model directory).")
         index, single = self.dir / INDEX, self.dir / "model.safetensors"
         if index.is_file():
-            self.file_of = {k: self.dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            try:
+                self.file_of = {k: self.dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index}: not a safetensors index (a JSON object with a 'weight_map'): "
+                                 f"{type(e).__name__}: {e}.") from None
         elif single.is_file():
-            with safe_open(str(single), "pt") as f:
+            with _open_safetensors(single) as f:
                 self.file_of = {k: single for k in f.keys()}
         else:
             raise FileNotFoundError(f"{hf_dir}: no model.safetensors or {INDEX}; megarl reads safetensors "
@@ -52,7 +65,7 @@ class HFReader:
         # One file mapped at a time: a mapped shard's touched pages count as resident memory, so keeping every
         # shard open would hold the whole checkpoint on top of the model being filled.
         if self._open is None or self._open[0] != path:
-            self._open = (path, safe_open(str(path), "pt"))
+            self._open = (path, _open_safetensors(path))
         return self._open[1]
 
     def close(self) -> None:

@@ -69,3 +69,13 @@ def test_a_damaged_shard_is_named_by_mcore_to_hf(tiny, tmp_path):
     r = megarl("convert", "mcore-to-hf", str(tmp_path / "mcore"), str(tmp_path / "back"), timeout=300)
     one_line_error(r, f"{shard.name}: damaged")
     assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("content", [b"garbage", None], ids=["fake", "truncated"])
+def test_a_fake_or_truncated_safetensors_file(tiny, tmp_path, content):
+    d = tmp_path / "hf"
+    shutil.copytree(tiny, d)
+    (shard,) = d.glob("*.safetensors")
+    shard.write_bytes(content if content is not None else shard.read_bytes()[:1000])
+    r = megarl("convert", "hf-to-mcore", str(d), str(tmp_path / "out"), timeout=300)
+    one_line_error(r, f"{shard}: not a readable safetensors file")
