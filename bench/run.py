@@ -1,7 +1,7 @@
 """The performance suite's one entry point: run the benchmarks (each writes bench/results/<device>/<name>.json
 with device, commit, command and versions), then regenerate bench/results/<device>/SUMMARY.md.
 
-    .venv/bin/python bench/run.py                      # all but demo_all (CPU: about 15 minutes on 2 cores)
+    .venv/bin/python bench/run.py                      # all but the demo runs (CPU: about 15 minutes on 2 cores)
     .venv/bin/python bench/run.py demo_all             # every demo family (CPU: 49 minutes at train.steps=15)
     .venv/bin/python bench/run.py rollout train_step   # some
     python bench/run.py --list
@@ -25,12 +25,15 @@ BENCHES = {  # name: (script, default arguments, what it measures)
     "train_step": ("train_step.py", [], "GRPO update of Qwen2.5-0.5B/1.5B/7B shapes: tokens/s, MFU"),
     "rl_step": ("rl_step.py", [], "full RL step by phase; A*-PO (n=1) vs GRPO (n=8) time and memory"),
     "demo_all": ("demo_all.py", [], "every algorithm family on the CPU demo: held-out curves, time, memory"),
+    "rpg_variants": ("rpg_variants.py", [], "RPG's variants against REINFORCE++ on the CPU demo"),
 }
+
+ON_REQUEST = ("demo_all", "rpg_variants")  # whole demo runs: 40-50 minutes each on 2 cores
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", help=f"of {', '.join(BENCHES)}; default: all but demo_all")
+    ap.add_argument("names", nargs="*", help=f"of {', '.join(BENCHES)}; default: all but {', '.join(ON_REQUEST)}")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     if args.list:
@@ -41,7 +44,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     failed = []
-    for name in args.names or [n for n in BENCHES if n != "demo_all"]:  # demo_all: on request (49 minutes at 15 steps)
+    for name in args.names or [n for n in BENCHES if n not in ON_REQUEST]:
         script, extra, _ = BENCHES[name]
         print(f"== {name}", flush=True)
         if subprocess.run([sys.executable, str(HERE / script), *extra]).returncode:

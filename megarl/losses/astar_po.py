@@ -1,4 +1,4 @@
-"""A*-PO: policy optimisation via optimal advantage regression (arXiv 2505.20686; ALGORITHMS.md 2.2).
+"""A*-PO: policy optimisation via optimal advantage regression (arXiv 2505.20686; docs/algorithms.md).
 
 Stage 1 (offline, ``megarl.advantages.estimate_v_star``) estimates V*(x) from N reference samples per prompt.
 Stage 2 samples ONE response per prompt and regresses the scaled log-ratio onto the optimal advantage:

@@ -10,7 +10,7 @@ data-parallel ranks, and passes the sums back as ``LossInput.counts``. Then
 exactly, values and gradients. With ``counts=None`` a loss normalises by its own input (one micro-batch = the
 whole mini-batch), which is what a single-process caller wants.
 
-Aggregation modes (ALGORITHMS.md section 0; L is a [B, T] per-token loss, m the mask):
+Aggregation modes (docs/algorithms.md, "Conventions"; L is a [B, T] per-token loss, m the mask):
 
     token-mean               sum(L*m) / N_tokens
     seq-mean-token-sum       sum_b sum_t L*m / N_seqs

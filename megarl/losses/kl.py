@@ -7,8 +7,8 @@ pi_old ~ pi_theta) and estimate the REVERSE divergence KL(pi_theta || pi_ref). W
     k2 = d^2 / 2                biased, low variance                           (verl "mse")
     k3 = exp(d) - d - 1         unbiased, low variance, always >= 0            (verl "low_var_kl")
 
-Direction trap (ALGORITHMS.md 4.3): RPG's UFKL term ``w - log w - 1`` with w = pi_theta/pi_old has the same
-shape as k3 but the ratio flipped, i.e. it estimates the FORWARD KL(pi_old || pi_theta). Never swap the two:
+Direction trap (docs/algorithms.md, "Conventions"): RPG's UFKL term ``w - log w - 1`` with w = pi_theta/pi_old
+has the same shape as k3 but the ratio flipped, i.e. it estimates the FORWARD KL(pi_old || pi_theta). Never swap the two:
 ``k3(logprobs, ref)`` != ``k3(ref, logprobs)``.
 """
 

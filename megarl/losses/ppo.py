@@ -1,4 +1,4 @@
-"""Clipped policy-gradient losses: GRPO, Dr. GRPO, DAPO and REINFORCE++ (ALGORITHMS.md 3.1, 3.2, 4.5).
+"""Clipped policy-gradient losses: GRPO, Dr. GRPO, DAPO and REINFORCE++ (docs/algorithms.md).
 
 They differ only in hyperparameters and in the advantage estimator run upstream (``megarl.advantages``):
 

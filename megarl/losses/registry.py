@@ -106,8 +106,8 @@ LOSSES: dict[str, LossSpec] = {
     "trw_triangular": LossSpec(trw.trw_triangular, {**trw.TRIANGLE, **trw.TRW_COMMON}),
     "trw_logistic": LossSpec(trw.trw_logistic, {"alpha": 10.0, "gamma": 1.0, "eta": 0.0, "rescale": False,
                                                 **trw.TRW_COMMON}),
-    "trw_entropy": LossSpec(trw.trw_entropy, {**trw.TRIANGLE, "lam": 0.5, **trw.TRW_COMMON},
-                            reads=frozenset({"entropy"})),
+    # (its "entropy" boost measures rarity by pi_old(y_t), not by the token entropy: nothing more to read)
+    "trw_entropy": LossSpec(trw.trw_entropy, {**trw.TRIANGLE, "lam": 0.5, **trw.TRW_COMMON}),
     # sequence-level objectives: TRPA's pairwise preferences have no policy-gradient term to reweight (rejection
     # still applies); A*-PO's squared residual per response takes one sequence weight
     "trpa": LossSpec(trpa.trpa, trpa.TRPA_DEFAULTS, trpa.trpa_counts, advantage=None, reference="fixed",

@@ -1,4 +1,4 @@
-"""RPG: regularized policy gradients (arXiv 2505.17508; ALGORITHMS.md 4.1-4.4).
+"""RPG: regularized policy gradients (arXiv 2505.17508; complex-reasoning/RPG@ec8e30b; docs/algorithms.md).
 
 The reference is the OLD policy (every RPG run sets use_iterative_ref_model=True), so w = pi_theta / pi_old and
 every KL term below uses ``old_logprobs``.
@@ -16,7 +16,7 @@ REINFORCE-style (paper Table 2), w_c = clamp(sg(w), 1-eps_l, 1+eps_h):
 RPG-style clip: coefficient sg(A*w + k(w_c)) (note: UNclamped w on A) times the dual-clip keep-mask
 ``A>0: w < 1+eps_h;  A<=0: 1-eps_l <= w < c``. With beta=0 it is gradient-identical to dual-clip PPO.
 
-Departure: upstream imports ``compute_policy_loss_reinforce`` but never calls it (ALGORITHMS.md 4.4); this is
+Departure: upstream imports ``compute_policy_loss_reinforce`` but never calls it; this is
 the paper's loss, written from its Table 2 and that unused function.
 """
 

@@ -1,4 +1,4 @@
-"""TRPA: Trust Region Preference Approximation (arXiv 2504.04524; ALGORITHMS.md 1.3-1.4).
+"""TRPA: Trust Region Preference Approximation (arXiv 2504.04524; docs/algorithms.md).
 
 Rule rewards give each response a preference level (1 best). Within each prompt group every response i at a
 better level is paired with every response j at a worse level (all cross-level pairs, not only adjacent):

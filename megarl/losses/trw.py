@@ -1,4 +1,4 @@
-"""TRW-GRPO: GRPO with explicit trust-region weights (ALGORITHMS.md 3.3; xiaoojs20/tiny-grpo-exp README).
+"""TRW-GRPO: GRPO with explicit trust-region weights (docs/algorithms.md; xiaoojs20/tiny-grpo-exp@a7d4e97c README).
 
     L = -agg( sg(w(rho, A)) * rho * A ) + kl_coef * agg(k3(logp, logp_ref)),   rho = pi_theta / pi_old
 
@@ -6,7 +6,7 @@ w is stop-gradient, so grad L = -agg(w * A * rho * grad log pi). With the PPO in
 ``w = 1[A>0, rho<1+eps_h] + 1[A<0, 1-eps_l<rho<c]`` this is exactly the dual-clip PPO gradient (the unit test).
 
 Departure from upstream: the TRW repo ships no code for any weight; every formula below is DERIVED from its
-README (see ALGORITHMS.md 3.3 for the reasoning):
+README (docs/algorithms.md has the reasoning):
 
 - triangular: 0 outside [1-eps_l, 1+eps_h]; rises linearly w0 -> 1 on [1-eps_l, 1]; falls 1 -> w2 on [1, 1+eps_h].
   ``sign_aware=True`` applies the window only on the side PPO clips (upper for A>0, lower for A<0).

@@ -1,5 +1,5 @@
-"""Knights-and-Knaves rule reward with TRPA preference levels (ALGORITHMS.md 1.1; Logic-RL's reward as ported by
-TRPA, XueruiSu/Trust-Region-Preference-Approximation verl/utils/reward_score/kk.py).
+"""Knights-and-Knaves rule reward with TRPA preference levels (docs/algorithms.md, "TRPA preference levels";
+Logic-RL's reward as ported by TRPA, XueruiSu/Trust-Region-Preference-Approximation verl/utils/reward_score/kk.py).
 
     format   +1 if <think>, </think>, <answer>, </answer> each appear exactly once, in that order; else -1
     answer   +2 all roles right (level 1) | -1.5 parsed but wrong (level 2) | -2 answer present but unparseable

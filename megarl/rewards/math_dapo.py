@@ -1,5 +1,5 @@
 """DAPO-Math / AIME / AMC reward: the last ``Answer: ...`` line, Minerva-normalised, exact match, +1 / -1
-(ALGORITHMS.md 4.7; verl math_dapo.py, whose normalisation comes from Minerva via lm-evaluation-harness).
+(verl math_dapo.py, whose normalisation comes from Minerva via lm-evaluation-harness).
 
 Every result carries its TRPA preference level (rewards/levels.py). Only the last 300 characters of the response are read. The DAPO overlong penalty is a separate shaping step:
 ``megarl.rollout.shaping.overlong_penalty``.

@@ -1,4 +1,5 @@
-"""DAPO's rollout-side pieces (arXiv 2503.14476; ALGORITHMS.md 3.2): dynamic sampling and overlong shaping."""
+"""DAPO's rollout-side pieces (arXiv 2503.14476; docs/algorithms.md, "GRPO, Dr. GRPO and DAPO"): dynamic sampling
+and overlong shaping."""
 
 from __future__ import annotations
 

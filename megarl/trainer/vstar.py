@@ -1,5 +1,5 @@
-"""A*-PO stage 1 (ALGORITHMS.md 2.1): N samples of every training prompt from the reference policy, scored by the
-rule rewards, reduced to
+"""A*-PO stage 1 (docs/algorithms.md, "A*-PO"): N samples of every training prompt from the reference policy,
+scored by the rule rewards, reduced to
 
     V*(x) = beta1 * log( 1/N sum_i exp(r_i / beta1) )          (advantages.estimate_v_star)
 

@@ -2,7 +2,8 @@
 
 Each worker checks its own logits and gradients against HF transformers (within 1e-5 / rtol 1e-4) through the
 trainer's real gradient path (Megatron DDP + finalize_model_grads). This test then checks every layout against
-the TP1/PP1 run within PLATFORM.md's measured tolerances: PP is bit-identical; TP differs by float reassociation.
+the TP1/PP1 run within the measured tolerances of docs/platform.md: PP is bit-identical; TP differs by float
+reassociation.
 """
 
 from __future__ import annotations

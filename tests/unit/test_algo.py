@@ -54,7 +54,7 @@ def test_an_explicit_other_estimator_runs_and_is_said():
     (["algo.loss=trpa", "rollout.group_size=1"], "loss 'trpa' compares responses"),
     (["algo.loss=grpo", "rollout.group_size=1"], "algo.advantage='grpo' compares responses"),
     (["algo.loss=rpg_fkl", "algo.reference=none"], "regularises toward a reference (old)"),
-    (["algo.loss=trw_entropy", "kernels.impl=te"], "reads the entropy"),
+    (["algo.loss=astar_po", "kernels.impl=te"], "reads the entropy"),  # its entropy bonus, 1e-3 by default
     (["algo.loss=grpo", "kernels.impl=te", "algo.loss_hparams={entropy_coef: 0.01}"], "reads the entropy"),
 ])
 def test_combinations_that_cannot_run_are_named(overrides, message):

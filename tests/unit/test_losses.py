@@ -1,5 +1,5 @@
 """Policy losses against independent references: per-element float64 loops, hand-worked values, and the
-gradient identities of ALGORITHMS.md section 5. Nothing here calls the code under test to make its expectation."""
+gradient identities in docs/algorithms.md. Nothing here calls the code under test to make its expectation."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_kl_estimators_expectations_are_the_reverse_kl():
     assert k2 == pytest.approx(float((close * (close / q).log()).sum()), rel=0.05)
 
 
-# ---------------------------------------------------------------- gradient identities (ALGORITHMS.md 5)
+# ---------------------------------------------------------------- gradient identities (docs/algorithms.md)
 
 def test_trw_with_ppo_indicator_weight_has_the_dual_clip_ppo_gradient():
     inp = make_batch(3, spread=0.6)

@@ -6,7 +6,7 @@ update. What the engine reports per sampled token is the log-prob under the temp
 (``logprobs_mode="processed_logprobs"``), the quantity the trainer recomputes; with top-k / top-p < 1 vLLM's
 "processed" distribution is the truncated one, so the two then differ by the truncation's renormaliser.
 
-Settings measured on CPU (PLATFORM.md): in-process mode needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the
+Settings measured on CPU (docs/platform.md): in-process mode needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the
 ``uni`` executor; the KV cache must be sized explicitly (otherwise it reserves most of host RAM); after a weight
 load the prefix cache must be reset, or prompts longer than one KV block reuse stale keys and values; sleep mode
 exists only on CUDA.
