@@ -91,6 +91,11 @@ def load_score_fn(spec: str):
     module, _, name = spec.partition(":")
     if not module or not name:
         raise ValueError(f"reward.custom_fn='{spec}' must be 'package.module:function'.")
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path:  # as `python -m` would: the console script's path holds only its own folder
+        sys.path.append(os.getcwd())  # (spawned reward workers inherit sys.path)
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
