@@ -1,13 +1,20 @@
-"""What the trainer needs from a generator: the contract, not the transport. Implementations: the native Megatron
-generator (``backends.megatron.generator``) and vLLM (``backends.vllm.engine``)."""
+"""What the trainer needs from its parts: the contracts, not the engines. The RL loop (``megarl.trainer.loop``)
+talks to a ``Policy``, a ``Reference`` and a ``Generator`` through these methods only.
+
+Implementations: ``MegatronPolicy`` / ``MegatronReference`` (``backends.megatron.policy``); the native Megatron
+generator (``backends.megatron.generator``) and colocated vLLM (``backends.vllm.colocated``) as generators."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from typing import Literal, Protocol
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from megarl.losses.registry import PolicyLoss
+    from megarl.rollout.batch import Rollouts
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,6 +45,11 @@ class Completion:
 
 
 class Generator(Protocol):
+    stale: bool  # its weights lag the policy's: the loop calls ``sync()`` before the next step's rollouts
+
+    def sync(self) -> dict[str, float]:
+        """Take the policy's current weights (and check them); returns metrics (``sync/*``). Collective."""
+
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         """n completions for each token-id prompt. ``seeds[i]`` seeds prompt i's samples (which then do not depend
@@ -54,3 +66,32 @@ class Generator(Protocol):
 
     def close(self) -> None:
         """Release the engine (before the process group it may use is torn down)."""
+
+
+class Reference(Protocol):
+    def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> torch.Tensor:
+        """log p [B, R] of every response token of ``ro`` under the reference. Collective."""
+
+
+class Policy(Protocol):
+    """The model being trained, its optimizer and its schedule, behind what the RL loop and a weight sync need."""
+
+    version: int  # bumped whenever the weights change (updates, loads, schedule-free point swaps)
+
+    def rollout_point(self, active: bool) -> None:
+        """Put the weights rollouts and old log-probs are taken at in place (``True``; schedule-free: the averaged
+        point x) or the ones updates are taken at (``False``). A no-op for optimizers with one point."""
+
+    def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p, entropy) [B, R] of every response token of ``ro`` under the current weights. Collective."""
+
+    def train_step(self, ro: Rollouts, groups: list[list[int]], loss: PolicyLoss, token_budget: int,
+                   temperature: float) -> dict[str, float]:
+        """One optimizer step on the rows of ``groups``; the step's metrics (``loss/*``, ``optim/*``). Collective."""
+
+    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The current weights as (HF name, full tensor) pairs, streamed (a weight sync's source). Collective."""
+
+    def probe_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[t] | ids[:t]) for t >= 1 at temperature 1 (a weight sync's check). Collective."""
+

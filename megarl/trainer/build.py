@@ -18,7 +18,7 @@ from megarl.backends.megatron.generator import MegatronGenerator
 from megarl.backends.megatron.model import DTYPES, build_model
 from megarl.backends.megatron.policy import MegatronPolicy, MegatronReference
 from megarl.backends.megatron.weights import load_hf_weights
-from megarl.backends.protocols import SamplingParams
+from megarl.backends.protocols import Generator, SamplingParams
 from megarl.config import RunConfig
 from megarl.convert.arch import ModelArch, read_arch_dir, stop_ids
 from megarl.convert.bundled import resolve_model_spec
@@ -29,7 +29,6 @@ from megarl.data.source import PromptSource
 from megarl.algo import Algorithm, resolve
 from megarl.rewards import compute_score
 from megarl.rewards.executor import RewardExecutor, load_score_fn
-from megarl.trainer.vllm_rollout import ColocatedVLLM
 from megarl.trainer.vstar import estimate_files, has_v_star
 
 
@@ -42,7 +41,7 @@ class Components:
     policy: MegatronPolicy
     reference: MegatronReference | None
     ref_kind: str
-    generator: MegatronGenerator | ColocatedVLLM
+    generator: Generator  # the native Megatron generator, or colocated vLLM (megarl/backends/vllm/colocated.py)
     source: PromptSource
     executor: RewardExecutor
     algo: Algorithm  # the loss (algo.loss.loss), its advantage estimator and reference kind
@@ -150,10 +149,13 @@ def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, mode
         return MegatronGenerator(policy.module, arch)
     eval_tokens = cfg.eval.max_tokens or cfg.rollout.max_tokens
     max_len = min(arch.max_position_embeddings, cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, eval_tokens))
+    from megarl.backends.megatron.parallel import model_parallel_group
+    from megarl.backends.vllm.colocated import ColocatedVLLM
+
     return ColocatedVLLM(policy, arch, model_dir, tp=cfg.parallel.tp, dtype=cfg.model.dtype, max_model_len=max_len,
                          kv_cache_mb=cfg.rollout.vllm_kv_cache_mb,
                          gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-                         probe_tol=cfg.rollout.vllm_probe_tol, seed=cfg.run.seed)
+                         probe_tol=cfg.rollout.vllm_probe_tol, seed=cfg.run.seed, group=model_parallel_group())
 
 
 def build(cfg: RunConfig) -> Components:

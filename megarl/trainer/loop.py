@@ -25,7 +25,6 @@ from megarl.trainer import checkpointing
 from megarl.trainer.build import Components
 from megarl.trainer.collect import advantages_over_dp, collect, select_over_dp
 from megarl.trainer.evaluate import evaluate_files
-from megarl.trainer.vllm_rollout import ColocatedVLLM
 from megarl.backends.megatron.parallel import dp_info
 from megarl.trainer.state import check_compatible, export_hf, resume, save_checkpoint, step_metrics
 
@@ -52,7 +51,7 @@ def train(c: Components) -> dict[str, float]:
         while step < cfg.train.steps:
             step, timer, t0 = step + 1, Timer(), time.perf_counter()
             c.policy.rollout_point(True)  # schedule-free: sample and score pi_old at the averaged point x
-            synced = c.generator.sync() if isinstance(c.generator, ColocatedVLLM) and c.generator.stale else {}
+            synced = c.generator.sync() if c.generator.stale else {}
             with timer("generation"):
                 ro, position, stats = collect(
                     step, position, source=c.source, generator=c.generator, tokenizer=c.tokenizer,

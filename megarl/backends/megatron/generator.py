@@ -121,6 +121,11 @@ class MegatronGenerator:
         named = dict(weights)
         load_hf_weights(self.model, self.arch, named.__getitem__)
 
+    stale = False  # it runs the policy's own modules: nothing to sync
+
+    def sync(self) -> dict[str, float]:
+        return {}
+
     def sleep(self) -> None:  # the KV cache lives only inside generate(); nothing is held between calls
         pass
 

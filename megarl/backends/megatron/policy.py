@@ -21,12 +21,14 @@ so the result is independent of how the mini-batch is split over micro-batches a
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from megarl.backends.megatron.export import export_hf_weights
 from megarl.backends.megatron.generator import broadcast_from_last_stage
 from megarl.backends.megatron.forward import forward_backward, hidden_states_out, output_weight, token_logprobs
 from megarl.backends.megatron.model import transformer_config, unwrap
@@ -152,6 +154,19 @@ class MegatronPolicy:
 
     def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature, self.kernel_impl)
+
+    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named full tensors in bounded buckets (TP shards gathered, stages broadcast); tied embeddings also
+        yield ``lm_head.weight`` (an engine may keep a separate copy of the output layer)."""
+        for bucket in export_hf_weights(self.module, self.arch):
+            for name, tensor in bucket:
+                yield name, tensor
+                if self.arch.tie_embeddings and name == "model.embed_tokens.weight":
+                    yield "lm_head.weight", tensor
+
+    def probe_logprobs(self, ids: list[int]) -> list[float]:
+        ro = Rollouts([ids[:1]], [ids[1:]], [[]], ["length"], torch.zeros(1, dtype=torch.int64))
+        return self.logprobs(ro, token_budget=len(ids), temperature=1.0)[0][0].tolist()
 
     def train_step(self, ro: Rollouts, groups: list[list[int]], loss_fn: PolicyLoss, token_budget: int,
                    temperature: float) -> dict[str, float]:

@@ -18,7 +18,8 @@ every rank takes part in a sync:
                 under the Megatron policy: max |difference| (over all ranks) above ``rollout.vllm_probe_tol`` is
                 an error naming both numbers. A stale, mis-sharded or mis-mapped tensor moves it by far more.
 
-Every step also logs ``rollout/logprob_diff_max`` (engine sampler log-probs vs the trainer's recomputation over
+The engine depends on the policy only through the ``Policy`` protocol (``hf_weights``, ``probe_logprobs``,
+``version``), so nothing here imports Megatron. Every step also logs ``rollout/logprob_diff_max`` (engine sampler log-probs vs the trainer's recomputation over
 all sampled tokens); a step that synced logs ``sync/seconds``, ``sync/bytes`` and ``sync/probe_diff_max``.
 """
 
@@ -30,12 +31,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megarl.backends.megatron.export import export_hf_weights
-from megarl.backends.megatron.parallel import model_parallel_group
-from megarl.backends.megatron.policy import MegatronPolicy
-from megarl.backends.protocols import Completion, SamplingParams
+from megarl.backends.protocols import Completion, Policy, SamplingParams
+from megarl.backends.vllm.engine import VLLMGenerator
 from megarl.convert.arch import ModelArch
-from megarl.rollout.batch import Rollouts
 
 PROBE_LEN = 192
 
@@ -45,23 +43,15 @@ def probe_ids(vocab_size: int, length: int = PROBE_LEN) -> list[int]:
     return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(20240601)).tolist()
 
 
-def megatron_probe_logprobs(policy: MegatronPolicy, ids: list[int]) -> list[float]:
-    """log p(ids[t] | ids[:t]), t >= 1, under the policy at temperature 1, on every rank (collective)."""
-    ro = Rollouts([ids[:1]], [ids[1:]], [[]], ["length"], torch.zeros(1, dtype=torch.int64))
-    return policy.logprobs(ro, token_budget=len(ids), temperature=1.0)[0][0].tolist()
-
-
 class ColocatedVLLM:
-    """The trainer's generator for ``rollout.backend=vllm`` (``generate`` / ``sleep`` / ``wake_up`` / ``close`` of
-    the ``Generator`` protocol; its weights come from the policy, not from ``load_weights``). Every rank of the run
-    builds it at the same time and calls every method."""
+    """The trainer's generator for ``rollout.backend=vllm`` (the ``Generator`` protocol; its weights come from the
+    policy through ``sync``, not from ``load_weights``). Every rank of the run builds it at the same time and calls
+    every method. ``group``: the ranks of one model replica (the probe's check is agreed over them)."""
 
-    def __init__(self, policy: MegatronPolicy, arch: ModelArch, model_dir: Path, *, tp: int, dtype: str,
+    def __init__(self, policy: Policy, arch: ModelArch, model_dir: Path, *, tp: int, dtype: str,
                  max_model_len: int, kv_cache_mb: int, gpu_memory_utilization: float, probe_tol: float | None,
-                 seed: int):
-        from megarl.backends.vllm.engine import VLLMGenerator
-
-        self.policy, self.arch = policy, arch
+                 seed: int, group=None):
+        self.policy, self.arch, self.group = policy, arch, group
         self.probe_tol = probe_tol if probe_tol is not None else (1e-3 if dtype == "float32" else 0.25)
         self.engine = VLLMGenerator(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tp,
                                     kv_cache_bytes=kv_cache_mb << 20, gpu_memory_utilization=gpu_memory_utilization,
@@ -82,12 +72,10 @@ class ColocatedVLLM:
         sent: list[str] = []
 
         def stream():
-            for bucket in export_hf_weights(self.policy.module, self.arch):
-                for name, tensor in bucket:
+            for name, tensor in self.policy.hf_weights():
+                if name != "lm_head.weight" or not self.arch.tie_embeddings:  # (tied: the embedding's copy)
                     sent.append(name)
-                    yield name, tensor
-                    if self.arch.tie_embeddings and name == "model.embed_tokens.weight":
-                        yield "lm_head.weight", tensor
+                yield name, tensor
 
         nbytes = self.engine.load_weights(stream())
         if set(sent) != self.expected:
@@ -100,12 +88,12 @@ class ColocatedVLLM:
         return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": float(nbytes), "sync/probe_diff_max": diff}
 
     def _probe_diff(self) -> float:
-        mine = megatron_probe_logprobs(self.policy, self.probe)
+        mine = self.policy.probe_logprobs(self.probe)
         theirs = self.engine.prompt_logprobs(self.probe)
         diff = torch.tensor(max(abs(a - b) for a, b in zip(mine, theirs)), dtype=torch.float64)
         # every rank of the replica raises, or none does; replicas sync independently (a replica without eval
         # or V* prompts may not sync at all)
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=model_parallel_group())
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=self.group)
         if not float(diff) <= self.probe_tol:
             raise RuntimeError(f"weight sync to vLLM failed its check: on a fixed {len(self.probe)}-token probe, "
                                f"max |vLLM - Megatron| log-prob = {float(diff):.3g} > rollout.vllm_probe_tol = "
