@@ -198,10 +198,9 @@ class RunConfig:
                 if key in MINIMA and value < MINIMA[key]:
                     raise ValueError(f"{key}={value} must be >= {MINIMA[key]}.")
         resolve(self)  # the loss, its estimator, reference and group size (megarl/algo.py): named errors
-        mp = self.parallel.tp * self.parallel.pp
-        if world_size % mp:
-            raise ValueError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {mp}.")
-        dp = world_size // mp
+        from megarl.parallel import ParallelDims
+
+        dp = ParallelDims(self.parallel.tp, self.parallel.pp).check(world_size).dp(world_size)
         if self.train.prompts_per_step % (dp * self.train.minibatches_per_step):
             raise ValueError(f"train.prompts_per_step ({self.train.prompts_per_step}) must be divisible by "
                              f"data-parallel size ({dp}) x train.minibatches_per_step "

@@ -143,21 +143,8 @@ def read_arch_dir(hf_dir: str | Path) -> ModelArch:
 
 
 def check_parallel(arch: ModelArch, tp: int, pp: int, world_size: int | None = None) -> None:
-    """Validate TP/PP against the model and the world size, naming the config key and the valid values."""
-    if tp < 1 or pp < 1:
-        raise ValueError(f"parallel.tp ({tp}) and parallel.pp ({pp}) must be >= 1.")
-    valid_tp = [d for d in range(1, arch.num_kv_heads + 1)
-                if arch.num_kv_heads % d == 0 and arch.num_heads % d == 0]
-    if arch.num_heads % tp or arch.num_kv_heads % tp:
-        raise ValueError(f"parallel.tp={tp} must divide num_attention_heads ({arch.num_heads}) and "
-                         f"num_key_value_heads ({arch.num_kv_heads}); valid values: "
-                         f"{', '.join(map(str, valid_tp))}.")
-    if arch.ffn_hidden_size % tp:
-        raise ValueError(f"parallel.tp={tp} must divide intermediate_size ({arch.ffn_hidden_size}).")
-    if arch.num_layers % pp:
-        valid_pp = [d for d in range(1, arch.num_layers + 1) if arch.num_layers % d == 0]
-        raise ValueError(f"parallel.pp={pp} must divide num_hidden_layers ({arch.num_layers}); valid values: "
-                         f"{', '.join(map(str, valid_pp))}.")
-    if world_size is not None and world_size % (tp * pp):
-        raise ValueError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp * pp}; "
-                         f"launch a multiple of {tp * pp} processes or change parallel.tp/parallel.pp.")
+    """Validate TP/PP against the model and the world size (``megarl.parallel.ParallelDims.check``, the one check
+    the config, the converter and the Megatron backend share)."""
+    from megarl.parallel import ParallelDims
+
+    ParallelDims(tp, pp).check(world_size, arch)

@@ -180,3 +180,22 @@ def test_a_raw_template_may_hold_braces():
     assert text == "Answer in \\boxed{}. 1 + 1 ="
     with pytest.raises(ValueError, match="placeholder"):
         render_prompt([{"role": "user", "content": "x"}], raw_template="no field")
+
+
+def test_one_layout_check_serves_config_converter_and_backend():
+    """megarl.parallel.ParallelDims owns the degrees: the config and the converter's check_parallel raise its
+    messages (the backend's init_model_parallel calls the same check)."""
+    from megarl.convert.arch import check_parallel, read_arch
+    from megarl.parallel import ParallelDims
+
+    arch = read_arch({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+                      "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                      "intermediate_size": 64})
+    assert ParallelDims(2, 2).check(8, arch).dp(8) == 2
+    for call in (lambda: ParallelDims(2, 3).check(None, arch), lambda: check_parallel(arch, 2, 3)):
+        with pytest.raises(ValueError, match=r"parallel.pp=3 must divide num_hidden_layers \(4\); valid values: 1, 2, 4"):
+            call()
+    with pytest.raises(ValueError, match="world size 6 is not divisible by parallel.tp x parallel.pp = 4"):
+        load_config(None, ["model.hf_dir=tiny:qwen2", "parallel.tp=2", "parallel.pp=2"], world_size=6)
+    with pytest.raises(ValueError, match="context and expert parallelism are not available yet"):
+        ParallelDims(1, 1, cp=2).check()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "megarl"
-PURE = ("losses", "advantages.py", "rollout", "rewards", "data", "kernels", "convert")
+PURE = ("losses", "advantages.py", "algo.py", "parallel.py", "checksums.py", "rollout", "rewards", "data", "kernels", "convert")
 
 
 def imports_of(path: Path) -> set[str]:

@@ -1,35 +1,22 @@
-"""Megatron's tensor / pipeline / data parallel groups over the process group of ``megarl.distributed``."""
+"""Megatron's tensor / pipeline / data parallel groups over the process group of ``megarl.distributed``, made
+from ``megarl.parallel.ParallelDims`` (which owns the degrees and their checks)."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megarl.backends.megatron.cpu_compat import enable_cpu_compat
-
-
-@dataclasses.dataclass(frozen=True)
-class ParallelDims:
-    """The parallel degrees of a run. dp is derived: world_size / (tp * pp)."""
-
-    tp: int = 1
-    pp: int = 1
-
-    def dp(self, world_size: int) -> int:
-        return world_size // (self.tp * self.pp)
+from megarl.parallel import ParallelDims  # the layout's one owner (re-exported here for the backend's callers)
 
 
 def init_model_parallel(dims: ParallelDims, seed: int = 1234) -> None:
     """Create the TP/PP/DP groups (order tp-cp-ep-dp-pp, Megatron's default) and seed the RNG tracker."""
     enable_cpu_compat()
-    world = dist.get_world_size()
-    if world % (dims.tp * dims.pp):
-        raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {dims.tp * dims.pp}; "
-                         f"launch a multiple of {dims.tp * dims.pp} processes or change parallel.tp/parallel.pp.")
+    dims.check(dist.get_world_size())
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp,
                                              pipeline_model_parallel_size=dims.pp)
     model_parallel_cuda_manual_seed(seed)

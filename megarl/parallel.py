@@ -1,0 +1,65 @@
+"""The parallel layout of a run, owned in one place: the degrees, how the world divides into them, and the one
+check of both against the world size and the model. Pure (no Megatron): the config, the converter and the
+Megatron backend all ask this class.
+
+    world = dp x pp x tp          (Megatron's rank order tp-cp-ep-dp-pp; cp and ep are reserved: 1 until the
+                                   context- and expert-parallel work lands)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megarl.convert.arch import ModelArch
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelDims:
+    """Tensor, pipeline (and reserved context, expert) parallel degrees; data parallelism is what the world has
+    left: ``dp(world_size) = world_size / (tp * pp * cp)``."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1  # reserved: context parallelism
+    ep: int = 1  # reserved: expert parallelism (inside the data-parallel ranks, as Megatron lays it out)
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold one replica of the model."""
+        return self.tp * self.pp * self.cp
+
+    def dp(self, world_size: int) -> int:
+        return world_size // self.model_parallel
+
+    def check(self, world_size: int | None = None, arch: ModelArch | None = None) -> ParallelDims:
+        """Raise ValueError naming the config key and the valid values when the degrees do not fit the world or
+        the model; returns self."""
+        for key, value in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp), ("ep", self.ep)):
+            if value < 1:
+                raise ValueError(f"parallel.{key}={value} must be >= 1.")
+        if self.cp != 1 or self.ep != 1:
+            raise ValueError(f"parallel cp={self.cp} / ep={self.ep}: context and expert parallelism are not "
+                             f"available yet; use 1.")
+        if arch is not None:
+            self._check_model(arch)
+        if world_size is not None and world_size % self.model_parallel:
+            raise ValueError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
+                             f"{self.model_parallel}; launch a multiple of {self.model_parallel} processes or "
+                             f"change parallel.tp / parallel.pp.")
+        return self
+
+    def _check_model(self, arch: ModelArch) -> None:
+        tp, pp = self.tp, self.pp
+        if arch.num_heads % tp or arch.num_kv_heads % tp:
+            valid = [d for d in range(1, arch.num_kv_heads + 1)
+                     if arch.num_kv_heads % d == 0 and arch.num_heads % d == 0]
+            raise ValueError(f"parallel.tp={tp} must divide num_attention_heads ({arch.num_heads}) and "
+                             f"num_key_value_heads ({arch.num_kv_heads}); valid values: {', '.join(map(str, valid))}.")
+        if arch.ffn_hidden_size % tp:
+            raise ValueError(f"parallel.tp={tp} must divide intermediate_size ({arch.ffn_hidden_size}).")
+        if arch.num_layers % pp:
+            valid = [d for d in range(1, arch.num_layers + 1) if arch.num_layers % d == 0]
+            raise ValueError(f"parallel.pp={pp} must divide num_hidden_layers ({arch.num_layers}); valid values: "
+                             f"{', '.join(map(str, valid))}.")
