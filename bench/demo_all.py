@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results_io import REPO, device_dir, write_result
+from results_io import REPO, write_result
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from megarl.backends.megatron.generator import MegatronGenerator
 from megarl.backends.megatron.model import DTYPES, build_model
 from megarl.backends.megatron.policy import MegatronPolicy, MegatronReference
 from megarl.backends.megatron.weights import load_hf_weights
-from megarl.backends.protocols import Generator, SamplingParams
+from megarl.backends.protocols import Generator, Policy, Reference, SamplingParams
 from megarl.config import RunConfig
 from megarl.convert.arch import ModelArch, read_arch_dir, stop_ids
 from megarl.convert.bundled import resolve_model_spec
@@ -38,8 +38,8 @@ class Components:
     arch: ModelArch
     model_dir: Path
     tokenizer: Any
-    policy: MegatronPolicy
-    reference: MegatronReference | None
+    policy: Policy  # MegatronPolicy (megarl/backends/megatron/policy.py)
+    reference: Reference | None
     ref_kind: str
     generator: Generator  # the native Megatron generator, or colocated vLLM (megarl/backends/vllm/colocated.py)
     source: PromptSource
@@ -165,7 +165,7 @@ def build(cfg: RunConfig) -> Components:
                  grad_clip=o.grad_clip, distributed=o.distributed, warmup_steps=o.warmup_steps,
                  schedule=o.schedule)
     policy = MegatronPolicy(model, arch, optim, cfg.train.steps * cfg.train.minibatches_per_step,
-                            kernel_impl=cfg.kernels.impl)
+                            kernel_impl=cfg.kernels.impl, source_dir=model_dir)
     algo = resolve(cfg)
     if dist.get_rank() == 0:
         print("\n".join([algo.describe(), *algo.notes]), flush=True)

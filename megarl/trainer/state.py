@@ -3,15 +3,14 @@ the per-step metrics reduced over data parallel, and the check that a resumed ru
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megarl.backends.megatron.checkpoint import load_training_state, save_model, save_training_state, write_meta
 from megarl.backends.megatron.export import export_hf_weights
-from megarl.backends.megatron.model import DTYPES
-from megarl.backends.megatron.optim import averaged_weights, is_schedulefree
+from megarl.backends.megatron.optim import averaged_weights
 from megarl.config import RunConfig, load_config, to_dict
 from megarl.convert.hf_io import ShardedWriter, atomic_output_dir, copy_side_files
 from megarl.distributed import all_reduce_sum
@@ -57,37 +56,19 @@ def resume(c: Components) -> tuple[int, int]:
     latest = checkpointing.latest_checkpoint(c.cfg.run.dir, verify=True)  # the newest intact one
     if latest is None:
         return 0, 0
-    load_training_state(c.policy.module, c.policy.optimizer, latest / "model")
-    c.policy.version += 1
-    state = checkpointing.load_trainer_state(latest)
-    c.policy.scheduler.load_state_dict(state["scheduler"])
+    c.policy.load(latest, json.loads((latest / "trainer_state.json").read_text()))
+    state = checkpointing.load_trainer_state(latest)  # (and every rank's RNG states)
     if dist.get_rank() == 0:
         print(f"resumed from {latest} (step {state['step']})", flush=True)
     return int(state["step"]), int(state["position"])
 
 
 def save_checkpoint(c: Components, step: int, position: int) -> Path:
-    """run.dir/checkpoints/step_N: the training state, which is also a model checkpoint (``megarl eval``,
-    ``mcore-to-hf``, ``megarl export``); schedule-free runs add the averaged weights x, which those read."""
-    averaged = is_schedulefree(c.policy.optimizer)
-
-    def write_model(tmp: Path) -> None:
-        if dist.get_rank() == 0:
-            (tmp / "hf").mkdir()
-            copy_side_files(c.model_dir, tmp / "hf")
-            write_meta(tmp, c.arch, DTYPES[c.cfg.model.dtype], str(c.model_dir),
-                       weights="eval_model" if averaged else "model")
-            (tmp / "model").mkdir()
-            if averaged:
-                (tmp / "eval_model").mkdir()
-        dist.barrier()
-        save_training_state(c.policy.module, c.policy.optimizer, tmp / "model")
-        if averaged:
-            with averaged_weights(c.policy.optimizer):
-                save_model(c.policy.module, tmp / "eval_model")
-
-    state = {"step": step, "position": position, "scheduler": c.policy.scheduler.state_dict()}
-    return checkpointing.save(c.cfg.run.dir, step, state, write_model, c.cfg.checkpoint.keep_last)
+    """run.dir/checkpoints/step_N: the policy's own files (``Policy.save``: for Megatron also a model checkpoint for
+    ``megarl eval``, ``mcore-to-hf`` and ``megarl export``), the step, the prompt stream's position and the RNG."""
+    state = {"step": step, "position": position}
+    return checkpointing.save(c.cfg.run.dir, step, state, lambda tmp: state.update(c.policy.save(tmp)),
+                              c.cfg.checkpoint.keep_last)
 
 
 def export_hf(c: Components, out: Path) -> None:

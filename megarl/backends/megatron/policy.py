@@ -22,18 +22,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from megarl.backends.megatron.checkpoint import load_training_state, save_model, save_training_state, write_meta
 from megarl.backends.megatron.export import export_hf_weights
 from megarl.backends.megatron.generator import broadcast_from_last_stage
 from megarl.backends.megatron.forward import forward_backward, hidden_states_out, output_weight, token_logprobs
 from megarl.backends.megatron.model import transformer_config, unwrap
-from megarl.backends.megatron.optim import build_optimizer, is_schedulefree, set_eval_point
+from megarl.backends.megatron.optim import averaged_weights, build_optimizer, is_schedulefree, set_eval_point
 from megarl.convert.arch import ModelArch
+from megarl.convert.hf_io import copy_side_files
 from megarl.distributed import all_reduce_sum
 from megarl.losses.base import LossInput
 from megarl.losses.registry import PolicyLoss
@@ -132,9 +135,9 @@ class MegatronPolicy:
     """The trained model: Megatron DDP around the GPTModel stage of this rank, its optimizer and scheduler."""
 
     def __init__(self, model: torch.nn.Module, arch: ModelArch, optim: dict, total_optimizer_steps: int,
-                 kernel_impl: str = "auto"):
-        self.arch, self.kernel_impl = arch, kernel_impl
-        dtype = unwrap(model).config.params_dtype
+                 kernel_impl: str = "auto", source_dir: Path | None = None):
+        self.arch, self.kernel_impl, self.source_dir = arch, kernel_impl, source_dir  # source: the HF model dir
+        self.dtype = dtype = unwrap(model).config.params_dtype
         self.model = DistributedDataParallel(transformer_config(arch, dtype), ddp_config(dtype, optim["distributed"]),
                                              model)
         self.optimizer, self.scheduler = build_optimizer(
@@ -154,6 +157,32 @@ class MegatronPolicy:
 
     def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature, self.kernel_impl)
+
+    def save(self, out: Path) -> dict:
+        """Write this policy's checkpoint into ``out`` (collective): megarl.json and hf/ (so it is also a model
+        checkpoint for convert, eval and export), model/ (weights and optimizer, torch_dist, loadable at another
+        layout); schedule-free adds eval_model/ (the averaged x, which those read). Returns the JSON-able state
+        that goes into trainer_state.json (the LR scheduler)."""
+        averaged = is_schedulefree(self.optimizer)
+        if dist.get_rank() == 0:
+            (out / "hf").mkdir()
+            copy_side_files(self.source_dir, out / "hf")
+            write_meta(out, self.arch, self.dtype, str(self.source_dir), weights="eval_model" if averaged else "model")
+            (out / "model").mkdir()
+            if averaged:
+                (out / "eval_model").mkdir()
+        dist.barrier()
+        save_training_state(self.module, self.optimizer, out / "model")
+        if averaged:
+            with averaged_weights(self.optimizer):
+                save_model(self.module, out / "eval_model")
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load(self, ckpt: Path, state: dict) -> None:
+        """Restore what ``save`` wrote (``state``: its returned dict, from trainer_state.json). Collective."""
+        load_training_state(self.module, self.optimizer, ckpt / "model")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version += 1
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """HF-named full tensors in bounded buckets (TP shards gathered, stages broadcast); tied embeddings also

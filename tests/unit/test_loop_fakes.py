@@ -1,0 +1,146 @@
+"""The RL loop (megarl/trainer/loop.py) driven through its protocols with in-memory fakes of the Policy and the
+Generator, in seconds: the order of the phases in a step, the metrics it logs, the checkpoint cadence, and resume
+bookkeeping (the step, the prompt stream's position and the policy's own state come back from the checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megarl.algo import resolve
+from megarl.backends.protocols import Completion, SamplingParams
+from megarl.config import load_config
+from megarl.data.source import Prompt
+from megarl.metrics import read_metrics
+from megarl.rewards.executor import RewardExecutor
+from megarl.trainer.build import Components
+
+
+class Log(list):
+    def __call__(self, event: str) -> None:
+        self.append(event)
+
+
+class FakeGenerator:
+    """Answers prompt u with the tokens of str(u % 3) (or "x"), whatever the seed."""
+
+    def __init__(self, policy, log: Log):
+        self.policy, self.log, self.synced = policy, log, -1
+
+    @property
+    def stale(self) -> bool:
+        return self.synced != self.policy.version
+
+    def sync(self) -> dict[str, float]:
+        self.log("sync")
+        self.synced = self.policy.version
+        return {"sync/seconds": 0.0}
+
+    def generate(self, prompts, n, sampling, seeds=None):
+        self.log("generate")
+        return [[Completion([ord(str(p[0] % 3) if j % 2 else "x")], [-0.5], "stop") for j in range(n)]
+                for p in prompts]
+
+    def sleep(self):
+        self.log("sleep")
+
+    def wake_up(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class FakePolicy:
+    """Weights: one number that each update adds the mean advantage to; logprobs equal the sampler's (-0.5)."""
+
+    def __init__(self, log: Log):
+        self.version, self.weight, self.log, self.point = 0, 0.0, log, False
+
+    def rollout_point(self, active: bool) -> None:
+        self.log(f"rollout_point {active}")
+
+    def logprobs(self, ro, token_budget, temperature):
+        self.log("old_logprobs")
+        shape = (len(ro), ro.max_response_len)
+        return torch.full(shape, -0.5) * ro.response_mask(), torch.zeros(shape)
+
+    def train_step(self, ro, groups, loss, token_budget, temperature):
+        self.log("train_step")
+        rows = [i for g in groups for i in g]
+        self.weight += float(ro.advantages[rows].sum())
+        self.version += 1
+        return {"loss/total": 0.25, "optim/grad_norm": 1.0, "optim/lr": 1e-3, "optim/skipped": 0.0,
+                "optim/nonfinite": 0.0}
+
+    def save(self, out: Path) -> dict:
+        self.log("save")
+        (out / "fake_policy.json").write_text(json.dumps({"weight": self.weight}))
+        return {"version": self.version}
+
+    def load(self, ckpt: Path, state: dict) -> None:
+        self.log("load")
+        self.weight = json.loads((ckpt / "fake_policy.json").read_text())["weight"]
+        self.version = state["version"] + 1
+
+
+class FakeSource:
+    def take(self, position: int, n: int) -> list[Prompt]:
+        return [Prompt(pos, [pos], "arithmetic", str(pos % 3), {}) for pos in range(position, position + n)]
+
+
+class FakeTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def components(run: Path, log: Log, steps: int) -> Components:
+    cfg = load_config(None, ["model.hf_dir=tiny:qwen2", f"run.dir={run}", f"train.steps={steps}",
+                             "train.prompts_per_step=2", "rollout.group_size=4", "checkpoint.interval=2",
+                             "checkpoint.export_hf=false", "metrics.progress=false", "reward.num_workers=0",
+                             "algo.loss_hparams={kl_coef: 0}"], world_size=1)
+    policy = FakePolicy(log)
+    return Components(cfg, None, run, FakeTokenizer(), policy, None, "none", FakeGenerator(policy, log),
+                      FakeSource(), RewardExecutor(num_workers=0), resolve(cfg), SamplingParams(max_tokens=4))
+
+
+def test_a_step_runs_its_phases_in_order_and_logs_its_metrics(megatron_world, tmp_path):
+    from megarl.trainer.loop import prepare_run_dir, train
+
+    log = Log()
+    c = components(tmp_path / "run", log, steps=3)
+    prepare_run_dir(c.cfg)
+    train(c)
+    step = ["rollout_point True", "sync", "generate", "sleep", "old_logprobs", "rollout_point False", "train_step"]
+    assert log == [*step, *step, "save", *step, "save"]  # checkpoint.interval=2, and the last step
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:  # half of each group right (arithmetic reward 1/0), so every step has signal
+        assert r["reward/acc"] == 0.5 and r["rollout/responses"] == 8 and r["loss/total"] == 0.25
+        assert r["rollout/logprob_diff_max"] == 0.0 and r["sync/seconds"] == 0.0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
+
+
+def test_resume_restores_step_position_and_the_policys_state(megatron_world, tmp_path):
+    from megarl.trainer.loop import prepare_run_dir, train
+
+    run = tmp_path / "run"
+    whole = components(tmp_path / "whole", Log(), steps=4)
+    prepare_run_dir(whole.cfg)
+    train(whole)
+    first = components(run, Log(), steps=2)
+    prepare_run_dir(first.cfg)
+    train(first)
+    log = Log()
+    second = components(run, log, steps=4)  # the same command with more steps resumes
+    prepare_run_dir(second.cfg)
+    train(second)
+    assert log[0] == "load" and log.count("train_step") == 2
+    assert second.policy.weight == pytest.approx(whole.policy.weight)  # the same updates as one uninterrupted run
+    resumed, straight = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, straight):  # the prompt stream continued where it stopped: the same rewards
+        assert (a["reward/mean"], a["rollout/responses"]) == (b["reward/mean"], b["rollout/responses"])
