@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
@@ -88,6 +89,13 @@ class Policy(Protocol):
     def train_step(self, ro: Rollouts, groups: list[list[int]], loss: PolicyLoss, token_budget: int,
                    temperature: float) -> dict[str, float]:
         """One optimizer step on the rows of ``groups``; the step's metrics (``loss/*``, ``optim/*``). Collective."""
+
+    def save(self, out: Path) -> dict:
+        """Write the policy's checkpoint files (weights, optimizer) into ``out``; returns JSON-able state that the
+        trainer stores beside them and hands back to ``load``. Collective."""
+
+    def load(self, ckpt: Path, state: dict) -> None:
+        """Restore what ``save`` wrote. Collective."""
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The current weights as (HF name, full tensor) pairs, streamed (a weight sync's source). Collective."""
