@@ -96,3 +96,11 @@ def test_no_layer_outside_the_losses_tests_a_loss_name():
     offenders = [hit for f in sorted(PKG.rglob("*.py")) if "losses" not in f.parts and f.name != "advantages.py"
                  for hit in _name_tests(f)]
     assert not offenders, offenders
+
+
+def test_truncated_sampling_with_correction_or_bypass_is_said_at_the_start():
+    plain = resolve(cfg_of("rollout.top_p=0.9"))
+    assert not any("renormalised" in n for n in plain.notes)
+    for extra in ("algo.bypass_old_logprobs=true", "algo.loss_hparams={rollout_is: token}"):
+        notes = resolve(cfg_of("rollout.top_k=20", extra)).notes
+        assert any("truncated, renormalised distribution" in n for n in notes), notes
