@@ -13,8 +13,11 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 .venv/bin/megarl convert mcore-to-hf "$OUT/mcore" "$OUT/back"              # -> HF again
 .venv/bin/python - "$OUT/hf" "$OUT/back" <<'PY'
 import sys
+from pathlib import Path
 from safetensors.torch import load_file
-a, b = (load_file(f"{d}/model.safetensors") for d in sys.argv[1:3])
+def tensors(d):  # one file or shards: every tensor of the directory
+    return {k: v for f in sorted(Path(d).glob("*.safetensors")) for k, v in load_file(f).items()}
+a, b = (tensors(d) for d in sys.argv[1:3])
 assert a.keys() == b.keys(), set(a) ^ set(b)
 assert all((a[k] == b[k]).all() for k in a), "a tensor changed"
 print(f"round trip bit-exact: {len(a)} tensors")
