@@ -15,6 +15,8 @@ import pytest
 from megarl.cli import build_parser
 from tests.cli import megarl
 
+pytestmark = pytest.mark.cli  # every test here runs a subprocess
+
 
 def all_commands():
     """Every (sub)command path of the parser, so a new subcommand is covered automatically."""

@@ -87,6 +87,7 @@ def test_cuda_seed_seeds_the_cpu_generator():
     assert torch.equal(a, torch.rand(2))
 
 
+@pytest.mark.cli
 def test_inactive_when_cuda_is_present():
     code = ("import torch; torch.cuda.is_available = lambda: True; orig = torch.cuda.current_device\n"
             "from megarl.backends.megatron import cpu_compat as c\n"

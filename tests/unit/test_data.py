@@ -118,6 +118,7 @@ def test_malformed_rows_name_file_row_and_field(tmp_path):
         write_rows(tmp_path / "out.parquet", [kk])
 
 
+@pytest.mark.cli  # (unpacks the bundled model the first time: tens of seconds)
 def test_prompt_rendering_chat_and_raw(smollm2_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -136,6 +137,7 @@ def test_prompt_rendering_chat_and_raw(smollm2_dir, tmp_path):
         render_prompt(inst["prompt"])
 
 
+@pytest.mark.cli
 def test_data_cli(tmp_path):
     r = megarl("data", "kk", "--out", str(tmp_path), "--train", "5", "--test", "2", "--people", "2-4")
     assert r.returncode == 0 and "train.parquet: 5 puzzles" in r.stdout

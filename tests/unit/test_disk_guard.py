@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.cli  # every test here runs pytest in a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

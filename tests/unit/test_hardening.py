@@ -85,6 +85,7 @@ def test_bad_numbers_are_one_named_error(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.cli
 def test_the_cli_says_it_in_one_line_and_writes_nothing(tmp_path):
     from tests.cli import megarl
 
@@ -158,6 +159,7 @@ def test_checksums_name_a_changed_or_missing_file(tmp_path, monkeypatch):
         verify_checksums(tmp_path)
 
 
+@pytest.mark.cli
 def test_a_full_disk_is_one_line_naming_the_path(tmp_path):
     """/dev/full answers every write with ENOSPC: the start of a run that cannot write its config says so."""
     from tests.cli import megarl

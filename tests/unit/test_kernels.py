@@ -164,6 +164,7 @@ def beyond_int32_offsets() -> None:
         torch.testing.assert_close(grad.clone(), ref.grad.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cli
 def test_triton_kernels_address_rows_beyond_2_pow_31_elements():
     if torch.cuda.is_available():
         pytest.skip("CPU tensors need Triton's interpreter; on CUDA tests/gpu runs T = 16,384 at V = 151,936")
