@@ -134,6 +134,20 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from megarl.data.parquet import describe
 
     print(describe(args.file, args.rows))
+    if args.model:  # render and tokenize every prompt as training will, so what train refuses is refused here
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        from megarl.convert.bundled import resolve_model_spec
+        from megarl.data.source import PromptSource
+
+        with tempfile.TemporaryDirectory() as work:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_spec(args.model, work))
+            source = PromptSource([args.file], tokenizer, max_prompt_tokens=args.max_prompt_tokens, shuffle=False)
+            longest = max(len(source.prompt(i, i).ids) for i in range(len(source)))
+        print(f"prompts: {len(source)} rendered with {args.model}'s template, the longest {longest} tokens "
+              f"(limit data.max_prompt_tokens={args.max_prompt_tokens})")
     return 0
 
 
@@ -339,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "data_source and sample rows.")
     insp.add_argument("file")
     insp.add_argument("--rows", type=at_least(0), default=2, help="sample rows to print")
+    insp.add_argument("--model", default=None, help="also render and tokenize every prompt with this model's "
+                      "tokenizer (HF dir, bundled:smollm2, tiny:qwen2) and check --max-prompt-tokens")
+    insp.add_argument("--max-prompt-tokens", type=at_least(1), default=1024, help="data.max_prompt_tokens to check")
     insp.set_defaults(func=cmd_data_inspect)
     return p
 

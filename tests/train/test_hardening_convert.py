@@ -79,3 +79,14 @@ def test_a_fake_or_truncated_safetensors_file(tiny, tmp_path, content):
     shard.write_bytes(content if content is not None else shard.read_bytes()[:1000])
     r = megarl("convert", "hf-to-mcore", str(d), str(tmp_path / "out"), timeout=300)
     one_line_error(r, f"{shard}: not a readable safetensors file")
+
+
+def test_data_inspect_with_a_model_refuses_what_train_refuses(tmp_path):
+    """With --model, `data inspect` renders and tokenizes every prompt as training does: a prompt over
+    --max-prompt-tokens is named by file and row there, not first at step 1 of a run."""
+    assert megarl("data", "arithmetic", "--out", str(tmp_path), "--train", "4", "--test", "1").returncode == 0
+    ok = megarl("data", "inspect", str(tmp_path / "train.parquet"), "--model", "tiny:qwen2", timeout=300)
+    assert ok.returncode == 0 and "prompts: 4 rendered with tiny:qwen2's template, the longest" in ok.stdout
+    r = megarl("data", "inspect", str(tmp_path / "train.parquet"), "--model", "tiny:qwen2",
+               "--max-prompt-tokens", "5", timeout=300)
+    one_line_error(r, "train.parquet row", "more than data.max_prompt_tokens=5")
