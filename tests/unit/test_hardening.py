@@ -201,3 +201,15 @@ def test_one_layout_check_serves_config_converter_and_backend():
         load_config(None, ["model.hf_dir=tiny:qwen2", "parallel.tp=2", "parallel.pp=2"], world_size=6)
     with pytest.raises(ValueError, match="context and expert parallelism are not available yet"):
         ParallelDims(1, 1, cp=2).check()
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("override,message", BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_bad_numbers_through_the_command(tmp_path, override, message):
+    """The same table as a user meets it: exit 2, one `megarl: error:` line naming the key, nothing on disk."""
+    from tests.cli import megarl
+
+    r = megarl("train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", override, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("megarl: error: ") and message in lines[0]
+    assert not (tmp_path / "run").exists()
