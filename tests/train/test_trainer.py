@@ -235,6 +235,9 @@ def test_schedulefree_checkpoint_serves_the_averaged_weights(megatron_world, tmp
     shutil.copytree(ckpt, y_ckpt)
     meta = json.loads((y_ckpt / "megarl.json").read_text())
     (y_ckpt / "megarl.json").write_text(json.dumps({**meta, "weights": "model"}))
+    from megarl.checksums import write_checksums
+
+    write_checksums(y_ckpt)  # an edited checkpoint is refused as damaged until its checksums are made again
     run_cli("convert", "mcore-to-hf", str(y_ckpt), str(tmp_path / "y"))
     live, x, y = (load_file(tmp_path / d / "model-00001-of-00001.safetensors") for d in ("run/hf", "x", "y"))
     assert live.keys() == x.keys() == y.keys()
