@@ -179,8 +179,17 @@ def add_train_parsers(sub) -> None:
     ev.set_defaults(func=cmd_eval)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with megarl's error form: one ``megarl: error:`` line naming the command and the argument, exit 2
+    (argparse's own prints the usage first); subcommands inherit it."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"megarl: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megarl", description="Megatron-core RL post-training for LLM reasoning.")
+    p = _Parser(prog="megarl", description="Megatron-core RL post-training for LLM reasoning.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     env = sub.add_parser("env", help="report versions, device, backend and known-bad combinations",

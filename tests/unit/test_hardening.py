@@ -213,3 +213,19 @@ def test_bad_numbers_through_the_command(tmp_path, override, message):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("megarl: error: ") and message in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("args,message", [
+    (["eval", "ckpt", "--data", "d.parquet", "--n", "0"], "megarl eval: argument --n: 0 must be >= 1"),
+    (["data", "arithmetic", "--out", "x", "--train", "-5"], "megarl data arithmetic: argument --train: -5 must be >= 1"),
+    (["data", "kk", "--out", "x", "--people", "5-3"], "--people '5-3' is an empty range"),
+])
+def test_bad_arguments_are_one_line(args, message, tmp_path):
+    """Argument errors too: one `megarl: error:` line (argparse's own form prints its usage first), exit 2."""
+    from tests.cli import megarl
+
+    r = megarl(*[a.replace("x", str(tmp_path / "out")) if a == "x" else a for a in args], timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("megarl: error: ") and message in lines[0]
+    assert not (tmp_path / "out").exists()
