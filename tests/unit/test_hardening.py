@@ -229,3 +229,25 @@ def test_bad_arguments_are_one_line(args, message, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("megarl: error: ") and message in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.cli
+def test_a_yaml_syntax_error_and_a_float_ground_truth_through_the_command(tmp_path):
+    """Two former tracebacks / silent cases as a user meets them: one line naming the file (and line, or row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.cli import megarl
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  dir: [oops\n")
+    r = megarl("train", "--config", str(bad), timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"megarl: error: {bad}: not valid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>'."]
+    row = {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": "q"}],
+           "reward_model": {"ground_truth": 7.0}, "extra_info": {"index": 0}}
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "d.parquet")
+    r = megarl("data", "inspect", str(tmp_path / "d.parquet"), timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "d.parquet row 0: field 'reward_model.ground_truth' is float 7.0" \
+        in lines[0]
