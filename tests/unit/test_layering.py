@@ -1,5 +1,5 @@
-"""Imports point one way (STYLE.md section 1): megatron.core only inside megarl/backends/megatron, vllm only in a
-vLLM backend, and the pure layers (losses, advantages, rollout, rewards, data, kernels, convert) never import a
+"""Imports point one way (docs/architecture.md, "The layers"): megatron.core only inside megarl/backends/megatron,
+vllm only in a vLLM backend, and the pure layers (losses, advantages, rollout, rewards, data, kernels, convert) never import a
 backend or the CLI. Checked on the source with ast, so a lazy import inside a function counts too."""
 
 from __future__ import annotations
