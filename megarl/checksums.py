@@ -19,7 +19,7 @@ from pathlib import Path
 NAME = "checksums.sha256"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(8 << 20), b""):
@@ -31,7 +31,7 @@ def write_checksums(root: str | Path) -> Path:
     """Hash every file under ``root`` (but this list) into ``root/checksums.sha256``; written atomically."""
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != NAME and not p.name.endswith(".tmp"))
-    lines = [f"{_sha256(p)}  {p.relative_to(root).as_posix()}\n" for p in files]
+    lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files]
     tmp = root / f".{NAME}.tmp"
     tmp.write_text("".join(lines))
     os.replace(tmp, root / NAME)
@@ -51,7 +51,7 @@ def verify_checksums(root: str | Path) -> bool:
         if not path.is_file():
             raise ValueError(f"{path}: missing from the checkpoint {root} (listed in {NAME}); the checkpoint is "
                              f"incomplete: copy it again, or use another checkpoint.")
-        if _sha256(path) != want:
+        if sha256_file(path) != want:
             raise ValueError(f"{path}: damaged (its SHA-256 differs from {listing}); copy the checkpoint again, or "
                              f"use another checkpoint.")
     return True

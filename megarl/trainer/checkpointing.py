@@ -34,8 +34,10 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def latest_checkpoint(run_dir: str | Path, verify: bool = False) -> Path | None:
-    """The newest complete checkpoint of the run, or None. ``verify``: the newest whose files match their
-    checksums; a damaged newer one is named and passed over (resume falls back to the newest intact one)."""
+    """The newest complete checkpoint of the run, or None. ``verify`` (the main rank, once, before a resume):
+    the newest whose files match their checksums; a damaged newer one is named and renamed to
+    ``.step_N.damaged`` (kept for inspection, no longer a checkpoint), so every rank's resume then finds the
+    intact one without hashing again."""
     root = checkpoint_root(run_dir)
     done = sorted((p for p in root.glob("step_*") if _STEP.match(p.name) and (p / "trainer_state.json").is_file()),
                   key=lambda p: int(_STEP.match(p.name).group(1)), reverse=True)
@@ -46,8 +48,9 @@ def latest_checkpoint(run_dir: str | Path, verify: bool = False) -> Path | None:
             verify_checksums(p)
             return p
         except ValueError as e:
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                print(f"checkpoint {p.name} is damaged and is skipped: {e}", flush=True)
+            print(f"checkpoint {p.name} is damaged and is set aside as .{p.name}.damaged: {e}", flush=True)
+            shutil.rmtree(p.parent / f".{p.name}.damaged", ignore_errors=True)
+            os.replace(p, p.parent / f".{p.name}.damaged")
     return None
 
 

@@ -53,7 +53,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def resume(c: Components) -> tuple[int, int]:
     """(step, prompt-stream position) of the latest checkpoint of run.dir, with every state restored; (0, 0)."""
-    latest = checkpointing.latest_checkpoint(c.cfg.run.dir, verify=True)  # the newest intact one
+    # the newest intact one: prepare_run_dir checked the checksums and set damaged checkpoints aside
+    latest = checkpointing.latest_checkpoint(c.cfg.run.dir)
     if latest is None:
         return 0, 0
     c.policy.load(latest, json.loads((latest / "trainer_state.json").read_text()))

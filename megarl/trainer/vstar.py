@@ -28,20 +28,11 @@ from megarl.data.parquet import read_rows, write_rows
 from megarl.data.source import PromptSource
 from megarl.rewards.executor import RewardExecutor
 from megarl.trainer.collect import gather_dp, generate, score
+from megarl.checksums import sha256_file
 
 
 def has_v_star(files: list[str]) -> bool:
     return all(r["extra_info"].get("v_star") is not None for f in files for r in read_rows(f))
-
-
-def _sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _settings_match(out: Path, made_by: dict) -> bool:
@@ -93,7 +84,7 @@ def estimate_file(src: str | Path, out: Path, *, generator, tokenizer, executor:
     ``stop_after_chunks`` stops early (leaving the partial file), as a kill would -- for tests."""
     out = Path(out)
     main = dist.get_rank() == 0
-    made_by = {"source": str(src), "source_sha256": _sha256(src), "samples": n, "beta1": beta1,
+    made_by = {"source": str(src), "source_sha256": sha256_file(src), "samples": n, "beta1": beta1,
                "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                "max_tokens": sampling.max_tokens, "seed": sampling.seed, "overlong_buffer": overlong_buffer,
                "overlong_factor": overlong_factor}

@@ -146,7 +146,8 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back(megatron_world, tmp
     with pytest.raises(ValueError, match=f"{shard.name}: damaged"):
         read_meta(ckpt)
     resumed = run(tmp_path / "r", data_dir, "train.steps=3", "checkpoint.interval=1")
-    assert "checkpoint step_000002 is damaged and is skipped" in capsys.readouterr().out
+    assert "checkpoint step_000002 is damaged and is set aside" in capsys.readouterr().out
+    assert (tmp_path / "r" / "checkpoints" / ".step_000002.damaged").is_dir()
     same_metrics(resumed, run(tmp_path / "whole", data_dir, "train.steps=3", "checkpoint.interval=1"))
 
 

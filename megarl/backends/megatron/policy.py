@@ -233,9 +233,10 @@ class MegatronPolicy:
 
     def _grads_finite(self) -> bool:
         """Whether every rank's gradients (Megatron DDP's main_grad buffers, already summed over DP) are finite."""
-        local = all(bool(torch.isfinite(p.main_grad).all()) for p in self.model.parameters()
-                    if getattr(p, "main_grad", None) is not None)
-        flag = torch.tensor([1.0 if local else 0.0], device=next(self.model.parameters()).device)
+        grads = [p.main_grad for p in self.model.parameters() if getattr(p, "main_grad", None) is not None]
+        # a NaN/inf anywhere makes its tensor's norm, and so the sum, non-finite: one reduction, one sync per step
+        total = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros(())
+        flag = torch.isfinite(total).float().reshape(1).to(next(self.model.parameters()).device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() == 1.0)
 
