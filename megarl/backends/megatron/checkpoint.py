@@ -13,7 +13,11 @@ writes for a model checkpoint:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -30,12 +34,50 @@ FORMAT = "megarl-mcore-model-v1"
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def _die_with_parent() -> None:
-    """Runs first in the helper process: Linux delivers it SIGTERM when the process that started it dies."""
+def _die_with_parent(sig: int = 15) -> None:
+    """Runs first in a helper process: Linux sends it ``sig`` (default SIGTERM) when the thread that started it
+    ends, so a helper never outlives a killed trainer."""
     import ctypes
-    import signal
 
-    ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    ctypes.CDLL(None).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
+
+
+_saving = False  # True while this process is inside save_model / save_training_state
+_forking_pid: int | None = None
+_fork_hook_installed = False
+
+
+def _remember_forking_pid() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
+def _forked_writer_dies_with_trainer() -> None:
+    """After a fork inside a save (megatron-core forks one writer per bucket of a torch_dist save): the writer gets
+    SIGKILL when the trainer dies. Otherwise a writer whose trainer was SIGKILLed mid-save blocks forever on the
+    queues it shares with the dead parent. SIGKILL, not SIGTERM: a fork inherits the trainer's signal handlers, and
+    the half-written checkpoint it was writing is discarded on resume anyway. A trainer that died between the fork
+    and the prctl is caught by the parent-pid check."""
+    if _saving and sys.platform.startswith("linux"):
+        _die_with_parent(signal.SIGKILL)
+        if os.getppid() != _forking_pid:
+            os._exit(1)
+
+
+@contextlib.contextmanager
+def _orphan_safe_save():
+    """Scope of one dist_checkpointing.save: its helper processes (the results-queue manager and the forked
+    writers) die with the trainer. Only forks made inside the scope are affected."""
+    global _saving, _fork_hook_installed
+    _orphan_safe_results_queue()
+    if not _fork_hook_installed:
+        os.register_at_fork(before=_remember_forking_pid, after_in_child=_forked_writer_dies_with_trainer)
+        _fork_hook_installed = True
+    _saving = True
+    try:
+        yield
+    finally:
+        _saving = False
 
 
 def _orphan_safe_results_queue() -> None:
@@ -43,8 +85,6 @@ def _orphan_safe_results_queue() -> None:
     process it spawns on the first save and stops at a normal exit. A killed trainer (SIGKILL, OOM killer) never
     stops it: the manager then sleeps forever, holding a few hundred MB, one per killed run. So the trainer starts
     that manager itself, set to die with its parent, and hands megatron-core its queue."""
-    import sys
-
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is not None or not sys.platform.startswith("linux"):
@@ -60,8 +100,8 @@ def _orphan_safe_results_queue() -> None:
 
 def save_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
     """Write this rank's shards of ``model`` into ``ckpt_dir`` (collective: every rank calls it)."""
-    _orphan_safe_results_queue()
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(ckpt_dir))
+    with _orphan_safe_save():
+        dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(ckpt_dir))
 
 
 def load_model(model: torch.nn.Module, ckpt_dir: Path) -> None:
@@ -81,8 +121,8 @@ def save_training_state(model: torch.nn.Module, optimizer, ckpt_dir: Path) -> No
     is also a model checkpoint for ``mcore-to-hf`` and ``megarl eval``."""
     msd = unwrap(model).sharded_state_dict()
     osd = optimizer.sharded_state_dict(msd, metadata=OPTIMIZER_METADATA)
-    _orphan_safe_results_queue()
-    dist_checkpointing.save({"model": msd, "optimizer": osd}, str(ckpt_dir))
+    with _orphan_safe_save():
+        dist_checkpointing.save({"model": msd, "optimizer": osd}, str(ckpt_dir))
 
 
 def load_training_state(model: torch.nn.Module, optimizer, ckpt_dir: Path) -> None:
