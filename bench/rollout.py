@@ -11,7 +11,7 @@ trainer build per process) that builds the trainer's components with rollout.bac
     sync        ColocatedVLLM.sync(): Megatron export (HF names, buckets) -> vLLM in-place reload -> prefix-cache
                 reset -> name check -> 192-token log-prob probe on both sides. Median of --repeats; split into
                 the probe and the rest (stream) by timing the probe alone.
-    export      the policy written as a Hugging Face directory (safetensors) by the trainer's export_hf.
+    export      the policy written as a Hugging Face directory (safetensors) by the policy's export_hf.
     generation  --prompts prompts (the task's real chat prompts) x --samples samples x --max-tokens tokens
                 (no stop ids, so every sample has that length), temperature 1; tokens/s = generated / seconds.
                 vLLM and the native generator, the same weights.
@@ -51,16 +51,15 @@ def one_model(name: str, args, work: Path) -> dict:
     from megarl.distributed import distributed
     from megarl.trainer.build import build
     from megarl.trainer.loop import prepare_run_dir
-    from megarl.trainer.state import export_hf
 
     cfg = load_config(None, [f"model.hf_dir={model_dir(name, work)}", f"run.dir={work / 'run'}",
                              "rollout.backend=vllm", "reward.num_workers=0", "data.generate=arithmetic",
                              "data.generate_size=96",
                              f"rollout.max_tokens={args.max_tokens}", "data.max_prompt_tokens=256",
                              "rollout.vllm_kv_cache_mb=512"])
-    with distributed(), model_parallel(ParallelDims(1, 1)):
+    with distributed(), model_parallel(ParallelDims(1, 1)) as layout:
         prepare_run_dir(cfg)
-        c = build(cfg)
+        c = build(cfg, layout)
         params = sum(p.numel() for p in c.policy.module.parameters())
         syncs, probes = [], []
         for _ in range(args.repeats):
@@ -81,7 +80,7 @@ def one_model(name: str, args, work: Path) -> dict:
             gen[backend] = {"seconds": round(seconds, 3), "generated_tokens": tokens,
                             "tokens_per_s": round(tokens / seconds, 1)}
         t0 = time.perf_counter()
-        export_hf(c, work / "hf")  # the other way out of Megatron: an HF directory on disk
+        c.policy.export_hf(work / "hf")  # the other way out of Megatron: an HF directory on disk
         export_s = time.perf_counter() - t0
         c.generator.close()
     sync_s = statistics.median(s["sync/seconds"] for s in syncs)

@@ -23,6 +23,7 @@ BENCHES = {  # name: (script, default arguments, what it measures)
     "logprob_kernels": ("logprob_kernels.py", [], "log-prob/entropy kernels vs naive torch: time, peak memory"),
     "rollout": ("rollout.py", [], "Megatron->vLLM sync and HF export vs model size; vLLM vs native tokens/s"),
     "train_step": ("train_step.py", [], "GRPO update of Qwen2.5-0.5B/1.5B/7B shapes: tokens/s, MFU"),
+    "packing": ("packing.py", [], "packed vs right-padded micro-batches on long-tailed lengths: tokens/s, memory"),
     "rl_step": ("rl_step.py", [], "full RL step by phase; A*-PO (n=1) vs GRPO (n=8) time and memory"),
     "demo_all": ("demo_all.py", [], "every algorithm family on the CPU demo: held-out curves, time, memory"),
     "rpg_variants": ("rpg_variants.py", [], "RPG's variants against REINFORCE++ on the CPU demo"),

@@ -124,7 +124,19 @@ def _rpg_variants(d: dict) -> list[str]:
                                "file; analysis: `docs/demo_families.md`."]
 
 
-FORMATS = {"logprob_kernels": _kernels, "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step,
+def _packing(d: dict) -> list[str]:
+    rows = [[r["dist"], r["mode"], r["response_median"], r["response_max"], r["real_tokens"], r["micro_batches"],
+             r["padding_fraction"], r["update_tokens_per_s"], r.get("update_tokens_per_s_vs_padded"),
+             r["logprob_tokens_per_s"], r.get("logprob_tokens_per_s_vs_padded"), r["peak_memory_gib"],
+             r.get("peak_memory_gib_vs_padded")] for r in d["rows"] if "error" not in r]
+    return ["Packed against right-padded micro-batches, the same rows in one run (distributions: `bench/packing.py`)."
+            " Tokens/s counts real tokens; padding fraction = padded positions / all positions.", ""] + _table(
+        ["lengths", "mode", "resp. median", "resp. max", "tokens", "micro-batches", "padding", "update tok/s",
+         "vs padded", "log-prob tok/s", "vs padded", "peak GiB", "vs padded"], rows) + \
+        [f"{r['dist']} {r['mode']}: {_error_cell(r)}" for r in d["rows"] if "error" in r]
+
+
+FORMATS = {"logprob_kernels": _kernels, "packing": _packing, "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step,
            "convert_memory": _convert, "demo_all": _demo_all,
            "rpg_variants": _rpg_variants}
 

@@ -13,12 +13,13 @@ import dataclasses
 import difflib
 import math
 import os
-import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from megarl.config_types import coerce
 
 frozen = dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 
@@ -101,6 +102,13 @@ class TrainSection:
     prompts_per_step: int = 8  # prompts per RL step, over all data-parallel ranks
     minibatches_per_step: int = 1  # optimizer steps per RL step
     micro_batch_tokens: int = 4096  # token budget of one micro-batch on one DP rank
+    # the old/reference log-prob passes' budget (forward only: no activations kept for backward, so 2-4x fits);
+    # 0 = micro_batch_tokens
+    logprob_micro_batch_tokens: int = 0
+    # samples back to back in each micro-batch, no padding between them (megarl/rollout/packing.py); false: whole
+    # groups per micro-batch, every row right-padded to the longest
+    packing: bool = True
+    balance_tokens: bool = True  # deal each step's groups to data-parallel ranks by token count, not sample count
 
 
 @frozen
@@ -162,7 +170,7 @@ class KernelsSection:
 
 # the smallest value of each count, size and rate; checked before anything divides by them
 MINIMA = {"train.steps": 1, "train.prompts_per_step": 1, "train.minibatches_per_step": 1,
-          "train.micro_batch_tokens": 1, "parallel.tp": 1, "parallel.pp": 1, "rollout.max_tokens": 1,
+          "train.micro_batch_tokens": 1, "train.logprob_micro_batch_tokens": 0, "parallel.tp": 1, "parallel.pp": 1, "rollout.max_tokens": 1,
           "rollout.group_size": 1, "rollout.temperature": 0.0, "rollout.overlong_buffer": 0,
           "checkpoint.interval": 0, "checkpoint.keep_last": 1, "data.generate_size": 1, "eval.n": 1,
           "eval.interval": 0, "eval.max_tokens": 0, "eval.max_prompts": 0, "optim.lr": 0.0, "optim.min_lr": 0.0,
@@ -237,52 +245,6 @@ def _field_type(cls: type, name: str):
     return typing.get_type_hints(cls)[name]
 
 
-def _coerce(value: Any, annotation, key: str):
-    """A YAML or command-line value converted to the declared type; ValueError naming the key otherwise."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{key}={value!r} is not one of {', '.join(map(repr, args))}.")
-        return value
-    if annotation is bool or annotation == "bool":
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes"):
-            return True
-        if str(value).lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"{key}={value!r} is not a boolean (true/false).")
-    if annotation in (int, float):
-        try:
-            number = float(value) if isinstance(value, str) else value
-            if isinstance(number, bool) or (annotation is int and float(number) != int(float(number))):
-                raise ValueError
-            return annotation(number) if annotation is float else int(float(number))
-        except (TypeError, ValueError):
-            raise ValueError(f"{key}={value!r} is not a valid {annotation.__name__}.") from None
-    if annotation is str:
-        return str(value)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}={value!r} must be a list, e.g. {key}=a,b or a YAML list.")
-        return tuple(_coerce(v, args[0], key) for v in value)
-    if annotation is dict or origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}={value!r} must be a mapping, e.g. {key}='{{clip_high: 0.28}}'.")
-        return dict(value)
-    return value
-
-
 def _unknown(key: str, known: list[str]) -> ValueError:
     close = difflib.get_close_matches(key, known, n=1)
     return ValueError(f"unknown config key '{key}'." + (f" Did you mean '{close[0]}'?" if close else
@@ -331,7 +293,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), world
         for name, value in values.items():
             if name not in names:
                 raise _unknown(f"{section}.{name}", _all_keys())
-            kwargs[name] = _coerce(value, _field_type(cls, name), f"{section}.{name}")
+            kwargs[name] = coerce(value, _field_type(cls, name), f"{section}.{name}")
         sections[section] = cls(**kwargs)
     cfg = RunConfig(**sections)
     return cfg.validate(world_size) if world_size is not None else cfg

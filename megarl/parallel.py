@@ -9,7 +9,7 @@ Megatron backend all ask this class.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from megarl.convert.arch import ModelArch
@@ -63,3 +63,20 @@ class ParallelDims:
             valid = [d for d in range(1, arch.num_layers + 1) if arch.num_layers % d == 0]
             raise ValueError(f"parallel.pp={pp} must divide num_hidden_layers ({arch.num_layers}); valid values: "
                              f"{', '.join(map(str, valid))}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankLayout:
+    """This rank's place in the layout, and the process groups the trainer reduces over. The backend that makes the
+    groups fills it in (``backends/megatron/parallel.py``: ``with model_parallel(dims) as layout``); the trainer
+    reads its groups from here and never from the backend.
+
+    - ``dp_group``: the ranks that hold different prompts. Step-level statistics (advantages, whitening, token
+      selection), the global normalisers and every logged count or metric are reduced over it.
+    - ``model_group``: the ranks of one model replica (tp x pp); weight syncs into a rollout engine run over it."""
+
+    dims: ParallelDims
+    dp_rank: int
+    dp_size: int
+    dp_group: Any
+    model_group: Any

@@ -97,6 +97,9 @@ class Policy(Protocol):
     def load(self, ckpt: Path, state: dict) -> None:
         """Restore what ``save`` wrote. Collective."""
 
+    def export_hf(self, out: Path) -> None:
+        """Write the weights rollouts are taken at as a Hugging Face model directory ``out``. Collective."""
+
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The current weights as (HF name, full tensor) pairs, streamed (a weight sync's source). Collective."""
 

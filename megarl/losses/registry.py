@@ -55,6 +55,12 @@ class PolicyLoss:
     spec: LossSpec
 
     @property
+    def whole_groups(self) -> bool:
+        """Whether the loss compares the responses of one prompt inside a micro-batch (it reads ``group_ids``,
+        e.g. TRPA's pairs), so a packed micro-batch must hold whole groups."""
+        return "group_ids" in self.spec.reads
+
+    @property
     def correction(self) -> dict[str, Any]:
         return {k: self.hparams[k] for k in correction.CORRECTION_DEFAULTS}
 

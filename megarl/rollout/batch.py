@@ -1,9 +1,10 @@
 """One RL step's samples as rows, and their packing into equal-shaped micro-batches. Pure torch.
 
-Rows of one prompt (a group) are contiguous. A micro-batch is always a whole number of groups (TRPA pairs and
-group baselines live inside groups) and every micro-batch of a mini-batch has the same shape, because pipeline
-stages exchange fixed-size activations. Sequences are right-padded; a row's response tokens sit at positions
-``prompt_len .. prompt_len + resp_len - 1`` and are predicted by the logits one position earlier.
+Rows of one prompt (a group) are contiguous. Every micro-batch of a mini-batch has the same shape, because
+pipeline stages exchange fixed-size activations. Here (``train.packing=false``) a micro-batch is a whole number of
+groups, each row right-padded to the longest; a row's response tokens sit at positions
+``prompt_len .. prompt_len + resp_len - 1`` and are predicted by the logits one position earlier. Packed
+micro-batches (no padding between samples) are made in ``rollout/packing.py``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,24 @@ class Rollouts:
                                                ("rewards", "acc", "levels", "v_star", "advantages",
                                                 "old_logprobs", "ref_logprobs", "selected")))
 
+    @staticmethod
+    def concat(parts: list[Rollouts]) -> Rollouts:
+        """The rows of ``parts`` in order (per-token fields right-padded with 0 to the widest)."""
+        def cat(name):
+            ts = [getattr(p, name) for p in parts if len(p)]
+            if not ts or any(t is None for t in ts):
+                return None
+            if ts[0].dim() == 2:
+                width = max(t.shape[1] for t in ts)
+                ts = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in ts]
+            return torch.cat(ts)
+
+        return Rollouts([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.response_ids],
+                        [x for p in parts for x in p.sampler_logprobs], [x for p in parts for x in p.finish_reasons],
+                        torch.cat([p.group_ids for p in parts]), *(cat(f) for f in
+                                                                   ("rewards", "acc", "levels", "v_star", "advantages",
+                                                                    "old_logprobs", "ref_logprobs", "selected")))
+
     def groups(self) -> list[list[int]]:
         """Row indices of each group, in order of first appearance."""
         out: dict[int, list[int]] = {}
@@ -103,10 +122,14 @@ class MicroBatch:
     """Tensors of one micro-batch. b rows, S = sequence length, R = response width."""
 
     rows: list[int]  # row indices into the step's Rollouts
-    input_ids: torch.Tensor  # [b, S] int64
-    resp_positions: torch.Tensor  # [b, R] int64: position whose logits predict response token j
+    input_ids: torch.Tensor  # [b, S] int64 (packed: [1, S])
+    resp_positions: torch.Tensor  # [b, R] int64: index into input_ids.view(-1) whose output predicts token j
     resp_tokens: torch.Tensor  # [b, R] int64
     mask: torch.Tensor  # [b, R] float32
+    position_ids: torch.Tensor | None = None  # packed: [1, S], restarting at 0 in every sample
+    cu_seqlens: torch.Tensor | None = None  # packed: [n + 1] int32 segment boundaries (megatron's THD format)
+    max_seqlen: int = 0  # packed: the longest segment
+    tokens: int = 0  # tokens of samples; the rest of input_ids is padding
 
 
 def make_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, pad_id: int = 0) -> list[MicroBatch]:
@@ -133,9 +156,11 @@ def make_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int,
             ids[r, :len(p) + len(y)] = torch.tensor(p + y)
             pos[r, :len(y)] = torch.arange(len(p) - 1, len(p) - 1 + len(y))
             pos[r, len(y):] = len(p) - 1  # padding reads a valid position; the mask zeroes it
+            pos[r] += r * seq_len  # into input_ids.view(-1)
             tok[r, :len(y)] = torch.tensor(y)
             mask[r, :len(y)] = 1.0
-        out.append(MicroBatch(chunk, ids, pos, tok, mask))
+        out.append(MicroBatch(chunk, ids, pos, tok, mask,
+                              tokens=sum(len(ro.prompt_ids[i]) + len(ro.response_ids[i]) for i in chunk)))
     return out
 
 

@@ -16,9 +16,9 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
 
     with distributed() as info:
         cfg.validate(info.world_size)
-        with model_parallel(ParallelDims(cfg.parallel.tp, cfg.parallel.pp), seed=cfg.run.seed):
+        with model_parallel(ParallelDims(cfg.parallel.tp, cfg.parallel.pp), seed=cfg.run.seed) as layout:
             prepare_run_dir(cfg)
-            components = build(cfg)
+            components = build(cfg, layout)
             try:
                 metrics = train(components)
             finally:  # an inference engine lets go of the process group before it is torn down
@@ -38,8 +38,8 @@ def run_vstar(cfg: RunConfig, out_dir: str | None = None, **options) -> list[str
 
     with distributed() as info:
         cfg.validate(info.world_size)
-        with model_parallel(ParallelDims(cfg.parallel.tp, cfg.parallel.pp), seed=cfg.run.seed):
+        with model_parallel(ParallelDims(cfg.parallel.tp, cfg.parallel.pp), seed=cfg.run.seed) as layout:
             _, arch, tokenizer, model = initial_model(cfg)
             with reward_executor(cfg) as executor:
                 return vstar_files(cfg, train_files(cfg), MegatronGenerator(model, arch), tokenizer, arch, executor,
-                                   out_dir, always=True, **options)
+                                   layout, out_dir, always=True, **options)

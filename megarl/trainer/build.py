@@ -26,6 +26,7 @@ from megarl.convert.hf_io import HFReader
 from megarl.data.arith_dataset import write_arith_dataset
 from megarl.data.kk_dataset import write_kk_dataset
 from megarl.data.source import PromptSource
+from megarl.parallel import RankLayout
 from megarl.algo import Algorithm, resolve
 from megarl.rewards import compute_score
 from megarl.rewards.executor import RewardExecutor, load_score_fn
@@ -46,6 +47,7 @@ class Components:
     executor: RewardExecutor
     algo: Algorithm  # the loss (algo.loss.loss), its advantage estimator and reference kind
     sampling: SamplingParams
+    layout: RankLayout  # this rank's data-parallel place and the groups counts and metrics reduce over
 
 
 def load_weights_into(model: torch.nn.Module, arch: ModelArch, hf_dir: Path) -> None:
@@ -114,13 +116,15 @@ def reward_executor(cfg: RunConfig) -> RewardExecutor:
 
 
 def vstar_files(cfg: RunConfig, files: list[str], generator, tokenizer, arch: ModelArch, executor: RewardExecutor,
-                out_dir: str | Path | None = None, always: bool = False, **options) -> list[str]:
+                layout: RankLayout, out_dir: str | Path | None = None, always: bool = False,
+                **options) -> list[str]:
     """A*-PO stage 1 into ``out_dir`` (default run.dir/vstar; finished files are reused) for ``files``; data that
     already has V* is returned as it is unless ``always``. ``options`` go to ``vstar.estimate_file``."""
     if not always and has_v_star(files):
         return files
     return estimate_files(files, Path(out_dir or Path(cfg.run.dir) / "vstar"), generator=generator,
                           tokenizer=tokenizer, executor=executor, sampling=rollout_sampling(cfg, tokenizer, arch),
+                          layout=layout,
                           n=cfg.algo.vstar_samples, beta1=cfg.algo.vstar_beta1,
                           max_prompt_tokens=cfg.data.max_prompt_tokens,
                           overlong_buffer=cfg.rollout.overlong_buffer, overlong_factor=cfg.rollout.overlong_factor,
@@ -140,7 +144,7 @@ def rollout_backend(cfg: RunConfig, arch: ModelArch) -> tuple[str, str]:
                                                                                f"{cfg.rollout.backend}")
 
 
-def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, model_dir: Path):
+def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, model_dir: Path, layout: RankLayout):
     kind, why = rollout_backend(cfg, arch)
     if dist.get_rank() == 0:
         print(f"rollouts: {'vLLM (colocated)' if kind == 'vllm' else 'native Megatron generator'} ({why})",
@@ -149,23 +153,23 @@ def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, mode
         return MegatronGenerator(policy.module, arch)
     eval_tokens = cfg.eval.max_tokens or cfg.rollout.max_tokens
     max_len = min(arch.max_position_embeddings, cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, eval_tokens))
-    from megarl.backends.megatron.parallel import model_parallel_group
     from megarl.backends.vllm.colocated import ColocatedVLLM
 
     return ColocatedVLLM(policy, arch, model_dir, tp=cfg.parallel.tp, dtype=cfg.model.dtype, max_model_len=max_len,
                          kv_cache_mb=cfg.rollout.vllm_kv_cache_mb,
                          gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-                         probe_tol=cfg.rollout.vllm_probe_tol, seed=cfg.run.seed, group=model_parallel_group())
+                         probe_tol=cfg.rollout.vllm_probe_tol, seed=cfg.run.seed, group=layout.model_group)
 
 
-def build(cfg: RunConfig) -> Components:
+def build(cfg: RunConfig, layout: RankLayout) -> Components:
+    """Every component of the run of ``cfg`` on this rank (inside the process groups ``layout`` describes)."""
     model_dir, arch, tokenizer, model = initial_model(cfg)
     o = cfg.optim
     optim = dict(name=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
                  grad_clip=o.grad_clip, distributed=o.distributed, warmup_steps=o.warmup_steps,
                  schedule=o.schedule)
     policy = MegatronPolicy(model, arch, optim, cfg.train.steps * cfg.train.minibatches_per_step,
-                            kernel_impl=cfg.kernels.impl, source_dir=model_dir)
+                            kernel_impl=cfg.kernels.impl, source_dir=model_dir, packing=cfg.train.packing)
     algo = resolve(cfg)
     if dist.get_rank() == 0:
         print("\n".join([algo.describe(), *algo.notes]), flush=True)
@@ -174,13 +178,13 @@ def build(cfg: RunConfig) -> Components:
         ref_model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False)
         load_weights_into(ref_model, arch, model_dir)
         reference = MegatronReference(ref_model, arch, offload=torch.cuda.is_available(),
-                                      kernel_impl=cfg.kernels.impl)
-    generator = make_generator(cfg, policy, arch, model_dir)
+                                      kernel_impl=cfg.kernels.impl, packing=cfg.train.packing)
+    generator = make_generator(cfg, policy, arch, model_dir, layout)
     executor = reward_executor(cfg)
     files = train_files(cfg)
     if algo.loss.spec.stage1 == "vstar":  # the policy is still the initial model here (a resume loads weights later)
-        files = vstar_files(cfg, files, generator, tokenizer, arch, executor)
+        files = vstar_files(cfg, files, generator, tokenizer, arch, executor, layout)
     source = PromptSource(files, tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens, seed=cfg.run.seed,
                           shuffle=cfg.data.shuffle)
     return Components(cfg, arch, model_dir, tokenizer, policy, reference, kind, generator, source, executor,
-                      algo, rollout_sampling(cfg, tokenizer, arch))
+                      algo, rollout_sampling(cfg, tokenizer, arch), layout)

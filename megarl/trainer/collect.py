@@ -17,6 +17,7 @@ from megarl.data.source import Prompt, PromptSource
 from megarl.rewards.executor import RewardExecutor, RewardRequest
 from megarl.rewards.levels import levels_from_scores, truncated_last
 from megarl.rollout.batch import Rollouts
+from megarl.rollout.packing import balanced_partition
 from megarl.rollout.shaping import dynamic_sampling_keep, overlong_penalty
 
 
@@ -104,6 +105,20 @@ def gather_dp(values: list, group) -> list:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, values, group=group)
     return out
+
+
+def balance_over_dp(ro: Rollouts, dp_group, dp_size: int) -> Rollouts:
+    """The step's groups re-dealt to the data-parallel replicas so that each holds about the same number of tokens
+    (sorted greedy over whole groups, ``rollout/packing.py``), instead of the same number of prompts: long-tailed
+    lengths otherwise leave the replicas with short samples waiting for the one with long ones. Every replica
+    computes the same deal from the gathered rows. Global normalisers make the update independent of it."""
+    if dp_size == 1:
+        return ro
+    every = Rollouts.concat(gather_dp(ro, dp_group))
+    groups = every.groups()
+    sizes = [sum(len(every.prompt_ids[i]) + len(every.response_ids[i]) for i in g) for g in groups]
+    mine = balanced_partition(sizes, dp_size)[dist.get_rank(dp_group)]
+    return every.select([i for j in mine for i in groups[j]])
 
 
 def advantages_over_dp(ro: Rollouts, name: str | None, dp_group) -> tuple[torch.Tensor | None, dict[str, float]]:

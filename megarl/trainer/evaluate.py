@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megarl.backends.megatron.parallel import dp_info
 from megarl.backends.protocols import SamplingParams
 from megarl.data.source import PromptSource
+from megarl.parallel import RankLayout
 from megarl.rewards.executor import RewardExecutor, RewardRequest
 from megarl.rewards.passk import eval_metrics
 from megarl.trainer.build import Components
@@ -18,8 +18,8 @@ from megarl.trainer.collect import gather_dp
 
 
 def evaluate(generator, tokenizer, executor: RewardExecutor, files: list[str], sampling: SamplingParams, k: int,
-             max_prompts: int = 0, max_prompt_tokens: int = 4096) -> dict[str, float]:
-    dp_rank, dp_size, dp_group = dp_info()
+             layout: RankLayout, max_prompts: int = 0, max_prompt_tokens: int = 4096) -> dict[str, float]:
+    dp_rank, dp_size, dp_group = layout.dp_rank, layout.dp_size, layout.dp_group
     source = PromptSource(files, tokenizer, max_prompt_tokens=max_prompt_tokens, shuffle=False)
     total = min(len(source), max_prompts or len(source))
     mine = [source.prompt(i, i) for i in range(dp_rank, total, dp_size)]
@@ -41,8 +41,8 @@ def evaluate_files(c: Components, files: list[str]) -> dict[str, float]:
                               stop_ids=c.sampling.stop_ids, seed=cfg.run.seed + 7)
     c.policy.rollout_point(True)
     try:
-        return evaluate(c.generator, c.tokenizer, c.executor, files, sampling, cfg.eval.n, cfg.eval.max_prompts,
-                        cfg.data.max_prompt_tokens)
+        return evaluate(c.generator, c.tokenizer, c.executor, files, sampling, cfg.eval.n, c.layout,
+                        cfg.eval.max_prompts, cfg.data.max_prompt_tokens)
     finally:
         c.policy.rollout_point(False)
 
@@ -65,7 +65,7 @@ def evaluate_checkpoint(path: str, files: list[str], *, n: int, temperature: flo
     for f in files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"{f}: no such data file (--data takes verl-layout parquet files).")
-    with distributed(), model_parallel(ParallelDims(tp, pp), seed=seed):
+    with distributed(), model_parallel(ParallelDims(tp, pp), seed=seed) as layout:
         if (p / "megarl.json").is_file():
             arch, dtype, ckpt = read_meta(p)
             model = build_model(arch, dtype=dtype, init_weights=False)
@@ -80,4 +80,5 @@ def evaluate_checkpoint(path: str, files: list[str], *, n: int, temperature: flo
         sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_ids=stop_ids(tokenizer, arch),
                                   seed=seed)
         with RewardExecutor(reward_workers) as executor:
-            return evaluate(MegatronGenerator(model, arch), tokenizer, executor, files, sampling, n, max_prompts)
+            return evaluate(MegatronGenerator(model, arch), tokenizer, executor, files, sampling, n, layout,
+                            max_prompts)

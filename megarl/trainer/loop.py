@@ -23,10 +23,9 @@ from megarl.metrics import MetricsLogger, Timer, append_jsonl, read_metrics, tru
 from megarl.rollout.batch import split_groups
 from megarl.trainer import checkpointing
 from megarl.trainer.build import Components
-from megarl.trainer.collect import advantages_over_dp, collect, select_over_dp
+from megarl.trainer.collect import advantages_over_dp, balance_over_dp, collect, select_over_dp
 from megarl.trainer.evaluate import evaluate_files
-from megarl.backends.megatron.parallel import dp_info
-from megarl.trainer.state import check_compatible, export_hf, resume, save_checkpoint, step_metrics
+from megarl.trainer.state import check_compatible, resume, save_checkpoint, step_metrics
 
 
 MAX_NONFINITE_STEPS = 3
@@ -35,13 +34,14 @@ MAX_NONFINITE_STEPS = 3
 def train(c: Components) -> dict[str, float]:
     """Run (or resume) the configured RL training; returns the last step's metrics."""
     cfg = c.cfg
-    dp_rank, dp_size, dp_group = dp_info()
+    dp_rank, dp_size, dp_group = c.layout.dp_rank, c.layout.dp_size, c.layout.dp_group
     step, position = resume(c)
     log = MetricsLogger(cfg.run.dir, total_steps=cfg.train.steps, start_step=step, enabled=dist.get_rank() == 0,
                         progress=cfg.metrics.progress, tensorboard=cfg.metrics.tensorboard, wandb=cfg.metrics.wandb,
                         wandb_project=cfg.metrics.wandb_project, config=to_dict(cfg))
     temperature = cfg.rollout.temperature or 1.0
     budget, per_rank = cfg.train.micro_batch_tokens, cfg.train.prompts_per_step // dp_size
+    lp_budget = cfg.train.logprob_micro_batch_tokens or budget  # forward-only passes
     metrics: dict[str, float] = {}
     nonfinite = 0  # consecutive steps whose every update was skipped for a NaN/inf loss or gradient
     with log:
@@ -61,12 +61,14 @@ def train(c: Components) -> dict[str, float]:
                     reward_opts=dict(max_tokens=cfg.rollout.max_tokens, overlong_buffer=cfg.rollout.overlong_buffer,
                                      overlong_factor=cfg.rollout.overlong_factor))
             c.generator.sleep()  # colocated vLLM on CUDA: give its memory to the update
+            if cfg.train.balance_tokens:  # replicas get equal token counts, not equal prompt counts
+                ro = balance_over_dp(ro, dp_group, dp_size)
             with timer("old_logprobs"):  # bypass: the sampler's log-probs are pi_old (megarl/losses/correction.py)
                 ro.old_logprobs, entropy = (ro.rollout_logprobs(), None) if cfg.algo.bypass_old_logprobs else \
-                    c.policy.logprobs(ro, budget, temperature)
+                    c.policy.logprobs(ro, lp_budget, temperature)
             with timer("ref_logprobs"):
                 ro.ref_logprobs = {"old": ro.old_logprobs, "none": None}.get(c.ref_kind) if c.reference is None \
-                    else c.reference.logprobs(ro, budget, temperature)
+                    else c.reference.logprobs(ro, lp_budget, temperature)
             c.policy.rollout_point(False)
             ro.advantages, rollout_metrics = advantages_over_dp(ro, c.algo.advantage, dp_group)
             ro.selected = select_over_dp(ro, c.algo.loss, dp_group, seed=cfg.run.seed * 100_003 + step)
@@ -94,7 +96,7 @@ def train(c: Components) -> dict[str, float]:
             log.write("eval  " + "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
             record_eval(cfg, step, final)
     if cfg.checkpoint.export_hf:
-        export_hf(c, Path(cfg.run.dir) / "hf")
+        c.policy.export_hf(Path(cfg.run.dir) / "hf")
     c.executor.close()
     return metrics
 

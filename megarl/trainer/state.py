@@ -9,10 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megarl.backends.megatron.export import export_hf_weights
-from megarl.backends.megatron.optim import averaged_weights
 from megarl.config import RunConfig, load_config, to_dict
-from megarl.convert.hf_io import ShardedWriter, atomic_output_dir, copy_side_files
 from megarl.distributed import all_reduce_sum
 from megarl.losses import correction
 from megarl.metrics import Timer
@@ -70,23 +67,6 @@ def save_checkpoint(c: Components, step: int, position: int) -> Path:
     state = {"step": step, "position": position}
     return checkpointing.save(c.cfg.run.dir, step, state, lambda tmp: state.update(c.policy.save(tmp)),
                               c.cfg.checkpoint.keep_last)
-
-
-def export_hf(c: Components, out: Path) -> None:
-    """The policy as a Hugging Face model directory (schedule-free: the averaged point x). Collective."""
-    with averaged_weights(c.policy.optimizer):
-        main = dist.get_rank() == 0
-        ctx = atomic_output_dir(out, overwrite=True) if main else None
-        tmp = ctx.__enter__() if main else None
-        writer = ShardedWriter(tmp) if main else None
-        for bucket in export_hf_weights(c.policy.module, c.arch, bucket_bytes=64 << 20):
-            for name, tensor in bucket if main else ():
-                writer.add(name, tensor.cpu())
-        if main:
-            writer.close()
-            copy_side_files(c.model_dir, tmp)
-            ctx.__exit__(None, None, None)
-        dist.barrier()
 
 
 def step_metrics(ro: Rollouts, entropy: torch.Tensor | None, updates: list[dict], stats: dict[str, float],

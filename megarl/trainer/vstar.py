@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from megarl.advantages import estimate_v_star
-from megarl.backends.megatron.parallel import dp_info
 from megarl.backends.protocols import SamplingParams
 from megarl.data.parquet import read_rows, write_rows
 from megarl.data.source import PromptSource
+from megarl.parallel import RankLayout
 from megarl.rewards.executor import RewardExecutor
 from megarl.trainer.collect import gather_dp, generate, score
 from megarl.checksums import sha256_file
@@ -76,7 +76,7 @@ def _read_partial(path: Path, n: int) -> dict[int, list[float]]:
 def estimate_file(src: str | Path, out: Path, *, generator, tokenizer, executor: RewardExecutor,
                   sampling: SamplingParams, n: int, beta1: float, max_prompt_tokens: int, chunk: int = 32,
                   overlong_buffer: int = 0, overlong_factor: float = 1.0, stop_after_chunks: int | None = None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, layout: RankLayout) -> Path:
     """Write ``out``: the rows of ``src`` with V* from ``n`` samples each of ``generator``. Every rank calls it;
     data-parallel replicas split each chunk of prompts, rank 0 writes. The samples are scored as training scores
     them, DAPO's overlong shaping included (``overlong_buffer``/``overlong_factor``): V* is the value of the reward
@@ -92,7 +92,7 @@ def estimate_file(src: str | Path, out: Path, *, generator, tokenizer, executor:
     dist.broadcast_object_list(box, src=0)
     if box[0] and out.is_file():
         return out
-    dp_rank, dp_size, dp_group = dp_info()
+    dp_rank, dp_size, dp_group = layout.dp_rank, layout.dp_size, layout.dp_group
     partial = out.with_name(out.name + ".partial.jsonl")
     box = [_read_partial(partial, n) if main else None]
     dist.broadcast_object_list(box, src=0)

@@ -1,7 +1,8 @@
 """TP/PP parity on CPU under torchrun (gloo): every tiny family at TP1, TP2, PP2 and TP2xPP2.
 
 Each worker checks its own logits and gradients against HF transformers (within 1e-5 / rtol 1e-4) through the
-trainer's real gradient path (Megatron DDP + finalize_model_grads). This test then checks every layout against
+trainer's real gradient path (Megatron DDP + finalize_model_grads), and packed micro-batches' per-sample log-probs
+against HF's for each sample alone. This test then checks every layout against
 the TP1/PP1 run within the measured tolerances of docs/platform.md: PP is bit-identical; TP differs by float
 reassociation.
 """
@@ -33,12 +34,15 @@ def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("tp1pp1")
     log = torchrun("tests/parallel/worker_parity.py", 1, "--tp", "1", "--pp", "1", "--out", str(out))
     assert log.count("logits max|diff| vs HF") == len(FAMILIES)
+    assert log.count("packed log-probs match HF") == len(FAMILIES)
     return out
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_layout_matches_tp1_and_hf(reference, tmp_path, tp, pp):
-    torchrun("tests/parallel/worker_parity.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--out", str(tmp_path))
+    log = torchrun("tests/parallel/worker_parity.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--out",
+                   str(tmp_path))
+    assert log.count("packed log-probs match HF") == len(FAMILIES) * tp * pp  # every rank checked its copy
     for family in FAMILIES:
         g_ref, l_ref = load(reference, family)
         g, logits = load(tmp_path, family)

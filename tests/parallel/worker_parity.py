@@ -103,8 +103,24 @@ def main() -> None:
                 print(f"[tp{args.tp} pp{args.pp}] {family}: logits max|diff| vs HF = {diff:.3g}", flush=True)
             if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
                 torch.save(result, os.path.join(args.out, f"{family}_stage{stage}.pt"))
+            packed_matches_hf(model, arch, hf, family, f"tp{args.tp} pp{args.pp}")
             del model
         dist.barrier()
+
+
+def packed_matches_hf(model, arch, hf, family: str, layout: str) -> None:
+    """Packed micro-batches (several, through the pipeline schedule) give each sample HF's log-probs alone, along
+    both log-prob paths; every rank receives the result."""
+    from megarl.backends.megatron.policy import rollout_logprobs
+    from tests.unit.test_packed_forward import BUDGET, hf_reference, rollouts
+
+    ro = rollouts()
+    ref_lp, _ = hf_reference(hf, ro)
+    for impl in ("auto", "torch"):
+        lp, _ = rollout_logprobs(model, arch, ro, BUDGET, 1.0, impl, packing=True)
+        diff = max((lp[r, :len(want)].double() - want).abs().max().item() for r, want in enumerate(ref_lp))
+        assert diff < 2e-5, f"{family} ({layout}, {impl}): packed log-probs vs HF max|diff| {diff:.3g}"
+    print(f"[{layout}] {family}: packed log-probs match HF", flush=True)
 
 
 if __name__ == "__main__":

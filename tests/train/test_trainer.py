@@ -99,7 +99,8 @@ def test_micro_batch_split_does_not_change_the_update(megatron_world, tmp_path, 
     large = run(tmp_path / "large", data_dir, "algo.loss=trpa", "train.micro_batch_tokens=100000")
     # loss/* diagnostics other than the total are means over micro-batches, so they depend on the split
     same_metrics(small, large, tol=1e-5, skip=("loss/pairs", "loss/fallback", "loss/kl_ref", "loss/tr_kl",
-                                               "loss/pref_loss", "loss/logratio"))
+                                               "loss/pref_loss", "loss/logratio", "batch/"))
+    assert all(r["batch/micro_batches"] == 2 for r in small) and all(r["batch/micro_batches"] == 1 for r in large)
 
 
 def test_rollout_correction_and_bypass_train_and_log(megatron_world, tmp_path, data_dir):

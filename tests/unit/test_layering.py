@@ -50,3 +50,16 @@ def test_backends_never_import_the_cli_or_entry_points():
         bad = {m for m in imports_of(f) if m.startswith(("megarl.cli", "megarl.demo", "megarl.smoke"))}
         assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}"
 
+
+
+LOOP = ("trainer/loop.py", "trainer/collect.py", "trainer/state.py", "trainer/checkpointing.py", "trainer/vstar.py")
+
+
+@pytest.mark.parametrize("part", LOOP)
+def test_the_loop_reaches_engines_only_through_protocols(part):
+    """The RL loop and its phases use Policy / Reference / Generator (backends/protocols.py) and the RankLayout of
+    megarl/parallel.py; only the composition root (trainer/build.py, trainer/__init__.py) names an engine."""
+    for f in files(part):
+        bad = {m for m in imports_of(f) if m.split(".")[0] in ("megatron", "vllm")
+               or (m.startswith("megarl.backends") and m != "megarl.backends.protocols")}
+        assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}"

@@ -15,6 +15,7 @@ from megarl.backends.protocols import Completion, SamplingParams
 from megarl.config import load_config
 from megarl.data.source import Prompt
 from megarl.metrics import read_metrics
+from megarl.parallel import ParallelDims, RankLayout
 from megarl.rewards.executor import RewardExecutor
 from megarl.trainer.build import Components
 
@@ -103,8 +104,9 @@ def components(run: Path, log: Log, steps: int) -> Components:
                              "checkpoint.export_hf=false", "metrics.progress=false", "reward.num_workers=0",
                              "algo.loss_hparams={kl_coef: 0}"], world_size=1)
     policy = FakePolicy(log)
+    one_rank = RankLayout(ParallelDims(), dp_rank=0, dp_size=1, dp_group=None, model_group=None)  # the world group
     return Components(cfg, None, run, FakeTokenizer(), policy, None, "none", FakeGenerator(policy, log),
-                      FakeSource(), RewardExecutor(num_workers=0), resolve(cfg), SamplingParams(max_tokens=4))
+                      FakeSource(), RewardExecutor(num_workers=0), resolve(cfg), SamplingParams(max_tokens=4), one_rank)
 
 
 def test_a_step_runs_its_phases_in_order_and_logs_its_metrics(megatron_world, tmp_path):

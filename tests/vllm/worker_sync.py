@@ -20,9 +20,9 @@ def main(model_dir: str, run_dir: str, data: str) -> None:
                              "rollout.backend=vllm", "rollout.vllm_kv_cache_mb=64", "reward.num_workers=0",
                              "rollout.max_tokens=8", "data.max_prompt_tokens=400"])
     out = {}
-    with distributed(), model_parallel(ParallelDims(1, 1)):
+    with distributed(), model_parallel(ParallelDims(1, 1)) as layout:
         prepare_run_dir(cfg)
-        c = build(cfg)
+        c = build(cfg, layout)
         out["first"] = c.generator.sync()
         with torch.no_grad():  # an update the engine never receives
             for p in c.policy.module.parameters():

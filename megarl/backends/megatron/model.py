@@ -16,6 +16,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
+from megarl.backends.megatron.packing import with_packed_local_attention
 from megarl.backends.megatron.cpu_compat import enable_cpu_compat
 from megarl.convert.arch import ModelArch, check_parallel
 from megarl.kernels import te_available
@@ -87,7 +88,8 @@ def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_sp
                              "install megarl[gpu] on a CUDA machine or set model.layer_spec=local.")
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     elif spec_name == "local":
-        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+        spec = with_packed_local_attention(get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm,
+                                                                    normalization="RMSNorm"))
     else:
         raise ValueError(f"model.layer_spec='{spec_name}' is unknown; use 'local' or 'transformer_engine'.")
     config = transformer_config(arch, dtype, init_weights, recompute)

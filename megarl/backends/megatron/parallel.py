@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megarl.backends.megatron.cpu_compat import enable_cpu_compat
-from megarl.parallel import ParallelDims  # the layout's one owner (re-exported here for the backend's callers)
+from megarl.parallel import ParallelDims, RankLayout  # the layout's one owner (re-exported for the backend's callers)
 
 
 def init_model_parallel(dims: ParallelDims, seed: int = 1234) -> None:
@@ -29,28 +29,25 @@ def destroy_model_parallel() -> None:
 
 @contextlib.contextmanager
 def model_parallel(dims: ParallelDims, seed: int = 1234):
-    """Megatron's groups for the body. Inside groups of the same sizes it reuses them and leaves them up."""
+    """Megatron's groups for the body, which gets this rank's ``RankLayout``. Inside groups of the same sizes it
+    reuses them and leaves them up."""
     if parallel_state.model_parallel_is_initialized():
-        have = ParallelDims(parallel_state.get_tensor_model_parallel_world_size(),
-                            parallel_state.get_pipeline_model_parallel_world_size())
+        have = rank_layout().dims
         if have != dims:
             raise ValueError(f"model parallel groups already exist with tp={have.tp} pp={have.pp}; cannot switch "
                              f"to tp={dims.tp} pp={dims.pp} inside them.")
-        yield dims
+        yield rank_layout()
         return
     init_model_parallel(dims, seed)
     try:
-        yield dims
+        yield rank_layout()
     finally:
         destroy_model_parallel()
 
 
-def dp_info() -> tuple[int, int, object]:
-    """(data-parallel rank, size, group) of this rank."""
-    return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-            parallel_state.get_data_parallel_group())
-
-
-def model_parallel_group():
-    """The TP x PP group of this rank's data-parallel replica."""
-    return parallel_state.get_model_parallel_group()
+def rank_layout() -> RankLayout:
+    """This rank's layout and groups, read from Megatron's parallel state (inside ``model_parallel``)."""
+    ps = parallel_state
+    dims = ParallelDims(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    return RankLayout(dims, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                      ps.get_data_parallel_group(), ps.get_model_parallel_group())

@@ -36,11 +36,13 @@ from megarl.backends.megatron.forward import forward_backward, hidden_states_out
 from megarl.backends.megatron.model import transformer_config, unwrap
 from megarl.backends.megatron.optim import averaged_weights, build_optimizer, is_schedulefree, set_eval_point
 from megarl.convert.arch import ModelArch
-from megarl.convert.hf_io import copy_side_files
+from megarl.convert.hf_io import ShardedWriter, atomic_output_dir, copy_side_files
 from megarl.distributed import all_reduce_sum
 from megarl.losses.base import LossInput
 from megarl.losses.registry import PolicyLoss
-from megarl.rollout.batch import MicroBatch, Rollouts, make_micro_batches, row_field
+from megarl.backends.megatron.packing import packed_seq_params
+from megarl.rollout.batch import MicroBatch, Rollouts, row_field
+from megarl.rollout.packing import micro_batches
 
 
 def _device() -> torch.device:
@@ -49,7 +51,10 @@ def _device() -> torch.device:
 
 def _mb_inputs(mb: MicroBatch) -> dict:
     dev = _device()
-    return {"input_ids": mb.input_ids.to(dev), "mb": mb}
+    if mb.cu_seqlens is None:
+        return {"input_ids": mb.input_ids.to(dev), "mb": mb}
+    return {"input_ids": mb.input_ids.to(dev), "position_ids": mb.position_ids.to(dev), "mb": mb,
+            "model_kwargs": {"packed_seq_params": packed_seq_params(mb.cu_seqlens, mb.max_seqlen, dev)}}
 
 
 def uses_hidden_states(impl: str) -> bool:
@@ -62,8 +67,8 @@ def response_logprobs(model: torch.nn.Module, arch: ModelArch, out: torch.Tensor
     """(log p, entropy) of the micro-batch's response tokens -> [b, R] each, from the last stage's output ``out``:
     hidden states [b, s, H] when ``uses_hidden_states(impl)`` (run inside ``hidden_states_out``), else
     vocab-parallel logits [b, s, V/tp]."""
-    pos = mb.resp_positions.to(out.device)
-    picked = out.gather(1, pos.unsqueeze(-1).expand(-1, -1, out.shape[-1]))  # [b, R, H or V/tp]
+    pos = mb.resp_positions.to(out.device)  # into the flattened [b_in * s] positions (packed: b_in = 1)
+    picked = out.reshape(-1, out.shape[-1])[pos]  # [b, R, H or V/tp]
     targets = mb.resp_tokens.to(out.device)
     if uses_hidden_states(impl):
         return token_logprobs(picked, targets, arch.vocab_size, temperature, "fused_linear", output_weight(model))
@@ -76,12 +81,13 @@ def _model_output(model: torch.nn.Module, impl: str):
 
 @torch.no_grad()
 def rollout_logprobs(model: torch.nn.Module, arch: ModelArch, ro: Rollouts, token_budget: int,
-                     temperature: float, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, entropy) [B, R] float32 of every response of ``ro`` under ``model``, on every rank."""
+                     temperature: float, impl: str = "auto", packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, entropy) [B, R] float32 of every response of ``ro`` under ``model``, on every rank; ``packing``:
+    through packed micro-batches (rollout/packing.py), rows placed one by one."""
     model.eval()
     if len(ro) == 0:  # dynamic sampling emptied this replica
         return torch.zeros(0, 1), torch.zeros(0, 1)
-    mbs = make_micro_batches(ro, ro.groups(), token_budget)
+    mbs = micro_batches(ro, ro.groups(), token_budget, packing=packing)
     with _model_output(model, impl):
         out = forward_backward(model, [_mb_inputs(mb) for mb in mbs],
                                lambda o, d: torch.stack(response_logprobs(model, arch, o, d["mb"], temperature,
@@ -103,9 +109,10 @@ class MegatronReference:
     """A frozen copy of the initial policy (the KL reference of GRPO, TRPA, A*-PO). ``offload`` keeps it in host
     memory between uses on GPU machines."""
 
-    def __init__(self, model: torch.nn.Module, arch: ModelArch, offload: bool = False, kernel_impl: str = "auto"):
+    def __init__(self, model: torch.nn.Module, arch: ModelArch, offload: bool = False, kernel_impl: str = "auto",
+                 packing: bool = False):
         self.model, self.arch, self.offload = model, arch, offload and torch.cuda.is_available()
-        self.kernel_impl = kernel_impl
+        self.kernel_impl, self.packing = kernel_impl, packing
         for p in model.parameters():
             p.requires_grad_(False)
         if self.offload:
@@ -115,7 +122,8 @@ class MegatronReference:
         if self.offload:
             self.model.to(_device())
         try:
-            return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature, self.kernel_impl)[0]
+            return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature, self.kernel_impl,
+                                    self.packing)[0]
         finally:
             if self.offload:
                 self.model.cpu()
@@ -135,8 +143,9 @@ class MegatronPolicy:
     """The trained model: Megatron DDP around the GPTModel stage of this rank, its optimizer and scheduler."""
 
     def __init__(self, model: torch.nn.Module, arch: ModelArch, optim: dict, total_optimizer_steps: int,
-                 kernel_impl: str = "auto", source_dir: Path | None = None):
+                 kernel_impl: str = "auto", source_dir: Path | None = None, packing: bool = False):
         self.arch, self.kernel_impl, self.source_dir = arch, kernel_impl, source_dir  # source: the HF model dir
+        self.packing = packing  # train.packing: packed micro-batches (rollout/packing.py)
         self.dtype = dtype = unwrap(model).config.params_dtype
         self.model = DistributedDataParallel(transformer_config(arch, dtype), ddp_config(dtype, optim["distributed"]),
                                              model)
@@ -156,7 +165,7 @@ class MegatronPolicy:
             self.version += 1
 
     def logprobs(self, ro: Rollouts, token_budget: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature, self.kernel_impl)
+        return rollout_logprobs(self.model, self.arch, ro, token_budget, temperature, self.kernel_impl, self.packing)
 
     def save(self, out: Path) -> dict:
         """Write this policy's checkpoint into ``out`` (collective): megarl.json and hf/ (so it is also a model
@@ -193,6 +202,23 @@ class MegatronPolicy:
                 if self.arch.tie_embeddings and name == "model.embed_tokens.weight":
                     yield "lm_head.weight", tensor
 
+    def export_hf(self, out: Path) -> None:
+        """The policy as a Hugging Face model directory (schedule-free: the averaged point x, exactly: the training
+        weights y are restored bit for bit afterwards). Collective; the main rank writes, atomically."""
+        with averaged_weights(self.optimizer):
+            main = dist.get_rank() == 0
+            ctx = atomic_output_dir(out, overwrite=True) if main else None
+            tmp = ctx.__enter__() if main else None
+            writer = ShardedWriter(tmp) if main else None
+            for bucket in export_hf_weights(self.module, self.arch, bucket_bytes=64 << 20):
+                for name, tensor in bucket if main else ():
+                    writer.add(name, tensor.cpu())
+            if main:
+                writer.close()
+                copy_side_files(self.source_dir, tmp)
+                ctx.__exit__(None, None, None)
+            dist.barrier()
+
     def probe_logprobs(self, ids: list[int]) -> list[float]:
         ro = Rollouts([ids[:1]], [ids[1:]], [[]], ["length"], torch.zeros(1, dtype=torch.int64))
         return self.logprobs(ro, token_budget=len(ids), temperature=1.0)[0][0].tolist()
@@ -202,7 +228,7 @@ class MegatronPolicy:
         """One optimizer step on the mini-batch made of ``groups`` (row indices of ``ro``). Every rank calls it,
         also with no groups (dynamic sampling can empty a rank): its DP all-reduce is still needed."""
         self.model.train()
-        mbs = make_micro_batches(ro, groups, token_budget)
+        mbs = micro_batches(ro, groups, token_budget, packing=self.packing, whole_groups=loss_fn.whole_groups)
         rollout_lp = ro.rollout_logprobs()
         inputs = [self._loss_input(ro, mb, mb.mask.new_zeros(mb.mask.shape), None, rollout_lp=rollout_lp)
                   for mb in mbs]
@@ -210,8 +236,13 @@ class MegatronPolicy:
         for inp in inputs:
             for k, v in loss_fn.counts(inp).items():
                 local[k] = local.get(k, 0.0) + v
-        counts = all_reduce_sum({k: local.get(k, 0.0) for k in loss_fn.spec.normalisers},
+        shape = {"_padded": float(sum(mb.input_ids.numel() for mb in mbs)),
+                 "_real": float(sum(mb.tokens for mb in mbs)), "_mbs": float(len(mbs))}
+        counts = all_reduce_sum({**{k: local.get(k, 0.0) for k in loss_fn.spec.normalisers}, **shape},
                                 parallel_state.get_data_parallel_group())
+        shape = {k: counts.pop(k) for k in shape}  # over the DP ranks: the mini-batch's padding, micro-batches
+        batch = {"batch/padding_fraction": 1.0 - shape["_real"] / max(shape["_padded"], 1.0),
+                 "batch/micro_batches": shape["_mbs"]}
 
         def post(out, d):
             mb = d["mb"]
@@ -225,11 +256,11 @@ class MegatronPolicy:
             per_mb = forward_backward(self.model, [_mb_inputs(mb) for mb in mbs], post, forward_only=False)
         finalize_model_grads([self.model])
         if not self._grads_finite():  # a NaN/inf loss or gradient: no update at all (weights and schedule kept)
-            return {**self._reduce_metrics(per_mb, False, 0.0), "optim/nonfinite": 1.0}
+            return {**self._reduce_metrics(per_mb, False, 0.0), **batch, "optim/nonfinite": 1.0}
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(1)
         self.version += 1
-        return {**self._reduce_metrics(per_mb, ok, grad_norm), "optim/nonfinite": 0.0}
+        return {**self._reduce_metrics(per_mb, ok, grad_norm), **batch, "optim/nonfinite": 0.0}
 
     def _grads_finite(self) -> bool:
         """Whether every rank's gradients (Megatron DDP's main_grad buffers, already summed over DP) are finite."""

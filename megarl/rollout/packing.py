@@ -1,0 +1,105 @@
+"""Sequence packing and token-balanced placement. Pure Python/torch.
+
+Reasoning rollouts have long-tailed lengths, so right-padding every row of a micro-batch to its longest row spends
+much of a step's compute on padding. A packed micro-batch is one sequence: its samples back to back, each with
+its own positions (0, 1, ...) and attending only to itself, padded only at the tail:
+
+    input_ids   [1, S]   p1 y1 | p2 y2 | ... | pad           S: the same for every micro-batch of a call
+    position_ids[1, S]   0..L1-1 | 0..L2-1 | ... | 0..
+    cu_seqlens  [n + 2]  0, L1, L1+L2, ..., S                 the padding tail is a segment of its own
+
+``cu_seqlens`` is what megatron-core's ``PackedSeqParams`` (THD) takes; ``backends/megatron/packing.py`` turns it
+into attention (Transformer Engine's THD kernels, or a block-diagonal causal mask on the local layer spec). Why not
+a library: verl's and NeMo-RL's packers are tied to their own batch types; the two algorithms below are a few
+lines each and are tested against brute force (tests/unit/test_packing.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from megarl.rollout.batch import MicroBatch, Rollouts, make_micro_batches
+
+
+def first_fit_decreasing(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Item indices into bins of total size <= ``capacity``, largest first, each into the first bin it fits (an
+    item larger than ``capacity`` gets a bin of its own). Uses at most 11/9 OPT + 6/9 bins. Each bin lists its
+    items in ascending index order, and bins are ordered by their first item, so the result is deterministic."""
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if sizes[i] <= free:
+                bins[b].append(i)
+                room[b] -= sizes[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - sizes[i])
+    return sorted((sorted(b) for b in bins), key=lambda b: b[0])
+
+
+def balanced_partition(sizes: list[int], parts: int) -> list[list[int]]:
+    """Item indices dealt into ``parts`` lists with near-equal size sums: sorted greedy (largest item to the
+    lightest part so far; the largest sum is at most 4/3 of the optimum). Ties go to the lower part, so every
+    rank computes the same answer."""
+    heap = [(0, p) for p in range(parts)]
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, p = heapq.heappop(heap)
+        out[p].append(i)
+        heapq.heappush(heap, (load + sizes[i], p))
+    return [sorted(o) for o in out]
+
+
+def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, *,
+                              whole_groups: bool = False, pad_id: int = 0) -> list[MicroBatch]:
+    """Packed micro-batches (module docstring) of the rows of ``groups``, each filled up to ``token_budget``
+    tokens by first-fit decreasing, all padded to the longest one's length. Rows of one group stay in one
+    micro-batch when ``whole_groups`` (a loss that compares the responses of a prompt, e.g. TRPA's pairs);
+    otherwise rows are placed one by one, which the global normalisers make exact."""
+    items = groups if whole_groups else [[i] for g in groups for i in g]
+    if not items:
+        return []
+    length = {i: len(ro.prompt_ids[i]) + len(ro.response_ids[i]) for g in items for i in g}
+    bins = first_fit_decreasing([sum(length[i] for i in it) for it in items], token_budget)
+    rows_of = [[i for j in b for i in items[j]] for b in bins]
+    seq = max(sum(length[i] for i in rows) for rows in rows_of)
+    out = []
+    for rows in rows_of:
+        width = max(len(ro.response_ids[i]) for i in rows)
+        ids = torch.full((1, seq), pad_id, dtype=torch.int64)
+        position_ids = torch.zeros(1, seq, dtype=torch.int64)
+        pos = torch.zeros(len(rows), width, dtype=torch.int64)
+        tok = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+        mask = torch.zeros(len(rows), width)
+        cu, at = [0], 0
+        for r, i in enumerate(rows):
+            p, y = ro.prompt_ids[i], ro.response_ids[i]
+            n = len(p) + len(y)
+            ids[0, at:at + n] = torch.tensor(p + y)
+            position_ids[0, at:at + n] = torch.arange(n)
+            pos[r, :] = at + len(p) - 1  # padding columns read a valid position; the mask zeroes them
+            pos[r, :len(y)] += torch.arange(len(y))
+            tok[r, :len(y)] = torch.tensor(y)
+            mask[r, :len(y)] = 1.0
+            at += n
+            cu.append(at)
+        if at < seq:  # the padding tail: a segment of its own, attending only to itself
+            position_ids[0, at:] = torch.arange(seq - at)
+            cu.append(seq)
+        bounds = torch.tensor(cu, dtype=torch.int32)
+        out.append(MicroBatch(rows, ids, pos, tok, mask, position_ids=position_ids, cu_seqlens=bounds,
+                              max_seqlen=int((bounds[1:] - bounds[:-1]).max()), tokens=at))
+    return out
+
+
+def micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, *, packing: bool,
+                  whole_groups: bool = False) -> list[MicroBatch]:
+    """The micro-batches of one pass: packed (``train.packing``) or right-padded whole groups (rollout/batch.py)."""
+    if packing:
+        return make_packed_micro_batches(ro, groups, token_budget, whole_groups=whole_groups)
+    return make_micro_batches(ro, groups, token_budget)
