@@ -67,6 +67,11 @@ class RolloutSection:
     # every weight sync is checked: max |vLLM - Megatron| log-prob over a fixed probe sequence must stay below
     # this; None = 1e-3 for float32 models, 0.25 for bfloat16 (rounding of two different kernels)
     vllm_probe_tol: float | None = None
+    # where vLLM runs: "colocated" (an engine in every trainer rank) or "ray" (rollout.engines Ray actors on their
+    # own devices, on the cluster at rollout.ray_address / RAY_ADDRESS or a local one; docs/ray_fleet.md)
+    placement: Literal["colocated", "ray"] = "colocated"
+    engines: int = 1  # placement=ray: engine replicas (tensor parallel size 1 each)
+    ray_address: str | None = None
 
 
 @frozen
@@ -171,7 +176,7 @@ class KernelsSection:
 # the smallest value of each count, size and rate; checked before anything divides by them
 MINIMA = {"train.steps": 1, "train.prompts_per_step": 1, "train.minibatches_per_step": 1,
           "train.micro_batch_tokens": 1, "train.logprob_micro_batch_tokens": 0, "parallel.tp": 1, "parallel.pp": 1, "rollout.max_tokens": 1,
-          "rollout.group_size": 1, "rollout.temperature": 0.0, "rollout.overlong_buffer": 0,
+          "rollout.group_size": 1, "rollout.engines": 1, "rollout.temperature": 0.0, "rollout.overlong_buffer": 0,
           "checkpoint.interval": 0, "checkpoint.keep_last": 1, "data.generate_size": 1, "eval.n": 1,
           "eval.interval": 0, "eval.max_tokens": 0, "eval.max_prompts": 0, "optim.lr": 0.0, "optim.min_lr": 0.0,
           "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "optim.warmup_steps": 0, "algo.vstar_samples": 1,

@@ -146,14 +146,28 @@ def rollout_backend(cfg: RunConfig, arch: ModelArch) -> tuple[str, str]:
 
 def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, model_dir: Path, layout: RankLayout):
     kind, why = rollout_backend(cfg, arch)
+    fleet = cfg.rollout.placement == "ray"
+    if fleet and kind != "vllm":
+        raise ValueError(f"rollout.placement=ray runs vLLM engines, but the rollouts would use the native generator "
+                         f"({why}); use a model vLLM can serve, or rollout.placement=colocated.")
     if dist.get_rank() == 0:
-        print(f"rollouts: {'vLLM (colocated)' if kind == 'vllm' else 'native Megatron generator'} ({why})",
+        where = f"a Ray fleet of {cfg.rollout.engines}" if fleet else "colocated"
+        print(f"rollouts: {f'vLLM ({where})' if kind == 'vllm' else 'native Megatron generator'} ({why})",
               flush=True)
     if kind == "native":
         return MegatronGenerator(policy.module, arch)
     eval_tokens = cfg.eval.max_tokens or cfg.rollout.max_tokens
     max_len = min(arch.max_position_embeddings, cfg.data.max_prompt_tokens + max(cfg.rollout.max_tokens, eval_tokens))
-    from megarl.backends.vllm.colocated import ColocatedVLLM
+    from megarl.backends.vllm.colocated import PROBE_LEN, ColocatedVLLM, probe_ids
+
+    if fleet:
+        from megarl.backends.ray.fleet import RayFleet
+
+        return RayFleet(policy, arch, model_dir, engines=cfg.rollout.engines, address=cfg.rollout.ray_address,
+                        dtype=cfg.model.dtype, max_model_len=max_len, kv_cache_mb=cfg.rollout.vllm_kv_cache_mb,
+                        gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                        probe_tol=cfg.rollout.vllm_probe_tol, seed=cfg.run.seed, dp_rank=layout.dp_rank,
+                        probe=probe_ids(arch.vocab_size, min(PROBE_LEN, max_len - 1)))
 
     return ColocatedVLLM(policy, arch, model_dir, tp=cfg.parallel.tp, dtype=cfg.model.dtype, max_model_len=max_len,
                          kv_cache_mb=cfg.rollout.vllm_kv_cache_mb,

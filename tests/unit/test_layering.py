@@ -36,7 +36,7 @@ def test_pure_layers_import_no_backend_framework_or_cli(part):
         assert not bad, f"{f.relative_to(PKG.parent)} imports {sorted(bad)}"
 
 
-@pytest.mark.parametrize("framework", ["megatron", "vllm"])
+@pytest.mark.parametrize("framework", ["megatron", "vllm", "ray"])
 def test_a_framework_is_imported_only_by_its_backend(framework):
     for f in sorted(PKG.rglob("*.py")):
         if f"backends/{framework}" in f.as_posix():

@@ -1,0 +1,271 @@
+"""``rollout.placement=ray``: a fleet of vLLM engines as Ray actors, sized apart from the trainer, on an existing
+Ray cluster (``rollout.ray_address`` or ``RAY_ADDRESS``) or on a local one the run starts and stops itself.
+
+The trainer stays a torchrun/Megatron SPMD job; only its global rank 0 is a Ray driver. Per generate call:
+
+    gather      every rank's prompts (and per-prompt seeds) reach rank 0, one list per data-parallel replica
+    dispatch    rank 0 deals all prompts over the engines in contiguous chunks; each engine samples with the
+                prompt's own seed, so a sample depends on (weights, prompt, seed), not on the engine or batch
+    scatter     each replica gets its completions back
+
+A sync (whenever ``policy.version`` moved) streams the policy's HF-named tensors (``Policy.hf_weights``; every
+trainer rank takes part in that collective) from rank 0 to every engine over a weight channel of their own
+(``channel.py``: gloo on CPU, NCCL on GPUs), into vLLM's in-place reload, then checks it as the colocated sync
+does: the names each engine received are its checkpoint names, and a fixed probe's log-probs under each engine
+match the policy's within ``rollout.vllm_probe_tol``. An engine actor that dies is replaced, the channel rebuilt,
+the weights re-sent and the call retried; ``rollout/engine_restarts`` counts it. Ray kills the actors when the
+driver exits or dies (owner fate-sharing); a local cluster this run started is shut down in ``close``, and a
+watcher (``reaper.py``) kills what of it would outlive a killed trainer.
+
+Engines have tensor parallel size 1 here (rollout.engines replicas); TP > 1 engines are not built yet.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megarl.backends.protocols import Completion, Policy, SamplingParams
+from megarl.backends.ray.channel import WeightChannel
+from megarl.convert.arch import ModelArch
+
+MAX_RESTARTS_PER_CALL = 3
+
+
+class EngineActor:
+    """One vLLM engine in a Ray actor process (wrapped by ``ray.remote`` in ``RayFleet``)."""
+
+    def __init__(self, model_dir: str, dtype: str, max_model_len: int, kv_cache_mb: int,
+                 gpu_memory_utilization: float, seed: int):
+        from megarl.backends.vllm.engine import VLLMGenerator
+
+        self.engine = VLLMGenerator(model_dir, dtype=dtype, max_model_len=max_model_len,
+                                    kv_cache_bytes=kv_cache_mb << 20, gpu_memory_utilization=gpu_memory_utilization,
+                                    seed=seed)
+        self.channel = None
+
+    def names(self) -> set[str]:
+        return self.engine.expected_weight_names()
+
+    def join(self, host: str, port: int, rank: int, size: int, backend: str) -> None:
+        self.channel = WeightChannel(host, port, rank, size, backend=backend)
+
+    def receive(self) -> tuple[int, list[str]]:
+        names: list[str] = []
+
+        def stream():
+            for name, tensor in self.channel.receive():
+                names.append(name)
+                yield name, tensor
+
+        return self.engine.load_weights(stream()), names
+
+    def generate(self, prompts, n, sampling, seeds):
+        return self.engine.generate(prompts, n, sampling, seeds)
+
+    def prompt_logprobs(self, ids: list[int]) -> list[float]:
+        return self.engine.prompt_logprobs(ids)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayFleet:
+    """The ``Generator`` of ``rollout.placement=ray``. Every trainer rank builds it and calls every method."""
+
+    def __init__(self, policy: Policy, arch: ModelArch, model_dir: Path, *, engines: int, address: str | None,
+                 dtype: str, max_model_len: int, kv_cache_mb: int, gpu_memory_utilization: float,
+                 probe_tol: float | None, seed: int, dp_rank: int, probe: list[int]):
+        self.policy, self.arch, self.dp_rank, self.probe = policy, arch, dp_rank, probe
+        self.probe_tol = probe_tol if probe_tol is not None else (1e-3 if dtype == "float32" else 0.25)
+        self.main = dist.get_rank() == 0
+        self.synced_version: int | None = None
+        self.restarts = 0
+        self.actors: list = []
+        self.own_cluster = False
+        if not self.main:
+            return
+        import ray
+
+        address = address or os.environ.get("RAY_ADDRESS")
+        self.own_cluster = not address
+        gpu = torch.cuda.is_available()
+        self.per_engine = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+        if self.own_cluster:  # a local cluster with exactly the engines' resources; stopped in close()
+            import subprocess
+            import sys
+
+            self.reaper = subprocess.Popen([sys.executable, "-m", "megarl.backends.ray.reaper", str(os.getpid())],
+                                           stdin=subprocess.DEVNULL)
+            ray.init(**({"num_gpus": engines, "num_cpus": engines} if gpu else {"num_cpus": engines}),
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        have = ray.cluster_resources()
+        kind, need = ("GPU", engines) if gpu else ("CPU", engines)
+        if have.get(kind, 0) < need:
+            raise ValueError(f"rollout.placement=ray: {engines} engines need {need} {kind}, but the Ray cluster at "
+                             f"{address or 'local'} has {have.get(kind, 0):g}; lower rollout.engines or grow the "
+                             f"cluster.")
+        self.remote = ray.remote(**self.per_engine)(EngineActor)
+        self.make = lambda: self.remote.remote(str(model_dir), dtype, max_model_len, kv_cache_mb,
+                                               gpu_memory_utilization, seed)
+        self.actors = [self.make() for _ in range(engines)]
+        self.expected = ray.get(self.actors[0].names.remote())
+        self.backend = "nccl" if gpu else "gloo"
+        self._connect()
+
+    def _connect(self) -> None:
+        """A fresh weight channel between rank 0 and every engine (after a restart the old one is broken)."""
+        import ray
+        from ray.util import get_node_ip_address
+
+        from megarl.distributed import free_port
+
+        host, port, size = get_node_ip_address(), free_port(), len(self.actors) + 1
+        joined = [a.join.remote(host, port, i + 1, size, self.backend) for i, a in enumerate(self.actors)]
+        self.channel = WeightChannel(host, port, 0, size, backend=self.backend)
+        ray.get(joined)
+
+    @property
+    def stale(self) -> bool:
+        return self.synced_version != self.policy.version
+
+    def sync(self) -> dict[str, float]:
+        """Send the policy's weights to every engine and verify them (module docstring). Collective; retried with
+        fresh engines when one dies during it."""
+        for _ in range(MAX_RESTARTS_PER_CALL + 1):
+            metrics = self._sync_once()
+            if metrics is not None:
+                return metrics
+            self.restarts += 1
+        raise RuntimeError(f"the Ray fleet lost an engine {MAX_RESTARTS_PER_CALL + 1} times in one sync; giving up.")
+
+    def _sync_once(self) -> dict[str, float] | None:
+        t0 = time.perf_counter()
+        status, nbytes = None, 0  # None: sent; "retry": an engine died; otherwise an error message
+        stream = self.policy.hf_weights()  # a collective on every trainer rank: each must run it to the end
+        if self.main:
+            import ray
+
+            received = [a.receive.remote() for a in self.actors]
+            try:
+                nbytes = self.channel.send(stream)
+                results = ray.get(received)
+            except Exception as e:  # noqa: BLE001 -- an engine (or its end of the channel) died mid-sync
+                for _ in stream:  # finish the export's collectives with the other trainer ranks
+                    pass
+                print(f"rollout fleet: an engine failed during a weight sync ({type(e).__name__}); restarting "
+                      f"all {len(self.actors)} engines", flush=True)
+                self._restart_all()
+                status = "retry"
+            else:
+                for i, (_, names) in enumerate(results):
+                    got = {n for n in names if n != "lm_head.weight" or not self.arch.tie_embeddings}
+                    if got != self.expected:
+                        status = (f"weight sync to engine {i}: names sent differ from its checkpoint names; missing "
+                                  f"{sorted(self.expected - got)[:8]}, unknown {sorted(got - self.expected)[:8]}")
+        else:
+            for _ in stream:
+                pass
+        mine = self.policy.probe_logprobs(self.probe)
+        diff = 0.0
+        if self.main and status is None:
+            import ray
+
+            theirs = ray.get([a.prompt_logprobs.remote(self.probe) for a in self.actors])
+            diff = max(abs(a - b) for lps in theirs for a, b in zip(mine, lps))
+        box = [(status, diff, nbytes)]
+        dist.broadcast_object_list(box, src=0)
+        status, diff, nbytes = box[0]
+        if status == "retry":
+            return None
+        if status is None and not diff <= self.probe_tol:
+            status = (f"weight sync to the Ray fleet failed its check: max |vLLM - Megatron| log-prob on a fixed "
+                      f"{len(self.probe)}-token probe = {diff:.3g} > rollout.vllm_probe_tol = {self.probe_tol:g}")
+        if status:
+            raise RuntimeError(status)
+        self.synced_version = self.policy.version
+        return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": float(nbytes), "sync/probe_diff_max": diff,
+                "rollout/engine_restarts": float(self.restarts)}
+
+    def _restart_all(self) -> None:
+        """Rank 0: every engine replaced and a new channel (a survivor may be stuck in the broken one)."""
+        import ray
+
+        self.channel = None
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = [self.make() for _ in self.actors]
+        self._connect()
+
+    def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
+        if seeds is None:  # as the colocated engine numbers them: by position in this replica's list
+            seeds = [(sampling.seed if sampling.seed is not None else 0) * 100_003 + i for i in range(len(prompts))]
+        for _ in range(MAX_RESTARTS_PER_CALL + 1):
+            if self.stale:
+                self.sync()
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, (self.dp_rank, prompts, seeds))
+            box = [self._dispatch(parts, n, sampling) if self.main else None]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None:
+                return box[0][self.dp_rank]
+            self.synced_version = None  # an engine was replaced: every rank re-syncs, then retries
+            self.restarts += 1
+        raise RuntimeError(f"the Ray fleet lost an engine {MAX_RESTARTS_PER_CALL + 1} times in one call; giving up.")
+
+    def _dispatch(self, parts: list, n: int, sampling: SamplingParams) -> dict | None:
+        """Rank 0: every replica's prompts over the engines; None after replacing dead engines."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        replicas: dict[int, tuple] = {}
+        for dp, prompts, seeds in parts:
+            replicas.setdefault(dp, (prompts, seeds))  # the ranks of one replica send the same list
+        work = [(dp, i, p, s) for dp, (prompts, seeds) in sorted(replicas.items())
+                for i, (p, s) in enumerate(zip(prompts, seeds))]
+        k = len(self.actors)
+        chunks = [work[j * len(work) // k:(j + 1) * len(work) // k] for j in range(k)]
+        futures = [a.generate.remote([w[2] for w in c], n, sampling, [w[3] for w in c]) if c else None
+                   for a, c in zip(self.actors, chunks)]
+        outs, dead = [], []
+        for j, f in enumerate(futures):
+            try:
+                outs.append(ray.get(f) if f is not None else [])
+            except RayActorError:
+                dead.append(j)
+        if dead:
+            print(f"rollout fleet: engine(s) {dead} died during generation; replaced", flush=True)
+            for j in dead:
+                self.actors[j] = self.make()
+            self._connect()
+            return None
+        result = {dp: [None] * len(prompts) for dp, (prompts, _) in replicas.items()}
+        for c, out in zip(chunks, outs):
+            for (dp, i, _, _), completions in zip(c, out):
+                result[dp][i] = completions
+        return result
+
+    def sleep(self) -> None:
+        """The engines run on their own devices: nothing to free for the trainer."""
+
+    def wake_up(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.main or not self.actors:
+            return
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self.own_cluster:
+            ray.shutdown()
+            self.reaper.kill()
