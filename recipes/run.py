@@ -61,6 +61,10 @@ RECIPES: dict[str, Recipe] = {
     **_sizes("astar_po", "math"),
     "rpg_dapo_math_qwen2.5_7b": Recipe("configs/papers/rpg_dapo_math_qwen2.5_7b.yaml", 8),
     "dapo_math_qwen2.5_7b": Recipe("configs/papers/dapo_math_qwen2.5_7b.yaml", 8),
+    # the trainer on this executor's 8 GPUs, rollouts on 8 vLLM engines of a Ray cluster: pass its address as
+    # rollout.ray_address=HEAD:6379 (or set RAY_ADDRESS in the job's environment); docs/ray_fleet.md
+    "dapo_math_qwen2.5_7b_ray_fleet": Recipe("configs/papers/dapo_math_qwen2.5_7b.yaml", 8, overrides=(
+        "rollout.placement=ray", "rollout.engines=8", "run.dir=runs/dapo_math_qwen2.5_7b_ray_fleet")),
     "trw_grpo_gsm8k_qwen3_0.6b": Recipe("configs/papers/trw_grpo_gsm8k_qwen3_0.6b.yaml", 1),
 }
 
