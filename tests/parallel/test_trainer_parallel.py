@@ -37,12 +37,20 @@ def test_trainer_matches_tp1(megatron_world, tmp_path, data_dir, layout):
     par = read_metrics(tmp_path / "par" / "metrics.jsonl")
     # optim/grad_norm included: it once came out ~0.77x at TP=2 (sharded weights loaded into a model built without
     # megatron-core's init path lacked their TP attributes, so the norm skipped TP rank 1's shards)
-    same_metrics(reference, par, tol=1e-4, skip=("loss/",))
+    # batch/*: each data-parallel rank packs its own samples, so padding depends on the layout
+    same_metrics(reference, par, tol=1e-4, skip=("loss/",) + (("batch/",) if "dp2" in layout else ()))
     for a, b in zip(reference, par):
         assert math.isclose(a["loss/total"], b["loss/total"], rel_tol=1e-4, abs_tol=1e-6)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# in the default run, the families whose code paths differ most (pair-wise TRPA, V*, dynamic sampling, the old-policy
+# reference with schedule-free, a per-step token selection, a sequence-level ratio); GRPO runs at every layout above;
+# the others with -m slow
+AT_TP2 = ("trpa", "astar_po", "dapo", "rpg", "kl_cov", "cispo")
+
+
+@pytest.mark.parametrize("family", [f if f in AT_TP2 else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(FAMILIES)])
 def test_every_family_at_tp2_matches_tp1(megatron_world, tmp_path, data_dir, family):
     """Each algorithm family of the TP=1 trainer tests, trained at TP=2, logs the TP=1 metrics (losses, grad norms,
     KL, clip fractions, rewards of the step-2 samples) to 1e-4."""
@@ -87,4 +95,4 @@ def test_distributed_optimizer_state_resumes_at_another_layout(megatron_world, t
     torchrun("megarl.cli", 2, "train", *BASE, f"run.dir={tmp_path / 'moved'}", *common[:-1], "train.steps=1",
              timeout=900)
     moved = run(tmp_path / "moved", data_dir, *common[1:])
-    same_metrics(reference, moved, tol=1e-4, skip=("loss/",))
+    same_metrics(reference, moved, tol=1e-4, skip=("loss/", "batch/"))

@@ -53,6 +53,8 @@ def main() -> None:
 
             model = build_model(arch)
             load_hf_weights(model, arch, hf_sd.__getitem__)
+            packed_matches_hf(model, arch, hf, family, f"tp{args.tp} pp{args.pp}")  # (the export below overwrites
+            # the weights with gradients)
             mb = [{"input_ids": ids, "targets": targets}]
             logits = forward_backward(model, mb, lambda out, b: gather_logits(out, arch.vocab_size),
                                       forward_only=True)
@@ -103,7 +105,6 @@ def main() -> None:
                 print(f"[tp{args.tp} pp{args.pp}] {family}: logits max|diff| vs HF = {diff:.3g}", flush=True)
             if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
                 torch.save(result, os.path.join(args.out, f"{family}_stage{stage}.pt"))
-            packed_matches_hf(model, arch, hf, family, f"tp{args.tp} pp{args.pp}")
             del model
         dist.barrier()
 

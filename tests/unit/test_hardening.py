@@ -203,8 +203,13 @@ def test_one_layout_check_serves_config_converter_and_backend():
         ParallelDims(1, 1, cp=2).check()
 
 
+# through the command, three in the default run (each starts a process, ~8 s); all of them with -m slow
+THROUGH_CLI = ("train.prompts_per_step=0", "optim.lr=nan", "algo.loss_hparams={clip_hihg: 0.3}")
+
+
 @pytest.mark.cli
-@pytest.mark.parametrize("override,message", BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+@pytest.mark.parametrize("override,message", [b if b[0] in THROUGH_CLI else pytest.param(*b, marks=pytest.mark.slow)
+                                              for b in BAD_CONFIGS], ids=[b[0] for b in BAD_CONFIGS])
 def test_bad_numbers_through_the_command(tmp_path, override, message):
     """The same table as a user meets it: exit 2, one `megarl: error:` line naming the key, nothing on disk."""
     from tests.cli import megarl

@@ -81,7 +81,8 @@ def _model_output(model: torch.nn.Module, impl: str):
 
 @torch.no_grad()
 def rollout_logprobs(model: torch.nn.Module, arch: ModelArch, ro: Rollouts, token_budget: int,
-                     temperature: float, impl: str = "auto", packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     temperature: float, impl: str = "auto",
+                     packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p, entropy) [B, R] float32 of every response of ``ro`` under ``model``, on every rank; ``packing``:
     through packed micro-batches (rollout/packing.py), rows placed one by one."""
     model.eval()
@@ -236,13 +237,13 @@ class MegatronPolicy:
         for inp in inputs:
             for k, v in loss_fn.counts(inp).items():
                 local[k] = local.get(k, 0.0) + v
+        dp = parallel_state.get_data_parallel_group()
         shape = {"_padded": float(sum(mb.input_ids.numel() for mb in mbs)),
-                 "_real": float(sum(mb.tokens for mb in mbs)), "_mbs": float(len(mbs))}
-        counts = all_reduce_sum({**{k: local.get(k, 0.0) for k in loss_fn.spec.normalisers}, **shape},
-                                parallel_state.get_data_parallel_group())
-        shape = {k: counts.pop(k) for k in shape}  # over the DP ranks: the mini-batch's padding, micro-batches
-        batch = {"batch/padding_fraction": 1.0 - shape["_real"] / max(shape["_padded"], 1.0),
-                 "batch/micro_batches": shape["_mbs"]}
+                 "_real": float(sum(mb.tokens for mb in mbs))}
+        counts = all_reduce_sum({**{k: local.get(k, 0.0) for k in loss_fn.spec.normalisers}, **shape}, dp)
+        shape = {k: counts.pop(k) for k in shape}  # over the DP ranks: the mini-batch's padding
+        batch = {"batch/padding_fraction": 1.0 - shape["_real"] / max(shape["_padded"], 1.0),  # the busiest rank's:
+                 "batch/micro_batches": all_reduce_sum({"n": float(len(mbs))}, dp, dist.ReduceOp.MAX)["n"]}
 
         def post(out, d):
             mb = d["mb"]
