@@ -64,15 +64,24 @@ def uses_hidden_states(impl: str) -> bool:
 
 def response_logprobs(model: torch.nn.Module, arch: ModelArch, out: torch.Tensor, mb: MicroBatch,
                       temperature: float, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p, entropy) of the micro-batch's response tokens -> [b, R] each, from the last stage's output ``out``:
+    """(log p, entropy) of the micro-batch's response tokens -> [b, R] each (0 past a row's end), from the last
+    stage's output ``out``:
     hidden states [b, s, H] when ``uses_hidden_states(impl)`` (run inside ``hidden_states_out``), else
     vocab-parallel logits [b, s, V/tp]."""
-    pos = mb.resp_positions.to(out.device)  # into the flattened [b_in * s] positions (packed: b_in = 1)
-    picked = out.reshape(-1, out.shape[-1])[pos]  # [b, R, H or V/tp]
-    targets = mb.resp_tokens.to(out.device)
+    # only the real response tokens go through the output layer / kernel: the [b, R] grid's padding columns (rows
+    # shorter than the longest response) would cost vocab-sized work each, and long-tailed lengths leave many
+    valid = mb.mask.to(out.device) > 0
+    pos = mb.resp_positions.to(out.device)[valid]  # into the flattened [b_in * s] positions (packed: b_in = 1)
+    picked = out.reshape(-1, out.shape[-1])[pos][None]  # [1, N, H or V/tp]
+    targets = mb.resp_tokens.to(out.device)[valid][None]
     if uses_hidden_states(impl):
-        return token_logprobs(picked, targets, arch.vocab_size, temperature, "fused_linear", output_weight(model))
-    return token_logprobs(picked, targets, arch.vocab_size, temperature, impl)
+        lp, ent = token_logprobs(picked, targets, arch.vocab_size, temperature, "fused_linear", output_weight(model))
+    else:
+        lp, ent = token_logprobs(picked, targets, arch.vocab_size, temperature, impl)
+    grid = torch.zeros(valid.shape, dtype=lp.dtype, device=lp.device)
+    if not pos.numel():  # no response token at all: zeros that still depend on the model (a backward needs them)
+        return grid + 0.0 * out.sum(), grid + 0.0 * out.sum()
+    return grid.masked_scatter(valid, lp[0]), grid.masked_scatter(valid, ent[0])
 
 
 def _model_output(model: torch.nn.Module, impl: str):
