@@ -9,7 +9,7 @@ its own positions (0, 1, ...) and attending only to itself, padded only at the t
     cu_seqlens  [n + 2]  0, L1, L1+L2, ..., S                 the padding tail: segments of its own
 
 ``cu_seqlens`` is what megatron-core's ``PackedSeqParams`` (THD) takes; ``backends/megatron/packing.py`` turns it
-into attention (Transformer Engine's THD kernels, or a block-diagonal causal mask on the local layer spec). Why not
+into attention (Transformer Engine's THD kernels, or each sample's causal attention on the local layer spec). Why not
 a library: verl's and NeMo-RL's packers are tied to their own batch types; the two algorithms below are a few
 lines each and are tested against brute force (tests/unit/test_packing.py).
 """
@@ -57,8 +57,9 @@ def balanced_partition(sizes: list[int], parts: int) -> list[list[int]]:
 
 def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, *,
                               whole_groups: bool = False, pad_id: int = 0) -> list[MicroBatch]:
-    """Packed micro-batches (module docstring) of the rows of ``groups``, each filled up to ``token_budget``
-    tokens by first-fit decreasing, all padded to the longest one's length. Rows of one group stay in one
+    """Packed micro-batches (module docstring) of the rows of ``groups``: as many as first-fit decreasing needs to
+    keep each within ``token_budget``, with the rows then dealt evenly by tokens over them (when that fits), all
+    padded to the longest one's length. Rows of one group stay in one
     micro-batch when ``whole_groups`` (a loss that compares the responses of a prompt, e.g. TRPA's pairs);
     otherwise rows are placed one by one, which the global normalisers make exact."""
     items = groups if whole_groups else [[i] for g in groups for i in g]
