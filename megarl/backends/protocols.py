@@ -27,6 +27,10 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     seed: int | None = None
 
+    def prompt_seeds(self, n: int) -> list[int]:
+        """The default per-prompt seeds of a call with ``n`` prompts: ``seed * 100_003 + i`` (every generator)."""
+        return [(self.seed if self.seed is not None else 0) * 100_003 + i for i in range(n)]
+
     def __post_init__(self):
         if self.max_tokens < 1:
             raise ValueError(f"rollout.max_tokens ({self.max_tokens}) must be >= 1.")

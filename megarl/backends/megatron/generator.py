@@ -61,7 +61,7 @@ class MegatronGenerator:
                 raise ValueError(f"prompt {i} ({len(prompt)} tokens) + rollout.max_tokens ({sampling.max_tokens}) "
                                  f"exceeds the model's {self.arch.max_position_embeddings} positions.")
         if seeds is None:
-            seeds = [(sampling.seed if sampling.seed is not None else 0) * 100_003 + i for i in range(len(prompts))]
+            seeds = sampling.prompt_seeds(len(prompts))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
         # prompts of equal length share one batch (one prefill, one decode pass per token for all their samples);

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from megarl.backends.protocols import Completion, Policy, SamplingParams
 from megarl.backends.ray.channel import WeightChannel
+from megarl.backends.vllm.colocated import default_probe_tol
 from megarl.convert.arch import ModelArch
 
 MAX_RESTARTS_PER_CALL = 3
@@ -81,7 +82,7 @@ class RayFleet:
                  dtype: str, max_model_len: int, kv_cache_mb: int, gpu_memory_utilization: float,
                  probe_tol: float | None, seed: int, dp_rank: int, probe: list[int]):
         self.policy, self.arch, self.dp_rank, self.probe = policy, arch, dp_rank, probe
-        self.probe_tol = probe_tol if probe_tol is not None else (1e-3 if dtype == "float32" else 0.25)
+        self.probe_tol = probe_tol if probe_tol is not None else default_probe_tol(dtype)
         self.main = dist.get_rank() == 0
         self.synced_version: int | None = None
         self.restarts = 0
@@ -206,7 +207,7 @@ class RayFleet:
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         if seeds is None:  # as the colocated engine numbers them: by position in this replica's list
-            seeds = [(sampling.seed if sampling.seed is not None else 0) * 100_003 + i for i in range(len(prompts))]
+            seeds = sampling.prompt_seeds(len(prompts))
         for _ in range(MAX_RESTARTS_PER_CALL + 1):
             if self.stale:
                 self.sync()

@@ -38,6 +38,11 @@ from megarl.convert.arch import ModelArch
 PROBE_LEN = 192
 
 
+def default_probe_tol(dtype: str) -> float:
+    """rollout.vllm_probe_tol when unset: 1e-3 in float32, 0.25 in bfloat16 (two kernels' rounding)."""
+    return 1e-3 if dtype == "float32" else 0.25
+
+
 def probe_ids(vocab_size: int, length: int = PROBE_LEN) -> list[int]:
     """A fixed pseudo-random token sequence (the same on every rank and in every run)."""
     return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(20240601)).tolist()
@@ -52,7 +57,7 @@ class ColocatedVLLM:
                  max_model_len: int, kv_cache_mb: int, gpu_memory_utilization: float, probe_tol: float | None,
                  seed: int, group=None):
         self.policy, self.arch, self.group = policy, arch, group
-        self.probe_tol = probe_tol if probe_tol is not None else (1e-3 if dtype == "float32" else 0.25)
+        self.probe_tol = probe_tol if probe_tol is not None else default_probe_tol(dtype)
         self.engine = VLLMGenerator(model_dir, dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tp,
                                     kv_cache_bytes=kv_cache_mb << 20, gpu_memory_utilization=gpu_memory_utilization,
                                     seed=seed)

@@ -110,7 +110,7 @@ class VLLMGenerator:
             if not prompt:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token.")
         if seeds is None:
-            seeds = [(sampling.seed if sampling.seed is not None else 0) * 100_003 + i for i in range(len(prompts))]
+            seeds = sampling.prompt_seeds(len(prompts))
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt.")
         # ignore_eos: the stop set is exactly sampling.stop_ids (the trainer's, which holds the EOS), as natively
