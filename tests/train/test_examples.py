@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from megarl.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +35,8 @@ def test_custom_reward_from_the_console_script(tmp_path):
     assert row["reward/errors"] == 0 and row["reward/mean"] >= -3 + 0.1  # every K&K score got its bonus
 
 
+# slow: the same four commands run, with stronger checks, in tests/parallel/test_convert.py (smollm2 round trip)
+@pytest.mark.slow
 def test_convert_roundtrip_is_bit_exact(tmp_path):
     r = subprocess.run(["bash", "examples/convert_roundtrip.sh", str(tmp_path / "rt")], cwd=REPO,
                        capture_output=True, text=True, timeout=1200)

@@ -36,31 +36,42 @@ def train(tmp_path, name, model, data_dir):
     return read_metrics(tmp_path / name / "metrics.jsonl")
 
 
-def test_synced_engine_agrees_with_megatron_at_every_layout(tmp_path, vllm_model, data_dir):
-    """TP=2 (one vLLM engine over both ranks), PP=2 (an engine per stage, each with the whole model) and DP=2
-    (an engine per replica, different prompts) log the TP=1 run's metrics."""
+@pytest.fixture(scope="module")
+def tp1_run(tmp_path_factory, vllm_model, data_dir):
+    return train(tmp_path_factory.mktemp("tp1"), "tp1", vllm_model, data_dir)
+
+
+def check_synced(metrics, model):
     from safetensors import safe_open
 
-    with safe_open(str(vllm_model / "model.safetensors"), "pt") as f:
+    with safe_open(str(model / "model.safetensors"), "pt") as f:
         model_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys())
     embed_bytes = 49152 * 128 * 4  # the tied output layer is sent as lm_head.weight too
-    runs = {name: train(tmp_path, name, vllm_model, data_dir) for name in LAYOUTS}
-    for tp, metrics in runs.items():
-        assert [m["step"] for m in metrics] == [1, 2, 3]
-        for m in metrics:  # every step synced (the weights changed) and passed its check
-            assert m["sync/probe_diff_max"] < 1e-3, (tp, m)
-            assert m["rollout/logprob_diff_max"] < 1e-3, (tp, m)
-            assert m["sync/bytes"] == model_bytes + embed_bytes
-            assert m["optim/grad_norm"] > 0
-    for name in ("tp2", "pp2", "dp2"):
-        for a, b in zip(runs["tp1"], runs[name]):
-            assert {k for k in a if not k.startswith(TIMING)} == {k for k in b if not k.startswith(TIMING)}
-            # loss/* diagnostics besides loss/total are per-replica means (as in tests/parallel/test_trainer_parallel)
-            # batch/*: each data-parallel rank packs its own samples
-            skip = TIMING + ("sync/seconds",) + (("loss/", "batch/") if name == "dp2" else ())
-            for k in a:
-                if not k.startswith(skip) or k == "loss/total":
-                    assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-4), (name, a["step"], k, a[k], b[k])
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:  # every step synced (the weights changed) and passed its check
+        assert m["sync/probe_diff_max"] < 1e-3, m
+        assert m["rollout/logprob_diff_max"] < 1e-3, m
+        assert m["sync/bytes"] == model_bytes + embed_bytes
+        assert m["optim/grad_norm"] > 0
+
+
+# PP=2 and DP=2 are `slow`: the weight sync's PP and DP paths are also covered by the fleet and trainer tests
+@pytest.mark.parametrize("name", ["tp2", pytest.param("pp2", marks=pytest.mark.slow),
+                                  pytest.param("dp2", marks=pytest.mark.slow)])
+def test_synced_engine_agrees_with_megatron_at_layout(tmp_path, vllm_model, data_dir, tp1_run, name):
+    """TP=2 (one vLLM engine over both ranks), PP=2 (an engine per stage, each with the whole model) and DP=2
+    (an engine per replica, different prompts) log the TP=1 run's metrics."""
+    check_synced(tp1_run, vllm_model)
+    run = train(tmp_path, name, vllm_model, data_dir)
+    check_synced(run, vllm_model)
+    for a, b in zip(tp1_run, run):
+        assert {k for k in a if not k.startswith(TIMING)} == {k for k in b if not k.startswith(TIMING)}
+        # loss/* diagnostics besides loss/total are per-replica means (as in tests/parallel/test_trainer_parallel)
+        # batch/*: each data-parallel rank packs its own samples
+        skip = TIMING + ("sync/seconds",) + (("loss/", "batch/") if name == "dp2" else ())
+        for k in a:
+            if not k.startswith(skip) or k == "loss/total":
+                assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-4), (name, a["step"], k, a[k], b[k])
 
 
 def test_a_missed_sync_is_caught(tmp_path, vllm_model, data_dir):
