@@ -89,3 +89,44 @@ def test_packed_training_gradients_equal_padded(megatron_world):
         grads[packing] = {n: p.grad.clone() for n, p in model.named_parameters()}
     for name, g in grads[False].items():
         assert (grads[True][name] - g).abs().max() < 1e-5 * max(1.0, g.abs().max().item()), name
+
+
+@pytest.mark.parametrize("lengths", [[7, 7, 7, 7], [40, 3, 1, 25, 30, 2, 9], [1], [64, 1, 1, 1]])
+def test_packed_attention_equals_block_diagonal_causal_softmax(megatron_world, lengths):
+    """PackedDotProductAttention (samples batched by AttentionPlan) against float64 brute force: softmax(q k^T /
+    sqrt(d)) per sample, causal, grouped-query heads; the gradients of q, k and v too."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megarl.backends.megatron.packing import PackedDotProductAttention, attention_buckets
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            attention_softmax_in_fp32=True, attention_dropout=0.0, hidden_dropout=0.0)
+    attn = PackedDotProductAttention(cfg, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                                     attention_type="self")
+    cu = torch.tensor([0] + lengths).cumsum(0).int()
+    t, g = int(cu[-1]), torch.Generator().manual_seed(len(lengths))
+    q, k, v = (torch.randn(t, h, 16, generator=g, requires_grad=True) for h in (4, 2, 2))
+    out = attn(q, k, v, None, AttnMaskType.causal, packed_seq_params=PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths)))
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    (out.double() * w).sum().backward()
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        kk, vv = (x[a:b].repeat_interleave(2, dim=1) for x in (k64, v64))  # query group h // 2 serves head h
+        scores = torch.einsum("qhd,khd->hqk", q64[a:b], kk) / 4.0
+        scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        want.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(b - a, 1, 64))
+    want = torch.cat(want)
+    (want * w).sum().backward()
+    assert out.shape == (t, 1, 64) and (out.double() - want).abs().max() < 1e-5
+    for x, x64 in ((q, q64), (k, k64), (v, v64)):
+        assert (x.grad.double() - x64.grad).abs().max() < 1e-5
+    buckets = attention_buckets(lengths)
+    assert sorted(i for bk in buckets for i in bk) == list(range(len(lengths)))
+    for bk in buckets:  # the batching never spends more than twice the samples' own attention cost
+        assert len(bk) * max(lengths[i] for i in bk) ** 2 <= 2 * sum(lengths[i] ** 2 for i in bk)
+    assert len(attention_buckets([7, 7, 7, 7])) == 1 and len(attention_buckets([64, 1, 1, 1])) == 2
