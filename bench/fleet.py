@@ -42,11 +42,11 @@ def is_engine(p) -> bool:
         return False
 
 
-def one_run(name: str, placement: str, args, work: Path) -> dict:
+def one_run(name: str, model: str, placement: str, args, work: Path) -> dict:
     import psutil
 
     run_dir = work / f"{name}-{placement}"
-    cmd = [sys.executable, "-m", "megarl.cli", "train", f"model.hf_dir={model_dir(name, work)}",
+    cmd = [sys.executable, "-m", "megarl.cli", "train", f"model.hf_dir={model}",
            f"run.dir={run_dir}", "rollout.backend=vllm", f"rollout.placement={placement}", "data.generate=arithmetic",
            "data.generate_size=96", f"train.steps={args.steps}", "train.prompts_per_step=4", "rollout.group_size=4",
            f"rollout.max_tokens={args.max_tokens}", "data.max_prompt_tokens=256", "rollout.vllm_kv_cache_mb=512",
@@ -81,8 +81,8 @@ def one_run(name: str, placement: str, args, work: Path) -> dict:
             "steps_measured": len(rows),
             "trainer_cores": len(trainer_cores), "engine_cores": len(engine_cores),
             "sync_bytes": int(nbytes), "sync_seconds": round(statistics.median(r["sync/seconds"] for r in rows), 3),
-            "step_seconds": round(statistics.median(r["time/step"] for r in rows), 3),
-            "generate_seconds": round(statistics.median(r.get("time/generate", float("nan")) for r in rows), 3),
+            "step_seconds": round(statistics.median(r["time/step"] for r in rows), 3),  # sync included
+            "generate_seconds": round(statistics.median(r.get("time/generation", 0.0) for r in rows), 3),
             "run_seconds": round(time.perf_counter() - t0, 1),
             "probe_diff_max": max(r["sync/probe_diff_max"] for r in rows)}
 
@@ -123,8 +123,9 @@ def main() -> None:
     rows = []
     for name in args.models:
         with tempfile.TemporaryDirectory(prefix="megarl-bench-") as work:
+            model = model_dir(name, Path(work))
             for placement in ("colocated", "ray"):
-                rows.append(one_run(name, placement, args, Path(work)))
+                rows.append(one_run(name, model, placement, args, Path(work)))
                 print(json.dumps(rows[-1]), flush=True)
                 base = next((r for r in rows if r["model"] == name and r["placement"] == "colocated"
                              and "error" not in r), None)

@@ -48,8 +48,9 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        else:  # share the host's cores between the local ranks instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        else:  # share the cores this process may use (taskset, cpusets) between the local ranks, not oversubscribe
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // local_world))
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if torchrun:
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
