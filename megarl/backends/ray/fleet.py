@@ -23,6 +23,7 @@ the weight channel and gets every call, and worker 0 answers for its engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -67,18 +68,22 @@ class RayFleet:
         self.restarts = 0
         self.engines: list[Engine] = []
         self.own_cluster, self.groups = False, []
-        error = None
+        failure = None
         if self.main:
             try:
                 self._launch(model_dir, engines, tp, address, (dtype, max_model_len, kv_cache_mb,
                                                                gpu_memory_utilization, seed))
-            except ValueError as e:  # the cluster lacks what was asked for: every rank stops with the same error
-                error = str(e)
-                self.close()
-        box = [error]
+            except Exception as e:  # noqa: BLE001 -- re-raised below, after the other ranks heard of it
+                failure = e
+                with contextlib.suppress(Exception):
+                    self.close()
+        # every rank stops with rank 0's error (a cluster too small: a ValueError naming it), none waits forever
+        box = [None if failure is None else (isinstance(failure, ValueError), str(failure))]
         dist.broadcast_object_list(box, src=0)
-        if box[0]:
-            raise ValueError(box[0])
+        if failure is not None:
+            raise failure
+        if box[0] is not None:
+            raise (ValueError if box[0][0] else RuntimeError)(box[0][1])
 
     def _launch(self, model_dir: Path, engines: int, tp: int, address: str | None, engine_args: tuple) -> None:
         """Rank 0: connect to (or start) the cluster, place and start the engines, open the weight channel."""
