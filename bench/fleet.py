@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -100,15 +101,8 @@ def parameters(name: str, work: Path) -> int:
     total = 0
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            total += sum(_numel(st.get_slice(k).get_shape()) for k in st.keys())
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main() -> None:

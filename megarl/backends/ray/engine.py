@@ -115,7 +115,6 @@ class Engine:
         self.tp, self.group = tp, group
         self.workers = [remote_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_bundle_index=i)).remote(*args) for i in range(tp)]
-        self.started = None
 
     def start(self):
         """Futures of the workers' start (vLLM engine construction), to ``ray.get`` together with other engines'."""
@@ -124,11 +123,10 @@ class Engine:
         master = ray.get(self.workers[0].rendezvous.remote()) if self.tp > 1 else None
         return [w.start.remote(self.tp, i, master) for i, w in enumerate(self.workers)]
 
-    def call(self, method: str, *args):
-        """Every worker calls ``method``; worker 0's future answers for the engine (the others' results are the
-        same, and their futures are waited on with it)."""
-        futures = [getattr(w, method).remote(*args) for w in self.workers]
-        return futures[0], futures
+    def call(self, method: str, *args) -> list:
+        """Every worker calls ``method`` (vLLM's TP ranks must make the same calls); their futures, worker 0's
+        first, whose result is the engine's answer."""
+        return [getattr(w, method).remote(*args) for w in self.workers]
 
     def kill(self, graceful: bool = False) -> None:
         """``graceful``: the workers shut their engines down first (at the run's end; a dead or stuck engine is

@@ -122,7 +122,7 @@ class RayFleet:
         self.make = lambda i: Engine(remote, args, tp, self.groups[i])
         self.engines = [self.make(i) for i in range(engines)]
         self._start(self.engines)
-        self.expected = ray.get(self.engines[0].call("names")[0])
+        self.expected = ray.get(self.engines[0].call("names"))[0]
         self.backend = "nccl" if gpu else "gloo"
         self._connect()
 
@@ -169,8 +169,7 @@ class RayFleet:
             received = [e.call("receive") for e in self.engines]
             try:
                 nbytes = self.channel.send(stream)
-                ray.get([f for _, every in received for f in every])
-                results = ray.get([first for first, _ in received])
+                results = [ray.get(futures)[0] for futures in received]
             except Exception as e:  # noqa: BLE001 -- an engine (or its end of the channel) died mid-sync
                 for _ in stream:  # finish the export's collectives with the other trainer ranks
                     pass
@@ -193,8 +192,7 @@ class RayFleet:
             import ray
 
             calls = [e.call("prompt_logprobs", self.probe) for e in self.engines]
-            ray.get([f for _, every in calls for f in every])
-            theirs = ray.get([first for first, _ in calls])
+            theirs = [ray.get(futures)[0] for futures in calls]
             diff = max(abs(a - b) for lps in theirs for a, b in zip(mine, lps))
         box = [(status, diff, nbytes)]
         dist.broadcast_object_list(box, src=0)
@@ -253,9 +251,7 @@ class RayFleet:
         outs, dead = [], []
         for j, call in enumerate(calls):
             try:
-                if call is not None:
-                    ray.get(call[1])
-                outs.append(ray.get(call[0]) if call is not None else [])
+                outs.append(ray.get(call)[0] if call is not None else [])
             except RayActorError:
                 dead.append(j)
         if dead:
