@@ -73,6 +73,9 @@ class RolloutSection:
     engines: int = 1  # placement=ray: engine replicas
     tp: int = 1  # placement=ray: tensor parallel size of each engine (its workers share one node)
     ray_address: str | None = None
+    # 0: each step samples with the weights it trains (synchronous); 1: one-step-off, the next step's prompts are
+    # sampled with these weights while this step trains (overlaps with placement=ray; docs/async.md)
+    max_staleness: int = 0
 
 
 @frozen
@@ -177,7 +180,7 @@ class KernelsSection:
 # the smallest value of each count, size and rate; checked before anything divides by them
 MINIMA = {"train.steps": 1, "train.prompts_per_step": 1, "train.minibatches_per_step": 1,
           "train.micro_batch_tokens": 1, "train.logprob_micro_batch_tokens": 0, "parallel.tp": 1, "parallel.pp": 1, "rollout.max_tokens": 1,
-          "rollout.group_size": 1, "rollout.engines": 1, "rollout.tp": 1, "rollout.temperature": 0.0, "rollout.overlong_buffer": 0,
+          "rollout.group_size": 1, "rollout.engines": 1, "rollout.tp": 1, "rollout.max_staleness": 0, "rollout.temperature": 0.0, "rollout.overlong_buffer": 0,
           "checkpoint.interval": 0, "checkpoint.keep_last": 1, "data.generate_size": 1, "eval.n": 1,
           "eval.interval": 0, "eval.max_tokens": 0, "eval.max_prompts": 0, "optim.lr": 0.0, "optim.min_lr": 0.0,
           "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "optim.warmup_steps": 0, "algo.vstar_samples": 1,
@@ -231,6 +234,9 @@ class RunConfig:
         if self.rollout.tp > 1 and self.rollout.placement != "ray":
             raise ValueError(f"rollout.tp={self.rollout.tp} sizes the engines of rollout.placement=ray; colocated "
                              f"engines share the trainer's parallel.tp. Set rollout.placement=ray or rollout.tp=1.")
+        if self.rollout.max_staleness > 1:
+            raise ValueError(f"rollout.max_staleness={self.rollout.max_staleness}: streaming rollouts (k >= 2) are not "
+                             f"built yet; use 0 (synchronous) or 1 (one-step-off; docs/async.md).")
         if self.model.hf_dir is None:
             raise ValueError("model.hf_dir is not set: give an HF model directory, 'bundled:smollm2' or "
                              "'tiny:qwen2'.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
@@ -49,6 +49,27 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
+@dataclasses.dataclass
+class Ticket:
+    """A generate call in flight (``Generator.submit``): what ``collect`` needs to finish it. ``regenerated``: the
+    generator had to sample it again with its current weights (an engine died), not those of submit time."""
+
+    work: Any
+    regenerated: bool = False
+
+
+class GeneratesNow:
+    """``submit``/``collect`` of a generator that cannot overlap generation with training (it runs on the trainer's
+    own devices): submit generates at once, with the weights of that moment, as an asynchronous one would."""
+
+    def submit(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+               seeds: list[int] | None = None) -> Ticket:
+        return Ticket(self.generate(prompts, n, sampling, seeds))
+
+    def collect(self, ticket: Ticket) -> list[list[Completion]]:
+        return ticket.work
+
+
 class Generator(Protocol):
     stale: bool  # its weights lag the policy's: the loop calls ``sync()`` before the next step's rollouts
 
@@ -59,6 +80,15 @@ class Generator(Protocol):
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         """n completions for each token-id prompt. ``seeds[i]`` seeds prompt i's samples (which then do not depend
         on the other prompts of the call); default ``sampling.seed * 100_003 + i``."""
+
+    def submit(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+               seeds: list[int] | None = None) -> Ticket:
+        """Start ``generate`` with the weights of now and return without waiting for it where the generator runs
+        apart from the trainer (``rollout.placement=ray``); the trainer may update meanwhile (``max_staleness``).
+        Collective, as ``generate``."""
+
+    def collect(self, ticket: Ticket) -> list[list[Completion]]:
+        """What ``generate`` would have returned for the submitted call. Collective."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take new weights as (HF name, full tensor) pairs."""

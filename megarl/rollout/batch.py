@@ -31,6 +31,7 @@ class Rollouts:
     old_logprobs: torch.Tensor | None = None  # [B, R] float32
     ref_logprobs: torch.Tensor | None = None  # [B, R] float32
     selected: torch.Tensor | None = None  # [B, R] float32, tokens a covariance loss singled out (losses/cov.py)
+    versions: torch.Tensor | None = None  # [B] int64: optimizer steps the sampling weights had taken (staleness)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -69,9 +70,7 @@ class Rollouts:
 
         return Rollouts([self.prompt_ids[i] for i in keep], [self.response_ids[i] for i in keep],
                         [self.sampler_logprobs[i] for i in keep], [self.finish_reasons[i] for i in keep],
-                        self.group_ids[idx], *(rows_of(getattr(self, f)) for f in
-                                               ("rewards", "acc", "levels", "v_star", "advantages",
-                                                "old_logprobs", "ref_logprobs", "selected")))
+                        self.group_ids[idx], *(rows_of(getattr(self, f)) for f in FIELDS))
 
     @staticmethod
     def concat(parts: list[Rollouts]) -> Rollouts:
@@ -87,9 +86,7 @@ class Rollouts:
 
         return Rollouts([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.response_ids],
                         [x for p in parts for x in p.sampler_logprobs], [x for p in parts for x in p.finish_reasons],
-                        torch.cat([p.group_ids for p in parts]), *(cat(f) for f in
-                                                                   ("rewards", "acc", "levels", "v_star", "advantages",
-                                                                    "old_logprobs", "ref_logprobs", "selected")))
+                        torch.cat([p.group_ids for p in parts]), *(cat(f) for f in FIELDS))
 
     def groups(self) -> list[list[int]]:
         """Row indices of each group, in order of first appearance."""
@@ -97,6 +94,10 @@ class Rollouts:
         for i, g in enumerate(self.group_ids.tolist()):
             out.setdefault(g, []).append(i)
         return list(out.values())
+
+
+# the optional tensor fields, in declaration order (select and concat carry each of them)
+FIELDS = ("rewards", "acc", "levels", "v_star", "advantages", "old_logprobs", "ref_logprobs", "selected", "versions")
 
 
 def split_groups(groups: list[list[int]], parts: int) -> list[list[list[int]]]:

@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -11,7 +14,7 @@ import torch.distributed as dist
 from megarl.advantages import compute_advantages
 from megarl.losses.cov import covariance
 from megarl.losses.registry import PolicyLoss
-from megarl.backends.protocols import SamplingParams
+from megarl.backends.protocols import SamplingParams, Ticket
 from megarl.distributed import all_reduce_sum
 from megarl.data.source import Prompt, PromptSource
 from megarl.rewards.executor import RewardExecutor, RewardRequest
@@ -21,19 +24,53 @@ from megarl.rollout.packing import balanced_partition
 from megarl.rollout.shaping import dynamic_sampling_keep, overlong_penalty
 
 
+@dataclasses.dataclass
+class Round:
+    """One batch of prompts handed to the generator: this replica's prompts, the call in flight, where the next
+    round starts in the prompt stream, and how many optimizer steps the sampling weights had taken."""
+
+    prompts: list[Prompt]
+    ticket: Ticket | None
+    end: int
+    version: int
+    n: int
+
+
+def submit_round(generator, source: PromptSource, position: int, version: int, *, step: int, n: int,
+                 sampling: SamplingParams, prompts_per_rank: int, dp_rank: int, dp_size: int) -> Round:
+    """This replica's prompts of the round starting at stream ``position``, submitted: n samples per prompt; prompt
+    u's samples are seeded by (step, u) alone, so they do not depend on which data-parallel rank draws the prompt,
+    on what else is in its batch, or on when the round is collected."""
+    prompts = source.take(position + dp_rank * prompts_per_rank, prompts_per_rank)
+    ticket = _submit(generator, prompts, n, sampling, (sampling.seed or 0) * 7919 + step)
+    return Round(prompts, ticket, position + prompts_per_rank * dp_size, version, n)
+
+
+def _submit(generator, prompts: list[Prompt], n: int, sampling: SamplingParams, seed: int) -> Ticket | None:
+    return generator.submit([p.ids for p in prompts], n, sampling,
+                            seeds=[(seed * 1_000_003 + p.uid) * 100_003 for p in prompts]) if prompts else None
+
+
 def generate(generator, prompts: list[Prompt], n: int, sampling: SamplingParams, seed: int) -> Rollouts:
-    """n samples per prompt; prompt u's samples are seeded by (seed, u) alone, so they do not depend on which
-    data-parallel rank draws the prompt or on what else is in its batch."""
-    outs = generator.generate([p.ids for p in prompts], n, sampling,
-                              seeds=[(seed * 1_000_003 + p.uid) * 100_003 for p in prompts]) if prompts else []
-    ro = Rollouts([], [], [], [], torch.tensor([p.uid for p in prompts for _ in range(n)], dtype=torch.int64))
-    for p, completions in zip(prompts, outs):
+    """n samples per prompt, now (seeded as ``submit_round``'s)."""
+    return finish_round(generator, Round(prompts, _submit(generator, prompts, n, sampling, seed), 0, 0, n), 0)[0]
+
+
+def finish_round(generator, r: Round, now: int) -> tuple[Rollouts, float]:
+    """The round's samples (unscored) and the seconds spent waiting for them. ``now``: optimizer steps taken by
+    the weights being trained; a round sampled again after an engine died was sampled with those."""
+    t0 = time.perf_counter()
+    outs = generator.collect(r.ticket) if r.ticket is not None else []
+    version = now if r.ticket is not None and r.ticket.regenerated else r.version
+    ro = Rollouts([], [], [], [], torch.tensor([p.uid for p in r.prompts for _ in range(r.n)], dtype=torch.int64))
+    for p, completions in zip(r.prompts, outs):
         for c in completions:
             ro.prompt_ids.append(p.ids)
             ro.response_ids.append(c.token_ids)
             ro.sampler_logprobs.append(c.logprobs)
             ro.finish_reasons.append(c.finish_reason)
-    return ro
+    ro.versions = torch.full((len(ro),), version, dtype=torch.int64)
+    return ro, time.perf_counter() - t0
 
 
 def score(ro: Rollouts, prompts: list[Prompt], n: int, tokenizer, executor: RewardExecutor, *, max_tokens: int,
@@ -62,43 +99,44 @@ def concat(parts: list[Rollouts]) -> Rollouts:
         out.response_ids += p.response_ids
         out.sampler_logprobs += p.sampler_logprobs
         out.finish_reasons += p.finish_reasons
-    for f in ("rewards", "acc", "levels", "v_star"):
+    for f in ("rewards", "acc", "levels", "v_star", "versions"):
         vals = [getattr(p, f) for p in parts]
         setattr(out, f, torch.cat(vals) if all(v is not None for v in vals) else None)
     return out
 
 
-def collect(step: int, position: int, *, source: PromptSource, generator, tokenizer, executor: RewardExecutor,
-            sampling: SamplingParams, n: int, prompts_per_rank: int, dp_rank: int, dp_size: int, dp_group,
-            dynamic_sampling: bool, max_rounds: int, reward_opts: dict) -> tuple[Rollouts, int, dict[str, float]]:
+def collect(first: Round, resubmit: Callable[[int], Round], *, now: int, generator, tokenizer,
+            executor: RewardExecutor, prompts_per_rank: int, dp_size: int, dp_group, dynamic_sampling: bool,
+            max_rounds: int, reward_opts: dict) -> tuple[Rollouts, int, dict[str, float]]:
     """This rank's scored rollouts for the step, the new stream position, and counters.
 
-    Without dynamic sampling: one round of ``prompts_per_rank`` prompts. With it (DAPO), groups whose responses all
-    have the same accuracy are dropped and further rounds of prompts are drawn until every replica together holds
-    ``prompts_per_rank * dp_size`` groups or ``max_rounds`` rounds are spent; all replicas run the same rounds.
+    ``first``: the step's first round, already submitted (by this step, or by the one before when
+    ``rollout.max_staleness`` = 1). Without dynamic sampling that is all. With it (DAPO), groups whose responses all
+    have the same accuracy are dropped and further rounds (``resubmit(position)``, sampled with the weights of now)
+    are drawn until every replica together holds ``prompts_per_rank * dp_size`` groups or ``max_rounds`` rounds are
+    spent; all replicas run the same rounds. ``now``: optimizer steps taken by the weights being trained.
     """
-    parts, kept_groups, rounds, stats = [], 0, 0, {}
+    parts, kept_groups, rounds, stats, r = [], 0, 0, {"rollout/queue_wait_seconds": 0.0}, first
     target = prompts_per_rank * dp_size
     while True:
-        start = position + dp_rank * prompts_per_rank
-        prompts = source.take(start, prompts_per_rank)
-        position += prompts_per_rank * dp_size
-        ro = generate(generator, prompts, n, sampling, seed=(sampling.seed or 0) * 7919 + step)
-        for k, v in score(ro, prompts, n, tokenizer, executor, **reward_opts).items():
+        ro, waited = finish_round(generator, r, now)
+        stats["rollout/queue_wait_seconds"] += waited
+        for k, v in score(ro, r.prompts, r.n, tokenizer, executor, **reward_opts).items():
             stats[k] = stats.get(k, 0.0) + v
         rounds += 1
         if dynamic_sampling:
-            stats["rollout/sampled_groups"] = stats.get("rollout/sampled_groups", 0.0) + len(prompts)
+            stats["rollout/sampled_groups"] = stats.get("rollout/sampled_groups", 0.0) + len(r.prompts)
             ro = ro.select(dynamic_sampling_keep(ro.acc, ro.group_ids))
         parts.append(ro)
         kept_groups += len(ro.groups())
         if not dynamic_sampling or rounds >= max_rounds or all_reduce_sum({"k": kept_groups}, dp_group)["k"] >= target:
             break
+        r = resubmit(r.end)
     ro = concat(parts)
     if dynamic_sampling:  # at most this replica's share; surplus groups are discarded as upstream does
         ro = ro.select([i for g in ro.groups()[:prompts_per_rank] for i in g])
     stats["rollout/rounds"] = float(rounds)
-    return ro, position, stats
+    return ro, r.end, stats
 
 
 def gather_dp(values: list, group) -> list:

@@ -23,7 +23,7 @@ from megarl.metrics import MetricsLogger, Timer, append_jsonl, read_metrics, tru
 from megarl.rollout.batch import split_groups
 from megarl.trainer import checkpointing
 from megarl.trainer.build import Components
-from megarl.trainer.collect import advantages_over_dp, balance_over_dp, collect, select_over_dp
+from megarl.trainer.collect import Round, advantages_over_dp, balance_over_dp, collect, select_over_dp, submit_round
 from megarl.trainer.evaluate import evaluate_files
 from megarl.trainer.state import check_compatible, resume, save_checkpoint, step_metrics
 
@@ -42,7 +42,26 @@ def train(c: Components) -> dict[str, float]:
     temperature = cfg.rollout.temperature or 1.0
     budget, per_rank = cfg.train.micro_batch_tokens, cfg.train.prompts_per_step // dp_size
     lp_budget = cfg.train.logprob_micro_batch_tokens or budget  # forward-only passes
+    async_k = cfg.rollout.max_staleness  # 0: synchronous; 1: one-step-off (docs/async.md)
+    collect_args = dict(generator=c.generator, tokenizer=c.tokenizer, executor=c.executor, prompts_per_rank=per_rank,
+                        dp_size=dp_size, dp_group=dp_group, dynamic_sampling=cfg.rollout.dynamic_sampling,
+                        max_rounds=cfg.rollout.max_sampling_rounds,
+                        reward_opts=dict(max_tokens=cfg.rollout.max_tokens, overlong_buffer=cfg.rollout.overlong_buffer,
+                                         overlong_factor=cfg.rollout.overlong_factor))
+
+    def sync(into: dict) -> None:  # the generator takes the policy's weights if they moved; metrics join ``into``
+        if c.generator.stale:
+            into.update(c.generator.sync())
+
+    def submit(for_step: int, at: int, synced: dict | None = None) -> Round:
+        """A round of prompts from stream position ``at``, sampled with the weights of now (synced first)."""
+        if synced is not None:
+            sync(synced)
+        return submit_round(c.generator, c.source, at, step - 1, step=for_step, n=cfg.rollout.group_size,
+                            sampling=c.sampling, prompts_per_rank=per_rank, dp_rank=dp_rank, dp_size=dp_size)
+
     metrics: dict[str, float] = {}
+    pending: Round | None = None  # the next step's first round, in flight (rollout.max_staleness = 1)
     nonfinite = 0  # consecutive steps whose every update was skipped for a NaN/inf loss or gradient
     with log:
         if step == 0 and cfg.eval.before_train and cfg.data.val_files:
@@ -51,15 +70,15 @@ def train(c: Components) -> dict[str, float]:
         while step < cfg.train.steps:
             step, timer, t0 = step + 1, Timer(), time.perf_counter()
             c.policy.rollout_point(True)  # schedule-free: sample and score pi_old at the averaged point x
-            synced = c.generator.sync() if c.generator.stale else {}
+            synced: dict[str, float] = {}
+            if pending is None:  # else the engines still sample the round submitted last step
+                sync(synced)
             with timer("generation"):
-                ro, position, stats = collect(
-                    step, position, source=c.source, generator=c.generator, tokenizer=c.tokenizer,
-                    executor=c.executor, sampling=c.sampling, n=cfg.rollout.group_size, prompts_per_rank=per_rank,
-                    dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group, dynamic_sampling=cfg.rollout.dynamic_sampling,
-                    max_rounds=cfg.rollout.max_sampling_rounds,
-                    reward_opts=dict(max_tokens=cfg.rollout.max_tokens, overlong_buffer=cfg.rollout.overlong_buffer,
-                                     overlong_factor=cfg.rollout.overlong_factor))
+                first = pending or submit(step, position)
+                ro, position, stats = collect(first, lambda at: submit(step, at, synced), now=step - 1,
+                                              **collect_args)
+                # one-step-off: the next step's first round samples with these weights while this step trains
+                pending = submit(step + 1, position, synced) if async_k and step < cfg.train.steps else None
             c.generator.sleep()  # colocated vLLM on CUDA: give its memory to the update
             if cfg.train.balance_tokens:  # replicas get equal token counts, not equal prompt counts
                 ro = balance_over_dp(ro, dp_group, dp_size)
@@ -76,7 +95,8 @@ def train(c: Components) -> dict[str, float]:
                 updates = [c.policy.train_step(ro, groups, c.algo.loss, budget, temperature)
                            for groups in split_groups(ro.groups(), cfg.train.minibatches_per_step)]
             metrics = step_metrics(ro, entropy, updates, stats, rollout_metrics, timer, time.perf_counter() - t0,
-                                   dp_group, None if cfg.algo.bypass_old_logprobs else c.algo.loss.correction)
+                                   dp_group, None if cfg.algo.bypass_old_logprobs else c.algo.loss.correction,
+                                   now=step - 1)
             metrics.update(synced)
             nonfinite = nonfinite + 1 if metrics.get("optim/nonfinite", 0.0) > 0 else 0
             if cfg.eval.interval and step % cfg.eval.interval == 0 and cfg.data.val_files:

@@ -71,25 +71,32 @@ def save_checkpoint(c: Components, step: int, position: int) -> Path:
 
 def step_metrics(ro: Rollouts, entropy: torch.Tensor | None, updates: list[dict], stats: dict[str, float],
                  global_metrics: dict[str, float], timer: Timer, seconds: float, dp_group,
-                 correction_hp: dict | None = None) -> dict[str, float]:
+                 correction_hp: dict | None = None, now: int = 0) -> dict[str, float]:
     """Metrics of one step, equal on every rank: ``stats`` (this replica's counters) summed over replicas,
     ``global_metrics`` (already over all replicas) as they are, update statistics averaged over the step's
     mini-batches, timings and throughput; the rollout-vs-trainer mismatch (``rollout_corr/``) unless
     ``correction_hp`` is None (bypass: pi_old is the sampler's, nothing to compare). ``entropy`` None: no
-    old-log-prob pass ran (bypass), so no actor/entropy."""
-    out = all_reduce_sum({k: v for k, v in stats.items() if k != "rollout/rounds"}, dp_group)
-    out["rollout/rounds"] = stats.get("rollout/rounds", 1.0)
+    old-log-prob pass ran (bypass), so no actor/entropy. ``now``: optimizer steps the trained weights had taken;
+    a sample's staleness is that minus its ``versions`` entry."""
+    mine = ("rollout/rounds", "rollout/queue_wait_seconds")  # equal on every rank / this rank's own wait
+    out = all_reduce_sum({k: v for k, v in stats.items() if k not in mine}, dp_group)
+    out.update({"rollout/rounds": stats.get("rollout/rounds", 1.0),
+                "rollout/queue_wait_seconds": stats.get("rollout/queue_wait_seconds", 0.0)})
+    stale = (now - ro.versions).double() if len(ro) and ro.versions is not None else torch.zeros(0)
     out.update(global_metrics)
     mask = ro.response_mask() if len(ro) else torch.zeros(0, 1)
     diff, sampler = 0.0, ro.rollout_logprobs() if len(ro) else None
     if len(ro):
         diff = float(((sampler - ro.old_logprobs).abs() * mask).max())
-    out["rollout/logprob_diff_max"] = all_reduce_sum({"d": diff}, dp_group, dist.ReduceOp.MAX)["d"]
+    peaks = all_reduce_sum({"d": diff, "s": float(stale.max()) if len(stale) else 0.0}, dp_group, dist.ReduceOp.MAX)
+    out["rollout/logprob_diff_max"], out["rollout/staleness_max"] = peaks["d"], peaks["s"]
     if correction_hp is not None:
         out.update(mismatch_metrics(ro, sampler, mask, correction_hp, dp_group))
     tokens = float(sum(len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids)))
     sums = all_reduce_sum({"ent": float((entropy * mask).sum()) if len(ro) and entropy is not None else 0.0,
-                           "n": float(mask.sum()), "tokens": tokens, "groups": float(len(ro.groups()))}, dp_group)
+                           "n": float(mask.sum()), "tokens": tokens, "groups": float(len(ro.groups())),
+                           "stale": float(stale.sum()), "rows": float(len(stale))}, dp_group)
+    out["rollout/staleness_mean"] = sums["stale"] / max(sums["rows"], 1.0)
     if entropy is not None:
         out["actor/entropy"] = sums["ent"] / max(sums["n"], 1.0)
     out["rollout/groups"] = sums["groups"]

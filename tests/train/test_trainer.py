@@ -27,7 +27,7 @@ BASE = ["model.hf_dir=tiny:qwen2", "rollout.group_size=4", "rollout.max_tokens=8
         "reward.custom_fn=tests.train.rewards:text_hash_reward", "checkpoint.export_hf=false"]
 CONTRACT = ("reward/mean", "reward/acc", "response/length_mean", "loss/total", "optim/grad_norm", "optim/lr",
             "rollout/logprob_diff_max", "actor/entropy", "time/generation", "time/update", "perf/tokens_per_s")
-TIMING = ("time/", "perf/")
+TIMING = ("time/", "perf/", "rollout/queue_wait_seconds")  # wall-clock measurements
 
 
 @pytest.fixture(scope="module")

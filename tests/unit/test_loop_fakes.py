@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megarl.algo import resolve
-from megarl.backends.protocols import Completion, SamplingParams
+from megarl.backends.protocols import Completion, GeneratesNow, SamplingParams
 from megarl.config import load_config
 from megarl.data.source import Prompt
 from megarl.metrics import read_metrics
@@ -25,11 +25,12 @@ class Log(list):
         self.append(event)
 
 
-class FakeGenerator:
-    """Answers prompt u with the tokens of str(u % 3) (or "x"), whatever the seed."""
+class FakeGenerator(GeneratesNow):
+    """Answers prompt u with the tokens of str(u % 3) (or "x"), whatever the seed. ``sampled_with[u]``: the policy
+    version its weights held when prompt u was sampled."""
 
     def __init__(self, policy, log: Log):
-        self.policy, self.log, self.synced = policy, log, -1
+        self.policy, self.log, self.synced, self.sampled_with = policy, log, -1, {}
 
     @property
     def stale(self) -> bool:
@@ -42,6 +43,7 @@ class FakeGenerator:
 
     def generate(self, prompts, n, sampling, seeds=None):
         self.log("generate")
+        self.sampled_with.update({p[0]: self.synced for p in prompts})
         return [[Completion([ord(str(p[0] % 3) if j % 2 else "x")], [-0.5], "stop") for j in range(n)]
                 for p in prompts]
 
@@ -58,8 +60,9 @@ class FakeGenerator:
 class FakePolicy:
     """Weights: one number that each update adds the mean advantage to; logprobs equal the sampler's (-0.5)."""
 
-    def __init__(self, log: Log):
-        self.version, self.weight, self.log, self.point = 0, 0.0, log, False
+    def __init__(self, log: Log, die_at: int = 0):
+        self.version, self.weight, self.log, self.point, self.die_at = 0, 0.0, log, False, die_at
+        self.trained: list[tuple[int, list[int]]] = []  # (version trained from, prompt ids of the rows)
 
     def rollout_point(self, active: bool) -> None:
         self.log(f"rollout_point {active}")
@@ -72,6 +75,9 @@ class FakePolicy:
     def train_step(self, ro, groups, loss, token_budget, temperature):
         self.log("train_step")
         rows = [i for g in groups for i in g]
+        if len(self.trained) + 1 == self.die_at:
+            raise KeyboardInterrupt("killed")
+        self.trained.append((self.version, sorted({ro.prompt_ids[i][0] for i in rows})))
         self.weight += float(ro.advantages[rows].sum())
         self.version += 1
         return {"loss/total": 0.25, "optim/grad_norm": 1.0, "optim/lr": 1e-3, "optim/skipped": 0.0,
@@ -98,12 +104,12 @@ class FakeTokenizer:
         return "".join(map(chr, ids))
 
 
-def components(run: Path, log: Log, steps: int) -> Components:
-    cfg = load_config(None, ["model.hf_dir=tiny:qwen2", f"run.dir={run}", f"train.steps={steps}",
+def components(run: Path, log: Log, steps: int, *extra: str, die_at: int = 0) -> Components:
+    cfg = load_config(None, [*extra, "model.hf_dir=tiny:qwen2", f"run.dir={run}", f"train.steps={steps}",
                              "train.prompts_per_step=2", "rollout.group_size=4", "checkpoint.interval=2",
                              "checkpoint.export_hf=false", "metrics.progress=false", "reward.num_workers=0",
                              "algo.loss_hparams={kl_coef: 0}"], world_size=1)
-    policy = FakePolicy(log)
+    policy = FakePolicy(log, die_at)
     one_rank = RankLayout(ParallelDims(), dp_rank=0, dp_size=1, dp_group=None, model_group=None)  # the world group
     return Components(cfg, None, run, FakeTokenizer(), policy, None, "none", FakeGenerator(policy, log),
                       FakeSource(), RewardExecutor(num_workers=0), resolve(cfg), SamplingParams(max_tokens=4), one_rank)
@@ -146,3 +152,44 @@ def test_resume_restores_step_position_and_the_policys_state(megatron_world, tmp
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for a, b in zip(resumed, straight):  # the prompt stream continued where it stopped: the same rewards
         assert (a["reward/mean"], a["rollout/responses"]) == (b["reward/mean"], b["rollout/responses"])
+
+
+def test_one_step_off_trains_on_samples_exactly_one_version_old(megatron_world, tmp_path):
+    from megarl.trainer.loop import prepare_run_dir, train
+
+    log = Log()
+    c = components(tmp_path / "run", log, 4, "rollout.max_staleness=1")
+    prepare_run_dir(c.cfg)
+    train(c)
+    # the next step's round is submitted (with the weights of now) before this step's update
+    assert log[:9] == ["rollout_point True", "sync", "generate", "generate", "sleep", "old_logprobs",
+                       "rollout_point False", "train_step", "rollout_point True"]
+    gen = c.generator.sampled_with
+    for step, (version, prompts) in enumerate(c.policy.trained, start=1):
+        assert prompts == [2 * step - 2, 2 * step - 1]  # the stream in order: nothing skipped or repeated
+        assert {version - gen[u] for u in prompts} == ({0} if step == 1 else {1})  # sampled one update earlier
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["rollout/staleness_mean"], r["rollout/staleness_max"]) for r in rows] == [(0, 0), (1, 1), (1, 1),
+                                                                                         (1, 1)]
+    assert len(gen) == 8  # no round was sampled past the last step
+
+
+def test_a_killed_one_step_off_run_resumes_without_losing_or_repeating_prompts(megatron_world, tmp_path):
+    from megarl.trainer.loop import prepare_run_dir, train
+
+    straight = components(tmp_path / "whole", Log(), 5, "rollout.max_staleness=1")
+    prepare_run_dir(straight.cfg)
+    train(straight)
+    run = tmp_path / "run"
+    killed = components(run, Log(), 5, "rollout.max_staleness=1", die_at=4)  # in step 4's update
+    prepare_run_dir(killed.cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed)
+    assert sorted(killed.generator.sampled_with) == list(range(10))  # step 5's round was in flight
+    resumed = components(run, Log(), 5, "rollout.max_staleness=1")  # from the checkpoint of step 2 (interval 2)
+    prepare_run_dir(resumed.cfg)
+    train(resumed)
+    done = [p for _, p in killed.policy.trained[:2] + resumed.policy.trained]
+    assert done == [p for _, p in straight.policy.trained]  # each prompt trained once, in order
+    assert sorted(resumed.generator.sampled_with) == list(range(4, 10))  # the lost in-flight rounds regenerated
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]

@@ -23,7 +23,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from megarl.backends.megatron.forward import forward_backward
 from megarl.backends.megatron.weights import load_hf_weights
-from megarl.backends.protocols import Completion, SamplingParams
+from megarl.backends.protocols import Completion, GeneratesNow, SamplingParams
 from megarl.convert.arch import ModelArch
 from megarl.rollout.sampling import sample_tokens
 
@@ -36,7 +36,7 @@ def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class MegatronGenerator:
+class MegatronGenerator(GeneratesNow):
     """``Generator`` over a Megatron model at any TP/PP layout. Every rank of the model must call ``generate``."""
 
     def __init__(self, model: torch.nn.Module, arch: ModelArch, max_batch_rows: int = 256):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megarl.backends.protocols import Completion, Policy, SamplingParams
+from megarl.backends.protocols import Completion, Policy, SamplingParams, Ticket
 from megarl.backends.ray.channel import WeightChannel
 from megarl.backends.ray.engine import Engine, EngineWorker, place
 from megarl.backends.vllm.colocated import default_probe_tol
@@ -219,26 +219,38 @@ class RayFleet:
 
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                  seeds: list[int] | None = None) -> list[list[Completion]]:
+        return self.collect(self.submit(prompts, n, sampling, seeds))
+
+    def submit(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+               seeds: list[int] | None = None) -> Ticket:
+        """Sync if stale, then hand every replica's prompts to the engines and return at once: the engines sample
+        while the trainer goes on (``rollout.max_staleness``); ``collect`` waits for them."""
         if seeds is None:  # as the colocated engine numbers them: by position in this replica's list
             seeds = sampling.prompt_seeds(len(prompts))
+        if self.stale:
+            self.sync()
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self.dp_rank, prompts, seeds))
+        return Ticket((parts, n, sampling, self._send(parts, n, sampling) if self.main else None))
+
+    def collect(self, ticket: Ticket) -> list[list[Completion]]:
+        """The submitted call's completions for this replica. An engine that died meanwhile is replaced and the
+        call sampled again with the policy's weights of now (``ticket.regenerated``)."""
+        parts, n, sampling, sent = ticket.work
         for _ in range(MAX_RESTARTS_PER_CALL + 1):
-            if self.stale:
-                self.sync()
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, (self.dp_rank, prompts, seeds))
-            box = [self._dispatch(parts, n, sampling) if self.main else None]
+            box = [self._receive(*sent) if self.main else None]
             dist.broadcast_object_list(box, src=0)
             if box[0] is not None:
                 return box[0][self.dp_rank]
             self.synced_version = None  # an engine was replaced: every rank re-syncs, then retries
             self.restarts += 1
+            ticket.regenerated = True
+            self.sync()
+            sent = self._send(parts, n, sampling) if self.main else None
         raise RuntimeError(f"the Ray fleet lost an engine {MAX_RESTARTS_PER_CALL + 1} times in one call; giving up.")
 
-    def _dispatch(self, parts: list, n: int, sampling: SamplingParams) -> dict | None:
-        """Rank 0: every replica's prompts over the engines; None after replacing dead engines."""
-        import ray
-        from ray.exceptions import RayActorError
-
+    def _send(self, parts: list, n: int, sampling: SamplingParams) -> tuple:
+        """Rank 0: every replica's prompts dealt over the engines; (replicas, chunks, futures) for ``_receive``."""
         replicas: dict[int, tuple] = {}
         for dp, prompts, seeds in parts:
             replicas.setdefault(dp, (prompts, seeds))  # the ranks of one replica send the same list
@@ -248,6 +260,13 @@ class RayFleet:
         chunks = [work[j * len(work) // k:(j + 1) * len(work) // k] for j in range(k)]
         calls = [e.call("generate", [w[2] for w in c], n, sampling, [w[3] for w in c]) if c else None
                  for e, c in zip(self.engines, chunks)]
+        return replicas, chunks, calls
+
+    def _receive(self, replicas: dict, chunks: list, calls: list) -> dict | None:
+        """Rank 0: the completions per replica; None after replacing engines that died."""
+        import ray
+        from ray.exceptions import RayActorError
+
         outs, dead = [], []
         for j, call in enumerate(calls):
             try:

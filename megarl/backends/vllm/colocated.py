@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megarl.backends.protocols import Completion, Policy, SamplingParams
+from megarl.backends.protocols import Completion, GeneratesNow, Policy, SamplingParams
 from megarl.backends.vllm.engine import VLLMGenerator
 from megarl.convert.arch import ModelArch
 
@@ -48,7 +48,7 @@ def probe_ids(vocab_size: int, length: int = PROBE_LEN) -> list[int]:
     return torch.randint(0, vocab_size, (length,), generator=torch.Generator().manual_seed(20240601)).tolist()
 
 
-class ColocatedVLLM:
+class ColocatedVLLM(GeneratesNow):
     """The trainer's generator for ``rollout.backend=vllm`` (the ``Generator`` protocol; its weights come from the
     policy through ``sync``, not from ``load_weights``). Every rank of the run builds it at the same time and calls
     every method. ``group``: the ranks of one model replica (the probe's check is agreed over them)."""
