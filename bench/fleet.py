@@ -43,9 +43,30 @@ def is_engine(p) -> bool:
         return False
 
 
-def one_run(name: str, model: str, placement: str, args, work: Path) -> dict:
+def launch(cmd: list[str], trainer_cores: list[int], engine_cores: list[int], pin: bool,
+           stdout=subprocess.PIPE) -> subprocess.Popen:
+    """``cmd`` started on ``trainer_cores``; with ``pin``, its Ray engine workers moved to ``engine_cores`` as soon
+    as they appear (they inherit the trainer's cores). Returns once they are moved (or the run ended)."""
     import psutil
 
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, trainer_cores))
+    pinned = not pin
+    while proc.poll() is None and not pinned:
+        engines = [p for p in psutil.Process(proc.pid).children(recursive=True) if is_engine(p)]
+        for p in engines:
+            p.cpu_affinity(engine_cores)
+            for t in p.threads():  # threads started before the move keep their own mask
+                try:
+                    os.sched_setaffinity(t.id, engine_cores)
+                except OSError:
+                    pass
+        pinned = bool(engines)
+        time.sleep(0.2)
+    return proc
+
+
+def one_run(name: str, model: str, placement: str, args, work: Path) -> dict:
     run_dir = work / f"{name}-{placement}"
     cmd = [sys.executable, "-m", "megarl.cli", "train", f"model.hf_dir={model}",
            f"run.dir={run_dir}", "rollout.backend=vllm", f"rollout.placement={placement}", "data.generate=arithmetic",
@@ -57,20 +78,7 @@ def one_run(name: str, model: str, placement: str, args, work: Path) -> dict:
     half = max(1, len(cores) // 2)
     trainer_cores, engine_cores = (cores[:half], cores[half:]) if args.pin and placement == "ray" else (cores, cores)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, trainer_cores))
-    pinned = placement != "ray" or not args.pin
-    while proc.poll() is None and not pinned:  # the engine workers inherit the trainer's cores: move them
-        engines = [p for p in psutil.Process(proc.pid).children(recursive=True) if is_engine(p)]
-        for p in engines:
-            p.cpu_affinity(engine_cores)
-            for t in p.threads():  # threads started before the move keep their own mask
-                try:
-                    os.sched_setaffinity(t.id, engine_cores)
-                except OSError:
-                    pass
-        pinned = bool(engines)
-        time.sleep(0.2)
+    proc = launch(cmd, trainer_cores, engine_cores, pin=args.pin and placement == "ray")
     out = proc.communicate()[0]
     if proc.returncode:
         return {"model": name, "placement": placement, "error": out[-1500:]}

@@ -136,9 +136,24 @@ def _packing(d: dict) -> list[str]:
         [f"{r['dist']} {r['mode']}: {_error_cell(r)}" for r in d["rows"] if "error" in r]
 
 
+def _staleness(d: dict) -> list[str]:
+    rows = [[r["seed"], r["k"], _error_cell(r)] + [""] * 6 if "error" in r else
+            [r["seed"], r["k"], r["step_wall_seconds_median"], r["step_wall_seconds_mean"], r["staleness_mean"],
+             r["queue_wait_seconds_median"], " / ".join(f"{v:.2f}" for v in r["heldout_avg4"].values()),
+             r["trainer_cores"], r["engine_cores"]] for r in d["rows"]]
+    s = d.get("summary", {})
+    return ["The CPU demo (GRPO) on the Ray fleet, trainer and engine on separate cores, synchronous (k = 0) against "
+            "one-step-off (k = 1). Step wall seconds: between consecutive metrics lines, evaluations included.", ""] \
+        + _table(["seed", "k", "step wall s (median)", "(mean)", "staleness", "queue wait s", "held-out avg@4 "
+                  "at each eval", "trainer cores", "engine cores"], rows) + \
+        ["", f"k = 1 per-step speed-up (median of seeds): {s.get('speedup_k1')}; k = 0 final held-out spread over "
+             f"seeds: {s.get('k0_final_spread')}; k = 1 finals within the k = 0 range: "
+             f"{s.get('k1_final_within_k0_range')}."]
+
+
 FORMATS = {"logprob_kernels": _kernels, "packing": _packing, "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step,
            "convert_memory": _convert, "demo_all": _demo_all,
-           "rpg_variants": _rpg_variants}
+           "rpg_variants": _rpg_variants, "staleness": _staleness}
 
 
 def write_summary(folder: str | Path) -> Path:
