@@ -73,13 +73,14 @@ def run_one(cmd: list[str], label: dict) -> dict:
     return {**label, "error": f"{why}; output ends: " + (r.stdout + r.stderr).strip()[-800:]}
 
 
-def write_result(name: str, rows: list[dict], argv: list[str], complete: bool = True, **extra) -> Path:
+def write_result(name: str, rows: list[dict], argv: list[str], complete: bool = True, file: str | None = None,
+                 **extra) -> Path:
     """Write bench/results/<device>/<name>.json (atomically: a killed bench leaves the previous file whole) and
     regenerate SUMMARY.md. Benches call it after every row with ``complete=False``, so a run stopped by a time
     limit (a lent GPU's) keeps the rows it measured, marked incomplete, and once more at the end."""
     out = {"bench": name, **environment(), "commit": commit_of_checkout(),
            "command": f"python bench/{name}.py " + " ".join(argv), **extra, "complete": complete, "rows": rows}
-    dest = REPO / "bench" / "results" / device_dir() / f"{name}.json"
+    dest = REPO / "bench" / "results" / device_dir() / f"{file or name}.json"  # file: a variant's own results
     dest.parent.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from summary import write_summary, write_text_atomic

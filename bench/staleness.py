@@ -3,6 +3,8 @@ the Ray fleet's engine on separate cores: wall seconds per step and the learning
 
     .venv/bin/python bench/staleness.py                       # CPU: writes bench/results/cpu/staleness.json
     .venv/bin/python bench/staleness.py --seeds 1234 --steps 10
+    .venv/bin/python bench/staleness.py --ks 1 --file staleness_rollout_is \
+        --extra 'algo.loss_hparams={kl_coef: 0, rollout_is: token}'     # one-step-off with rollout correction
 
 Each (seed, k) is one ``megarl demo`` run (GRPO's settings, 30 steps, held-out avg@4 every 5 steps) with
 ``rollout.placement=ray`` and one engine, in a fresh process; the runs alternate k within each seed, so drift of
@@ -38,7 +40,7 @@ def one_run(seed: int, k: int, args, work: Path) -> dict:
     cmd = [sys.executable, "-m", "megarl.cli", "demo", "--algo", "grpo", f"run.dir={run_dir}", f"run.seed={seed}",
            f"train.steps={args.steps}", "rollout.backend=vllm", "rollout.placement=ray", "rollout.engines=1",
            f"rollout.max_staleness={k}", "checkpoint.interval=0", "checkpoint.export_hf=false",
-           "metrics.progress=false"]
+           "metrics.progress=false", *args.extra]
     cores = sorted(os.sched_getaffinity(0))
     half = max(1, len(cores) // 2)
     t0 = time.perf_counter()
@@ -56,7 +58,8 @@ def one_run(seed: int, k: int, args, work: Path) -> dict:
     evals = read_metrics(run_dir / "eval.jsonl")
     walls = [b - a for a, b in zip(stamps, stamps[1:])]  # steps 2..N
     key = next(k for k in evals[0] if k.endswith("avg@4"))
-    return {"seed": seed, "k": k, "steps": len(rows), "trainer_cores": half, "engine_cores": len(cores) - half,
+    return {"seed": seed, "k": k, "extra": args.extra, "steps": len(rows), "trainer_cores": half,
+            "engine_cores": len(cores) - half,
             "step_wall_seconds_median": round(statistics.median(walls), 3),
             "step_wall_seconds_mean": round(statistics.mean(walls), 3),
             "run_seconds": round(time.perf_counter() - t0, 1),
@@ -88,16 +91,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 7])
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--ks", type=int, nargs="+", default=[0, 1], choices=[0, 1])
+    ap.add_argument("--extra", nargs="*", default=[], help="more config overrides for every run (key=value)")
+    ap.add_argument("--file", default="staleness", help="results file name (bench/results/<device>/FILE.json)")
     args = ap.parse_args()
     runs = []
     with tempfile.TemporaryDirectory(prefix="megarl-bench-") as work:
         for seed in args.seeds:
-            for k in (0, 1):
+            for k in args.ks:
                 runs.append(one_run(seed, k, args, Path(work)))
                 print(json.dumps(runs[-1]), flush=True)
-                write_result("staleness", runs, sys.argv[1:], complete=False, summary=summarize(runs))
+                write_result("staleness", runs, sys.argv[1:], complete=False, file=args.file, summary=summarize(runs))
     print(json.dumps(summarize(runs), indent=1))
-    print(f"wrote {write_result('staleness', runs, sys.argv[1:], summary=summarize(runs))}")
+    print(f"wrote {write_result('staleness', runs, sys.argv[1:], file=args.file, summary=summarize(runs))}")
 
 
 if __name__ == "__main__":

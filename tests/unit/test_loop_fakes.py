@@ -31,6 +31,7 @@ class FakeGenerator(GeneratesNow):
 
     def __init__(self, policy, log: Log):
         self.policy, self.log, self.synced, self.sampled_with = policy, log, -1, {}
+        self.all_wrong: set[int] = set()  # prompts whose every sample is wrong (dynamic sampling drops them)
 
     @property
     def stale(self) -> bool:
@@ -44,8 +45,8 @@ class FakeGenerator(GeneratesNow):
     def generate(self, prompts, n, sampling, seeds=None):
         self.log("generate")
         self.sampled_with.update({p[0]: self.synced for p in prompts})
-        return [[Completion([ord(str(p[0] % 3) if j % 2 else "x")], [-0.5], "stop") for j in range(n)]
-                for p in prompts]
+        return [[Completion([ord(str(p[0] % 3) if j % 2 and p[0] not in self.all_wrong else "x")], [-0.5], "stop")
+                 for j in range(n)] for p in prompts]
 
     def sleep(self):
         self.log("sleep")
@@ -193,3 +194,22 @@ def test_a_killed_one_step_off_run_resumes_without_losing_or_repeating_prompts(m
     assert done == [p for _, p in straight.policy.trained]  # each prompt trained once, in order
     assert sorted(resumed.generator.sampled_with) == list(range(4, 10))  # the lost in-flight rounds regenerated
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_one_step_off_with_dynamic_sampling_samples_extra_rounds_with_the_weights_being_trained(megatron_world,
+                                                                                                 tmp_path):
+    from megarl.trainer.loop import prepare_run_dir, train
+
+    c = components(tmp_path / "run", Log(), 3, "rollout.max_staleness=1", "rollout.dynamic_sampling=true")
+    c.generator.all_wrong = {0, 2, 5}  # dropped groups: steps 1 and 2 each need a second round
+    prepare_run_dir(c.cfg)
+    train(c)
+    gen = c.generator.sampled_with
+    trained = c.policy.trained
+    # two kept groups per step; step 2's surplus group (7) is discarded as upstream does; none trained twice
+    assert [p for _, p in trained] == [[1, 3], [4, 6], [8, 9]]
+    # step 2: prompt 4 came from the first round (sampled in step 1, one update old), 6 from an extra round of now
+    assert [trained[1][0] - gen[u] for u in (4, 6)] == [1, 0]
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["rollout/rounds"] for r in rows] == [2, 2, 1]
+    assert [r["rollout/staleness_mean"] for r in rows] == [0, 0.5, 1]
