@@ -3,6 +3,8 @@
     for step in 1..train.steps:
         rollouts   = n samples of each prompt at the policy's rollout point      (vLLM, weights synced and
                                                                                  checked; or native Megatron)
+                     (rollout.max_staleness=1: the round submitted last step and sampled during its update;
+                      the next step's round is submitted before this step's update; docs/async.md)
         rewards    = rule rewards (+ DAPO overlong shaping; dynamic sampling drops uninformative groups)
         old, ref   = log-probs of the samples under pi_old and the reference     (ref := old for RPG)
         advantages = the configured estimator over the whole step               (TRPA levels, A*-PO V* ride along)
