@@ -146,9 +146,9 @@ def _staleness(d: dict) -> list[str]:
             "one-step-off (k = 1). Step wall seconds: between consecutive metrics lines, evaluations included.", ""] \
         + _table(["seed", "k", "step wall s (median)", "(mean)", "staleness", "queue wait s", "held-out avg@4 "
                   "at each eval", "trainer cores", "engine cores"], rows) + \
-        ["", f"k = 1 per-step speed-up (median of seeds): {s.get('speedup_k1')}; k = 0 final held-out spread over "
-             f"seeds: {s.get('k0_final_spread')}; k = 1 finals within the k = 0 range: "
-             f"{s.get('k1_final_within_k0_range')}."]
+        (["", f"k = 1 per-step speed-up (median of seeds): {s.get('speedup_k1')}; k = 0 final held-out spread over "
+              f"seeds: {s.get('k0_final_spread')}; k = 1 finals within the k = 0 range: "
+              f"{s.get('k1_final_within_k0_range')}."] if "speedup_k1" in s else [])
 
 
 FORMATS = {"logprob_kernels": _kernels, "packing": _packing, "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step,
