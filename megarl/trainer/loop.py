@@ -56,7 +56,8 @@ def train(c: Components) -> dict[str, float]:
             into.update(c.generator.sync())
 
     def submit(for_step: int, at: int, synced: dict | None = None) -> Round:
-        """A round of prompts from stream position ``at``, sampled with the weights of now (synced first)."""
+        """A round of prompts from stream position ``at``, sampled with the weights of now (synced first): they have
+        taken ``step - 1`` optimizer steps, ``step`` being the loop's current one when this is called."""
         if synced is not None:
             sync(synced)
         return submit_round(c.generator, c.source, at, step - 1, step=for_step, n=cfg.rollout.group_size,
