@@ -1,6 +1,6 @@
 """nemo-run recipes (recipes/run.py): every recipe's preset validates at its GPU count; the dry-run prints the exact
 torchrun command (local) and sbatch script (Slurm); the CPU smoke recipe really trains on 2 ranks through
-nemo-run's local torchrun executor."""
+nemo-run's local torchrun executor (`-m slow`)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ def test_dryrun_prints_the_exact_local_and_slurm_commands(tmp_path):
     assert bad.returncode == 2 and "needs --account" in bad.stderr
 
 
+@pytest.mark.slow  # the exact commands of every recipe are checked by the dry-run test in the default run
 def test_cpu_smoke_recipe_trains_on_two_ranks(tmp_path):
     from megarl.metrics import read_metrics
 

@@ -26,9 +26,11 @@ LAYOUTS = {  # id: (overrides of the 2-rank run, loss); every other family at TP
     "dp2-grpo": ([], "grpo"),
     "dp2-distopt-grpo": (["optim.distributed=true"], "grpo"),  # optimizer state sharded over DP
 }
+SLOW_LAYOUTS = ("dp2-grpo",)  # DP2 runs in the default suite with the distributed optimizer
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_LAYOUTS else k
+                                    for k in sorted(LAYOUTS)])
 def test_trainer_matches_tp1(megatron_world, tmp_path, data_dir, layout):
     overrides, loss = LAYOUTS[layout]
     common = [f"data.train_files={data_dir / 'train.parquet'}", f"algo.loss={loss}"]
@@ -43,10 +45,10 @@ def test_trainer_matches_tp1(megatron_world, tmp_path, data_dir, layout):
         assert math.isclose(a["loss/total"], b["loss/total"], rel_tol=1e-4, abs_tol=1e-6)
 
 
-# in the default run, the families whose code paths differ most (pair-wise TRPA with whole groups, V* from a file,
-# a per-step token selection over the whole batch); GRPO runs at every layout above; the others with -m slow
-# (the losses are pure per-token functions of gathered log-probs, which the TP=2 runs above already check)
-AT_TP2 = ("trpa", "astar_po", "kl_cov")
+# in the default run, the families whose code paths differ most (pair-wise TRPA with whole groups, V* from a file);
+# GRPO runs at every layout above; the others with -m slow (the losses are pure per-token functions of gathered
+# log-probs, which the TP=2 runs above already check; KL-Cov's token selection is over data-parallel ranks, not TP)
+AT_TP2 = ("trpa", "astar_po")
 
 
 @pytest.mark.parametrize("family", [f if f in AT_TP2 else pytest.param(f, marks=pytest.mark.slow)
@@ -86,6 +88,7 @@ def test_vstar_under_data_parallel_matches_one_rank(megatron_world, tmp_path, da
     assert [r["extra_info"] for r in two] == [r["extra_info"] for r in read_rows(one)]
 
 
+@pytest.mark.slow  # the default run resumes a CP=2 run's sharded optimizer in one process (test_context_parallel)
 def test_distributed_optimizer_state_resumes_at_another_layout(megatron_world, tmp_path, data_dir):
     """Step 1 at DP=2 with the optimizer state sharded over the two ranks, steps 2-3 resumed in one process: the
     metrics equal an uninterrupted one-process run (step 3 sees the step-2 update, made with the restored Adam
