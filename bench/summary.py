@@ -151,8 +151,18 @@ def _staleness(d: dict) -> list[str]:
               f"{s.get('k1_final_within_k0_range')}."] if "speedup_k1" in s else [])
 
 
-FORMATS = {"logprob_kernels": _kernels, "packing": _packing, "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step,
-           "convert_memory": _convert, "demo_all": _demo_all,
+def _context_parallel(d: dict) -> list[str]:
+    rows = [[r["cp"], r["tokens"], _error_cell(r)] + [""] * 6 if "error" in r else
+            [r["cp"], r["tokens"], r["layers"], r["recompute"], r["update_s"], r.get("update_time_vs_cp1"),
+             r["peak_memory_gib_per_rank"], r.get("memory_vs_cp1"), r.get("loss_diff_vs_cp1")] for r in d["rows"]]
+    return ["One policy update on one long sequence at each context-parallel size, in one run (`bench/context_parallel.py`)."
+            " Peak memory: the largest rank's (CPU: peak RSS, the process's whole footprint).", ""] + _table(
+        ["cp", "tokens", "layers", "recompute", "update s", "vs cp=1", "peak GiB per rank", "vs cp=1",
+         "loss |diff| vs cp=1"], rows)
+
+
+FORMATS = {"logprob_kernels": _kernels, "context_parallel": _context_parallel, "packing": _packing,
+           "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step, "convert_memory": _convert, "demo_all": _demo_all,
            "rpg_variants": _rpg_variants, "staleness": _staleness}
 
 

@@ -46,6 +46,12 @@ class ModelSection:
 class ParallelSection:
     tp: int = 1  # tensor-parallel size; must divide the attention heads and KV groups
     pp: int = 1  # pipeline-parallel size; must divide the layers
+    cp: int = 1  # context-parallel size: each sequence split over cp ranks (docs/context_parallel.md)
+
+    def dims(self):
+        """The layout's one owner (megarl/parallel.py) for these degrees."""
+        from megarl.parallel import ParallelDims
+        return ParallelDims(self.tp, self.pp, self.cp)
 
 
 @frozen
@@ -215,13 +221,14 @@ class RunConfig:
                 if key in MINIMA and value < MINIMA[key]:
                     raise ValueError(f"{key}={value} must be >= {MINIMA[key]}.")
         resolve(self)  # the loss, its estimator, reference and group size (megarl/algo.py): named errors
-        from megarl.parallel import ParallelDims
-
-        dp = ParallelDims(self.parallel.tp, self.parallel.pp).check(world_size).dp(world_size)
+        dp = self.parallel.dims().check(world_size).dp(world_size)
         if self.train.prompts_per_step % (dp * self.train.minibatches_per_step):
             raise ValueError(f"train.prompts_per_step ({self.train.prompts_per_step}) must be divisible by "
                              f"data-parallel size ({dp}) x train.minibatches_per_step "
                              f"({self.train.minibatches_per_step}) = {dp * self.train.minibatches_per_step}.")
+        if self.parallel.cp > 1 and self.train.packing:
+            raise ValueError(f"train.packing=true with parallel.cp={self.parallel.cp}: packed sequences under context "
+                             f"parallelism are not built yet; set train.packing=false or parallel.cp=1.")
         if self.optim.name == "schedulefree" and self.optim.distributed:
             raise ValueError("optim.name=schedulefree swaps the model weights between its two points, which the "
                              "distributed optimizer's sharded copies cannot follow; set optim.distributed=false.")

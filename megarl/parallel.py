@@ -2,8 +2,12 @@
 check of both against the world size and the model. Pure (no Megatron): the config, the converter and the
 Megatron backend all ask this class.
 
-    world = dp x pp x tp          (Megatron's rank order tp-cp-ep-dp-pp; cp and ep are reserved: 1 until the
-                                   context- and expert-parallel work lands)
+    world = dp x pp x cp x tp     (Megatron's rank order tp-cp-ep-dp-pp; ep is reserved: 1 until the
+                                   expert-parallel work lands)
+
+Context parallelism (``cp``) splits every sequence over ``cp`` ranks that hold the same weights and the same
+prompts (docs/context_parallel.md); they are not data-parallel replicas: ``dp_group`` leaves them out, gradients
+are summed over data x context ranks by Megatron DDP.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelDims:
-    """Tensor, pipeline (and reserved context, expert) parallel degrees; data parallelism is what the world has
+    """Tensor, pipeline, context (and reserved expert) parallel degrees; data parallelism is what the world has
     left: ``dp(world_size) = world_size / (tp * pp * cp)``."""
 
     tp: int = 1
     pp: int = 1
-    cp: int = 1  # reserved: context parallelism
+    cp: int = 1  # context parallelism: each sequence split over cp ranks (load-balanced chunks)
     ep: int = 1  # reserved: expert parallelism (inside the data-parallel ranks, as Megatron lays it out)
 
     @property
@@ -39,15 +43,15 @@ class ParallelDims:
         for key, value in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp), ("ep", self.ep)):
             if value < 1:
                 raise ValueError(f"parallel.{key}={value} must be >= 1.")
-        if self.cp != 1 or self.ep != 1:
-            raise ValueError(f"parallel cp={self.cp} / ep={self.ep}: context and expert parallelism are not "
-                             f"available yet; use 1.")
+        if self.ep != 1:
+            raise ValueError(f"parallel.ep={self.ep}: expert parallelism is not available yet; use 1.")
         if arch is not None:
             self._check_model(arch)
         if world_size is not None and world_size % self.model_parallel:
-            raise ValueError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
-                             f"{self.model_parallel}; launch a multiple of {self.model_parallel} processes or "
-                             f"change parallel.tp / parallel.pp.")
+            raise ValueError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp "
+                             f"= {self.tp} x {self.pp} x {self.cp} = {self.model_parallel}; launch a multiple of "
+                             f"{self.model_parallel} processes or choose tp x pp x cp among the layouts that fit "
+                             f"{world_size}: {_listed(layouts(world_size))}.")
         return self
 
     def _check_model(self, arch: ModelArch) -> None:
@@ -65,6 +69,17 @@ class ParallelDims:
                              f"{', '.join(map(str, valid))}.")
 
 
+def layouts(world_size: int) -> list[str]:
+    """Every tp x pp x cp that divides ``world_size`` (the model's own limits aside), e.g. for an error message."""
+    divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+    return [f"tp={t} pp={p} cp={c}" for t in divisors for p in divisors for c in divisors
+            if world_size % (t * p * c) == 0]
+
+
+def _listed(items: list[str], most: int = 16) -> str:
+    return ", ".join(items) if len(items) <= most else ", ".join(items[:most]) + f" (and {len(items) - most} more)"
+
+
 @dataclasses.dataclass(frozen=True)
 class RankLayout:
     """This rank's place in the layout, and the process groups the trainer reduces over. The backend that makes the
@@ -72,11 +87,19 @@ class RankLayout:
     reads its groups from here and never from the backend.
 
     - ``dp_group``: the ranks that hold different prompts. Step-level statistics (advantages, whitening, token
-      selection), the global normalisers and every logged count or metric are reduced over it.
-    - ``model_group``: the ranks of one model replica (tp x pp); weight syncs into a rollout engine run over it."""
+      selection), the global normalisers and every logged count or metric are reduced over it. Context-parallel
+      ranks are not in it: they hold the same prompts, each a part of every sequence.
+    - ``model_group``: the ranks of one model replica (tp x pp); weight syncs into a rollout engine run over it.
+    - ``cp_rank``: this rank's place in its context-parallel group (0 when cp = 1); per-replica results are
+      counted once, from cp_rank 0."""
 
     dims: ParallelDims
     dp_rank: int
     dp_size: int
     dp_group: Any
     model_group: Any
+    cp_rank: int = 0
+
+    def describe(self) -> str:
+        d = self.dims
+        return f"layout: tp={d.tp} pp={d.pp} cp={d.cp} dp={self.dp_size}"

@@ -9,14 +9,14 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
     """Train (or resume) the run of ``cfg`` on every rank of this launch; returns the last step's metrics."""
     import torch.distributed as dist
 
-    from megarl.backends.megatron.parallel import ParallelDims, model_parallel
+    from megarl.backends.megatron.parallel import model_parallel
     from megarl.distributed import distributed
     from megarl.trainer.build import build
     from megarl.trainer.loop import prepare_run_dir, train
 
     with distributed() as info:
         cfg.validate(info.world_size)
-        with model_parallel(ParallelDims(cfg.parallel.tp, cfg.parallel.pp), seed=cfg.run.seed) as layout:
+        with model_parallel(cfg.parallel.dims(), seed=cfg.run.seed) as layout:
             prepare_run_dir(cfg)
             components = build(cfg, layout)
             try:
@@ -32,13 +32,13 @@ def run_vstar(cfg: RunConfig, out_dir: str | None = None, **options) -> list[str
     to ``out_dir`` (default run.dir/vstar, where ``megarl train`` with the same config finds it). Returns the
     written files. ``options`` go to ``vstar.estimate_file`` (``chunk``, ``stop_after_chunks``)."""
     from megarl.backends.megatron.generator import MegatronGenerator
-    from megarl.backends.megatron.parallel import ParallelDims, model_parallel
+    from megarl.backends.megatron.parallel import model_parallel
     from megarl.distributed import distributed
     from megarl.trainer.build import initial_model, reward_executor, train_files, vstar_files
 
     with distributed() as info:
         cfg.validate(info.world_size)
-        with model_parallel(ParallelDims(cfg.parallel.tp, cfg.parallel.pp), seed=cfg.run.seed) as layout:
+        with model_parallel(cfg.parallel.dims(), seed=cfg.run.seed) as layout:
             _, arch, tokenizer, model = initial_model(cfg)
             with reward_executor(cfg) as executor:
                 return vstar_files(cfg, train_files(cfg), MegatronGenerator(model, arch), tokenizer, arch, executor,

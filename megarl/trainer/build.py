@@ -187,7 +187,7 @@ def build(cfg: RunConfig, layout: RankLayout) -> Components:
                             kernel_impl=cfg.kernels.impl, source_dir=model_dir, packing=cfg.train.packing)
     algo = resolve(cfg)
     if dist.get_rank() == 0:
-        print("\n".join([algo.describe(), *algo.notes]), flush=True)
+        print("\n".join([layout.describe(), algo.describe(), *algo.notes]), flush=True)
     kind, reference = algo.reference, None
     if kind == "fixed":
         ref_model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False)

@@ -26,7 +26,8 @@ def data_dir(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data"))
 
 
-LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]), "dp2": (2, [])}
+LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]), "dp2": (2, []),
+           "cp2": (2, ["parallel.cp=2", "train.packing=false"])}
 
 
 def train(tmp_path, name, model, data_dir):
@@ -55,12 +56,12 @@ def check_synced(metrics, model):
         assert m["optim/grad_norm"] > 0
 
 
-# PP=2 and DP=2 are `slow`: the weight sync's PP and DP paths are also covered by the fleet and trainer tests
-@pytest.mark.parametrize("name", ["tp2", pytest.param("pp2", marks=pytest.mark.slow),
-                                  pytest.param("dp2", marks=pytest.mark.slow)])
+# PP=2, DP=2 and CP=2 are `slow`: the weight sync's PP and DP paths are also covered by the fleet and trainer tests
+@pytest.mark.parametrize("name", ["tp2"] + [pytest.param(n, marks=pytest.mark.slow) for n in ("pp2", "dp2", "cp2")])
 def test_synced_engine_agrees_with_megatron_at_layout(tmp_path, vllm_model, data_dir, tp1_run, name):
-    """TP=2 (one vLLM engine over both ranks), PP=2 (an engine per stage, each with the whole model) and DP=2
-    (an engine per replica, different prompts) log the TP=1 run's metrics."""
+    """TP=2 (one vLLM engine over both ranks), PP=2 (an engine per stage, each with the whole model), DP=2
+    (an engine per replica, different prompts) and CP=2 (an engine per context-parallel rank, the same prompts and
+    seeds, so the same samples; the probe runs the context-parallel forward) log the TP=1 run's metrics."""
     check_synced(tp1_run, vllm_model)
     run = train(tmp_path, name, vllm_model, data_dir)
     check_synced(run, vllm_model)
@@ -68,7 +69,8 @@ def test_synced_engine_agrees_with_megatron_at_layout(tmp_path, vllm_model, data
         assert {k for k in a if not k.startswith(TIMING)} == {k for k in b if not k.startswith(TIMING)}
         # loss/* diagnostics besides loss/total are per-replica means (as in tests/parallel/test_trainer_parallel)
         # batch/*: each data-parallel rank packs its own samples
-        skip = TIMING + ("sync/seconds",) + (("loss/", "batch/") if name == "dp2" else ())
+        skip = TIMING + ("sync/seconds",) + (("loss/", "batch/") if name == "dp2" else ("batch/",) if name == "cp2"
+                                              else ())
         for k in a:
             if not k.startswith(skip) or k == "loss/total":
                 assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-4), (name, a["step"], k, a[k], b[k])

@@ -23,6 +23,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarl.backends.megatron import context_parallel as cp
 from megarl.backends.megatron.model import unwrap
 from megarl.kernels import token_logprobs_entropy
 
@@ -42,6 +43,10 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
     Returns, on the last pipeline stage, one entry per micro-batch: the metrics dict (training) or the
     collected data (forward_only). Other stages get an empty list. Gradients accumulate in ``param.grad``
     (or the DDP buffers).
+
+    At parallel.cp > 1 each rank runs its part of every sequence (padded to a multiple of 2 cp,
+    ``context_parallel.shard``): ``post`` gets this rank's [b, S/cp, ...] output and maps positions with
+    ``context_parallel.pick_local``. Under ``context_parallel.whole_sequences`` (generation) nothing is sharded.
     """
     if not micro_batches:
         return []
@@ -51,11 +56,17 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
             raise ValueError(f"micro-batches must share one shape for the pipeline, got {(b, s)} and "
                              f"{tuple(mb['input_ids'].shape)}; pad them to a common length.")
 
+    split = unwrap(model).config.context_parallel_size  # 1 under whole_sequences
+    seq_length = cp.padded_length(s, split) if split > 1 else s * cp.cp_size()  # Megatron divides it by cp
+
     def step(data_iterator: Iterable, mdl: torch.nn.Module):
         mb = next(data_iterator)
         ids = mb["input_ids"]
-        logits = mdl(ids, mb.get("position_ids", position_ids_for(ids)), attention_mask=None,
-                     **mb.get("model_kwargs", {}))
+        pos = mb.get("position_ids", position_ids_for(ids))
+        if split > 1:  # padding goes at the end: under the causal mask no real token sees it
+            pad = cp.padded_length(s, split) - s
+            ids, pos = (cp.shard(torch.nn.functional.pad(t, (0, pad))) for t in (ids, pos))
+        logits = mdl(ids, pos, attention_mask=None, **mb.get("model_kwargs", {}))
 
         def loss_func(output: torch.Tensor):
             if forward_only:
@@ -67,7 +78,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
 
     out = get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(micro_batches), model=[model],
-        num_microbatches=len(micro_batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+        num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=b, forward_only=forward_only)
     if not parallel_state.is_pipeline_last_stage():
         return []
     return [o["data"] for o in out] if forward_only else list(out)

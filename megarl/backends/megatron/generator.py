@@ -6,7 +6,9 @@ pass per step. Each prompt's samples are drawn from its own seeded generator, so
 ``forward_backward(forward_only=True)`` entry point as training, so pipeline stages exchange activations as usual
 and each stage caches its own layers. The last stage samples from the full-vocabulary logits (gathered over TP)
 and broadcasts the tokens to the other stages; every TP rank draws from the same seeded generator, so all ranks
-agree on every token.
+agree on every token. At context parallelism (cp > 1) every rank of a context-parallel group runs the whole
+sequences (megatron-core's KV-cache inference has no CP) and draws the same tokens: correct, cp times the work;
+vLLM is the sampler at scale.
 
 Because it runs the policy's own modules, its weights are always the trainer's: ``load_weights`` exists for a
 separate inference copy and checks every tensor through the conversion key map.
@@ -21,7 +23,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megarl.backends.megatron.context_parallel import whole_sequences
 from megarl.backends.megatron.forward import forward_backward
+from megarl.backends.megatron.model import unwrap
 from megarl.backends.megatron.weights import load_hf_weights
 from megarl.backends.protocols import Completion, GeneratesNow, SamplingParams
 from megarl.convert.arch import ModelArch
@@ -75,7 +79,9 @@ class MegatronGenerator(GeneratesNow):
             for start in range(0, len(idx), per_batch):
                 chunk = idx[start: start + per_batch]
                 gens = [torch.Generator().manual_seed(seeds[i]) for i in chunk]
-                for i, out in zip(chunk, self._generate_batch([prompts[i] for i in chunk], n, sampling, gens)):
+                with whole_sequences(unwrap(self.model)):  # at cp > 1 every rank of the group samples the same
+                    batch = self._generate_batch([prompts[i] for i in chunk], n, sampling, gens)
+                for i, out in zip(chunk, batch):
                     results[i] = out
         return results
 

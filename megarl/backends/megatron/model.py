@@ -16,7 +16,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
-from megarl.backends.megatron.packing import with_packed_local_attention
+from megarl.backends.megatron.context_parallel import ContextParallelAttention
 from megarl.backends.megatron.cpu_compat import enable_cpu_compat
 from megarl.convert.arch import ModelArch, check_parallel
 from megarl.kernels import te_available
@@ -53,6 +53,7 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         # fusions need apex/TE kernels; they are pure speed, never semantics
         use_cpu_initialization=not on_gpu, bias_activation_fusion=False, bias_dropout_fusion=False,
@@ -88,8 +89,10 @@ def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_sp
                              "install megarl[gpu] on a CUDA machine or set model.layer_spec=local.")
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     elif spec_name == "local":
-        spec = with_packed_local_attention(get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm,
-                                                                    normalization="RMSNorm"))
+        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+        # megatron-core's local core attention takes neither packed sequences nor cp > 1; this subclass does both
+        # (context_parallel.py, packing.py) and is the stock one otherwise
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
     else:
         raise ValueError(f"model.layer_spec='{spec_name}' is unknown; use 'local' or 'transformer_engine'.")
     config = transformer_config(arch, dtype, init_weights, recompute)

@@ -4,7 +4,8 @@ format (``cu_seqlens`` of the samples laid back to back, ``megarl/rollout/packin
 - With Transformer Engine, TEDotProductAttention takes THD natively (variable-length flash/fused attention), as
   megatron-core intends.
 - With the local layer spec (CPU, or a GPU without TE) megatron-core's DotProductAttention refuses packed input;
-  ``PackedDotProductAttention`` is plugged in as the spec's core attention and runs block-diagonal causal
+  ``PackedDotProductAttention`` (through its subclass ``context_parallel.ContextParallelAttention``, the local
+  spec's core attention in ``model.py``) runs block-diagonal causal
   attention from ``cu_seqlens``: a token sees the earlier tokens of its own sample only (samples of near-equal
   length batched together, ``AttentionPlan``).
 
@@ -97,8 +98,3 @@ class PackedDotProductAttention(DotProductAttention):
                                                                attention_bias) for g in plan.gathers]
         return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])[plan.inverse].unsqueeze(1)
 
-
-def with_packed_local_attention(spec):
-    """The local layer spec with ``PackedDotProductAttention`` as its core attention."""
-    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
-    return spec

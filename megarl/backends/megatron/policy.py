@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
+from megarl.backends.megatron import context_parallel as cp
 from megarl.backends.megatron.checkpoint import load_training_state, save_model, save_training_state, write_meta
 from megarl.backends.megatron.export import export_hf_weights
 from megarl.backends.megatron.generator import broadcast_from_last_stage
@@ -72,16 +73,26 @@ def response_logprobs(model: torch.nn.Module, arch: ModelArch, out: torch.Tensor
     # shorter than the longest response) would cost vocab-sized work each, and long-tailed lengths leave many
     valid = mb.mask.to(out.device) > 0
     pos = mb.resp_positions.to(out.device)[valid]  # into the flattened [b_in * s] positions (packed: b_in = 1)
+    targets = mb.resp_tokens.to(out.device)[valid]
+    held = None
+    if unwrap(model).config.context_parallel_size > 1:  # this rank holds a part of each sequence
+        held, pos = cp.pick_local(pos, mb.input_ids.shape[1])
+        targets = targets[held]
     picked = out.reshape(-1, out.shape[-1])[pos][None]  # [1, N, H or V/tp]
-    targets = mb.resp_tokens.to(out.device)[valid][None]
     if uses_hidden_states(impl):
-        lp, ent = token_logprobs(picked, targets, arch.vocab_size, temperature, "fused_linear", output_weight(model))
+        lp, ent = token_logprobs(picked, targets[None], arch.vocab_size, temperature, "fused_linear",
+                                 output_weight(model))
     else:
-        lp, ent = token_logprobs(picked, targets, arch.vocab_size, temperature, impl)
+        lp, ent = token_logprobs(picked, targets[None], arch.vocab_size, temperature, impl)
+    lp, ent = lp[0], ent[0]
+    if held is not None:  # every rank of the group: the whole micro-batch's values
+        lp, ent = cp.combine_tokens(lp, held), cp.combine_tokens(ent, held)
     grid = torch.zeros(valid.shape, dtype=lp.dtype, device=lp.device)
-    if not pos.numel():  # no response token at all: zeros that still depend on the model (a backward needs them)
+    if not lp.numel():  # no response token at all: zeros that still depend on the model (a backward needs them)
         return grid + 0.0 * out.sum(), grid + 0.0 * out.sum()
-    return grid.masked_scatter(valid, lp[0]), grid.masked_scatter(valid, ent[0])
+    if not pos.numel():  # none on this context-parallel rank: its output still takes part in the backward
+        lp, ent = lp + 0.0 * out.sum(), ent + 0.0 * out.sum()
+    return grid.masked_scatter(valid, lp), grid.masked_scatter(valid, ent)
 
 
 def _model_output(model: torch.nn.Module, impl: str):
@@ -298,9 +309,10 @@ class MegatronPolicy:
     def _reduce_metrics(self, per_mb: list[dict], ok: bool, grad_norm) -> dict[str, float]:
         """``loss/total`` summed over micro-batches and DP ranks (each micro-batch carries its share of the global
         normaliser, so the sum is the mini-batch loss); other loss metrics averaged over micro-batches. Only the
-        last stage's TP rank 0 contributes, once per data-parallel replica."""
+        last stage's TP (and CP) rank 0 contributes, once per data-parallel replica."""
         contributes = (parallel_state.is_pipeline_last_stage() and
-                       parallel_state.get_tensor_model_parallel_rank() == 0)
+                       parallel_state.get_tensor_model_parallel_rank() == 0 and
+                       parallel_state.get_context_parallel_rank() == 0)
         sums: dict[str, float] = {"_mbs": float(len(per_mb)) if contributes else 0.0}
         for m in per_mb if contributes else []:
             for k, v in m.items():

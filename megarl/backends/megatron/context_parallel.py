@@ -1,0 +1,164 @@
+"""Context parallelism (``parallel.cp``): each sequence split over the ``cp`` ranks of a context-parallel group.
+
+Layout (megatron-core's, which its RoPE slicing and Transformer Engine's CP attention both assume): a sequence
+padded to a multiple of 2 cp is cut into 2 cp equal chunks and rank r holds chunks r and 2cp-1-r, so that under
+the causal mask every rank has the same amount of attention work.
+
+- Inputs: ``shard`` cuts input ids and position ids along the sequence (``forward.forward_backward``).
+- Attention: with Transformer Engine, megatron-core's TE core attention runs CP itself. The local spec's
+  ``DotProductAttention`` refuses cp > 1 (megatron-core 0.16 asserts it), so ``ContextParallelAttention``
+  exists: it all-gathers K and V over the group (its backward sums each rank's K/V gradient back to the rank that
+  holds those tokens), restores the natural token order and runs the stock attention arithmetic with a causal mask
+  over true positions. Every rank then sees the whole sequence's K/V: memory O(S) per rank for K/V, O(S / cp) for
+  everything else; TE's ring exchange avoids even that, which is why TE is used where it is installed.
+- Per-token results: each rank computes log-probs and entropies of the response tokens it holds;
+  ``combine_tokens`` sums them over the group into every rank's full [N] vector (backward: the identity, since
+  each rank computes the same loss from the same full vector, each rank's gradient reaches exactly its own
+  tokens, and Megatron DDP sums the parameter gradients over data x context ranks). The loss and every metric are
+  thus computed from whole sequences, as at cp = 1; per-replica results are counted from cp rank 0 only.
+
+The native KV-cache generator runs whole sequences on every rank of the group (``whole_sequences``); vLLM does
+the sampling at scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megarl.backends.megatron.packing import PackedDotProductAttention
+
+
+def cp_size() -> int:
+    return parallel_state.get_context_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+
+
+def padded_length(s: int, cp: int) -> int:
+    """The sequence length padded to a multiple of 2 cp (the load-balanced layout's chunk count)."""
+    return -(-s // (2 * cp)) * (2 * cp)
+
+
+def local_positions(s: int, cp: int, rank: int) -> torch.Tensor:
+    """The positions of a padded length-``s`` sequence that context-parallel rank ``rank`` holds, in its order:
+    chunks ``rank`` and ``2cp-1-rank``."""
+    c = s // (2 * cp)
+    return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)])
+
+
+def shard(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """This rank's part of ``t`` along ``dim`` (whose length is a multiple of 2 cp)."""
+    idx = local_positions(t.shape[dim], cp_size(), parallel_state.get_context_parallel_rank()).to(t.device)
+    return t.index_select(dim, idx)
+
+
+def _natural_order(s: int, cp: int, device) -> torch.Tensor:
+    """Index into the rank-major concatenation of every rank's part that puts the tokens back in sequence order."""
+    held = torch.cat([local_positions(s, cp, r) for r in range(cp)])
+    return torch.argsort(held).to(device)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """[s/cp, ...] per rank -> [s, ...] in sequence order on every rank; backward: the sum over the ranks of the
+    full gradient, this rank's part of it (gloo has no reduce-scatter, so all-reduce then slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        cp = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(cp)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        order = _natural_order(x.shape[0] * cp, cp, x.device)
+        ctx.group, ctx.order, ctx.local = group, order, x.shape[0]
+        return torch.cat(parts)[order]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g = torch.empty_like(grad)
+        g[ctx.order] = grad  # back to the rank-major layout
+        dist.all_reduce(g, group=ctx.group)
+        r = dist.get_rank(ctx.group)
+        return g[r * ctx.local:(r + 1) * ctx.local], None
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce sum forward, identity backward (see the module docstring: every rank computes the same loss)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def pick_local(positions: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``positions`` into flattened [b, s] unpadded sequences: (the mask of those this rank holds, their index
+    into this rank's flattened [b, S/cp] output), where S = ``padded_length(s)``."""
+    cp, rank = cp_size(), parallel_state.get_context_parallel_rank()
+    S = padded_length(s, cp)
+    where = torch.full((S,), -1, dtype=torch.long, device=positions.device)
+    mine = local_positions(S, cp, rank).to(positions.device)
+    where[mine] = torch.arange(len(mine), device=positions.device)
+    row, col = positions // s, positions % s
+    local = where[col]
+    held = local >= 0
+    return held, row[held] * len(mine) + local[held]
+
+
+def combine_tokens(values: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+    """Every rank's values at the tokens it holds (``values`` [n_held], ``held`` [N] bool) -> the full [N] vector
+    on every rank of the group."""
+    full = values.new_zeros(held.shape).masked_scatter(held, values)
+    return _SumOverGroup.apply(full, parallel_state.get_context_parallel_group())
+
+
+class ContextParallelAttention(PackedDotProductAttention):
+    """The local spec's core attention at cp > 1 (see the module docstring for why it exists): K/V gathered over
+    the context-parallel group, the stock arithmetic with a causal mask by true position. At cp = 1, under
+    ``whole_sequences`` and for packed input it is ``PackedDotProductAttention``."""
+
+    def __init__(self, config, *args, **kwargs):
+        import dataclasses
+        # the parent refuses context_parallel_size > 1 at construction; its arithmetic needs no CP knowledge
+        super().__init__(dataclasses.replace(config, context_parallel_size=1), *args, **kwargs)
+        self.config = config
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        cp = self.config.context_parallel_size
+        if cp == 1:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences at parallel.cp > 1 are not built yet; set "
+                                      "train.packing=false (docs/context_parallel.md).")
+        group = parallel_state.get_context_parallel_group()
+        key, value = _GatherSequence.apply(key, group), _GatherSequence.apply(value, group)
+        s = key.shape[0]
+        q_pos = local_positions(s, cp, parallel_state.get_context_parallel_rank()).to(query.device)
+        masked = torch.arange(s, device=query.device)[None, :] > q_pos[:, None]  # [sq, sk]: True = not seen
+        return super(PackedDotProductAttention, self).forward(query, key, value, masked[None, None],
+                                                              attn_mask_type, attention_bias)
+
+
+@contextlib.contextmanager
+def whole_sequences(gpt: torch.nn.Module):
+    """Inside, the GPTModel ``gpt`` runs whole, unsharded sequences on every context-parallel rank (the native KV-cache
+    generator: megatron-core's inference path has no CP). RoPE stops slicing per rank; attention is plain."""
+    config, rope = gpt.config, gpt.rotary_pos_emb  # megarl's models all use RoPE (model.py)
+    cp, group = config.context_parallel_size, rope.cp_group
+    if cp == 1:
+        yield
+        return
+    type(rope).forward.cache_clear()  # RoPE tables are cached by length only: drop the per-rank slices
+    config.context_parallel_size, rope.cp_group = 1, None  # one TransformerConfig is shared by the model's modules
+    try:
+        yield
+    finally:
+        type(rope).forward.cache_clear()
+        config.context_parallel_size, rope.cp_group = cp, group
