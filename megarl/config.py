@@ -226,9 +226,6 @@ class RunConfig:
             raise ValueError(f"train.prompts_per_step ({self.train.prompts_per_step}) must be divisible by "
                              f"data-parallel size ({dp}) x train.minibatches_per_step "
                              f"({self.train.minibatches_per_step}) = {dp * self.train.minibatches_per_step}.")
-        if self.parallel.cp > 1 and self.train.packing:
-            raise ValueError(f"train.packing=true with parallel.cp={self.parallel.cp}: packed sequences under context "
-                             f"parallelism are not built yet; set train.packing=false or parallel.cp=1.")
         if self.optim.name == "schedulefree" and self.optim.distributed:
             raise ValueError("optim.name=schedulefree swaps the model weights between its two points, which the "
                              "distributed optimizer's sharded copies cannot follow; set optim.distributed=false.")

@@ -56,16 +56,20 @@ def balanced_partition(sizes: list[int], parts: int) -> list[list[int]]:
 
 
 def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, *,
-                              whole_groups: bool = False, pad_id: int = 0) -> list[MicroBatch]:
+                              whole_groups: bool = False, pad_id: int = 0, align: int = 1) -> list[MicroBatch]:
     """Packed micro-batches (module docstring) of the rows of ``groups``: as many as first-fit decreasing needs to
     keep each within ``token_budget``, with the rows then dealt evenly by tokens over them (when that fits), all
     padded to the longest one's length. Rows of one group stay in one
     micro-batch when ``whole_groups`` (a loss that compares the responses of a prompt, e.g. TRPA's pairs);
-    otherwise rows are placed one by one, which the global normalisers make exact."""
+    otherwise rows are placed one by one, which the global normalisers make exact.
+
+    ``align``: every segment's length is a multiple of it (a sample's own padding at its end, which under the
+    causal mask none of its tokens sees): context parallelism cuts each segment into 2 cp chunks."""
     items = groups if whole_groups else [[i] for g in groups for i in g]
     if not items:
         return []
-    length = {i: len(ro.prompt_ids[i]) + len(ro.response_ids[i]) for g in items for i in g}
+    real = {i: len(ro.prompt_ids[i]) + len(ro.response_ids[i]) for g in items for i in g}
+    length = {i: -(-n // align) * align for i, n in real.items()}
     sizes = [sum(length[i] for i in it) for it in items]
     bins = first_fit_decreasing(sizes, token_budget)
     # as many micro-batches as first-fit needs, but with near-equal token counts: they are all padded to the
@@ -86,8 +90,8 @@ def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budge
         cu, at = [0], 0
         for r, i in enumerate(rows):
             p, y = ro.prompt_ids[i], ro.response_ids[i]
-            n = len(p) + len(y)
-            ids[0, at:at + n] = torch.tensor(p + y)
+            n = length[i]
+            ids[0, at:at + real[i]] = torch.tensor(p + y)
             position_ids[0, at:at + n] = torch.arange(n)
             pos[r, :] = at + len(p) - 1  # padding columns read a valid position; the mask zeroes them
             pos[r, :len(y)] += torch.arange(len(y))
@@ -103,13 +107,14 @@ def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budge
             cu.append(at)
         bounds = torch.tensor(cu, dtype=torch.int32)
         out.append(MicroBatch(rows, ids, pos, tok, mask, position_ids=position_ids, cu_seqlens=bounds,
-                              max_seqlen=int((bounds[1:] - bounds[:-1]).max()), tokens=int(bounds[len(rows)])))
+                              max_seqlen=int((bounds[1:] - bounds[:-1]).max()), tokens=sum(real[i] for i in rows)))
     return out
 
 
 def micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, *, packing: bool,
-                  whole_groups: bool = False) -> list[MicroBatch]:
-    """The micro-batches of one pass: packed (``train.packing``) or right-padded whole groups (rollout/batch.py)."""
+                  whole_groups: bool = False, align: int = 1) -> list[MicroBatch]:
+    """The micro-batches of one pass: packed (``train.packing``, segments a multiple of ``align`` long) or
+    right-padded whole groups (rollout/batch.py)."""
     if packing:
-        return make_packed_micro_batches(ro, groups, token_budget, whole_groups=whole_groups)
+        return make_packed_micro_batches(ro, groups, token_budget, whole_groups=whole_groups, align=align)
     return make_micro_batches(ro, groups, token_budget)

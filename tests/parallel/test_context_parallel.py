@@ -1,7 +1,8 @@
 """Context parallelism on CPU under torchrun (gloo), against HF transformers and against the CP=1 run.
 
 Each worker (worker_cp.py) checks every tiny family's response log-probs, entropies and gradients against HF
-(each sample alone) at its layout; this test then checks the layouts against CP=1: log-probs within 1e-5,
+(each sample alone) at its layout, right-padded and packed; this test then checks the layouts against CP=1:
+log-probs within 1e-5,
 gradients within the TP tolerance, greedy samples identical. `megarl train` at CP=2 logs the one-process run's
 metrics, with the distributed optimizer sharded over the two context-parallel ranks, and resumes exactly from its
 checkpoint.
@@ -23,10 +24,11 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen2_untied", "qwen3")
 
 
 def load(out_dir, family):
-    merged = {"grads": {}}
+    merged = {"grads": {}, "grads packed": {}}
     for f in sorted(glob.glob(f"{out_dir}/{family}_stage*.pt")):
         r = torch.load(f)
-        merged["grads"].update(r.pop("grads"))
+        for k in ("grads", "grads packed"):
+            merged[k].update(r.pop(k))
         merged.update(r)  # log-probs and samples: every stage holds them
     return merged
 
@@ -50,12 +52,15 @@ def test_layout_matches_cp1_and_hf(reference, tmp_path, tp, cp, pp):
     for family in FAMILIES:
         want, got = load(reference, family), load(tmp_path, family)
         assert got["greedy"] == want["greedy"], family
-        for impl in ("auto", "torch"):
-            torch.testing.assert_close(got[f"logprobs_{impl}"], want[f"logprobs_{impl}"], rtol=0, atol=1e-5)
-        assert set(got["grads"]) == set(want["grads"])
-        for name, g in want["grads"].items():
-            torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=5e-7,
-                                       msg=lambda m: f"{family} {name}: {m}")
+        paths = [k for k in want if k.startswith("logprobs")]
+        assert len(paths) == 4 and set(paths) <= set(got)  # fused / logits, padded / packed
+        for k in paths:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=lambda m: f"{family} {k}: {m}")
+        for k in ("grads", "grads packed"):
+            assert set(got[k]) == set(want[k])
+            for name, g in want[k].items():
+                torch.testing.assert_close(got[k][name], g, rtol=1e-5, atol=5e-7,
+                                           msg=lambda m: f"{family} {k} {name}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +72,13 @@ def test_training_at_cp2_matches_one_rank_and_resumes(megatron_world, tmp_path, 
     """Step 1 at CP=2, with the distributed optimizer sharding its state over the two context-parallel ranks, logs
     the one-process run's metrics; steps 2-3 resumed from its checkpoint in one process equal the uninterrupted
     run (step 3 sees the step-2 update, made with the restored Adam moments)."""
-    common = [f"data.train_files={data_dir / 'train.parquet'}", "optim.distributed=true", "train.packing=false"]
+    common = [f"data.train_files={data_dir / 'train.parquet'}", "optim.distributed=true"]  # packed (the default)
     reference = run(tmp_path / "one", data_dir, *common[1:], "train.steps=3")
     log = torchrun("megarl.cli", 2, "train", *BASE, f"run.dir={tmp_path / 'cp2'}", *common, "parallel.cp=2",
                    "train.steps=1", timeout=900)
     assert "layout: tp=1 pp=1 cp=2 dp=1" in log
     assert [m["step"] for m in read_metrics(tmp_path / "cp2" / "metrics.jsonl")] == [1]
     resumed = run(tmp_path / "cp2", data_dir, *common[1:], "train.steps=3")
-    same_metrics(reference, resumed, tol=1e-4)
+    # batch/*: each packed segment is padded to a multiple of 2 cp at CP=2
+    same_metrics(reference[:1], resumed[:1], tol=1e-4, skip=("batch/",))
+    same_metrics(reference[1:], resumed[1:], tol=1e-4)

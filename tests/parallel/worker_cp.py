@@ -2,9 +2,9 @@
 HF transformers (each sample run alone, the independent reference):
 
 - response log-probs and entropies of a batch of uneven samples (``rollout_logprobs``, both the fused output
-  layer and the logits -> kernel path), on every rank;
+  layer and the logits -> kernel path, right-padded and packed), on every rank;
 - the gradient of L = -(sum of response log-probs) / N through Megatron DDP + ``finalize_model_grads`` (which sums
-  the context-parallel ranks' partial gradients), exported through the conversion key map;
+  the context-parallel ranks' partial gradients), right-padded and packed, exported through the conversion key map;
 - greedy samples of the native generator (whole sequences on every context-parallel rank).
 
 Results are saved for the cross-layout comparison in tests/parallel/test_context_parallel.py.
@@ -15,6 +15,7 @@ Results are saved for the cross-layout comparison in tests/parallel/test_context
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 
 import torch
@@ -70,35 +71,42 @@ def main() -> None:
             model = build_model(arch)
             load_hf_weights(model, arch, hf.state_dict().__getitem__)
             result = {}
-            for impl in ("auto", "torch"):  # hidden states -> fused output layer; logits -> kernel
-                lp, ent = rollout_logprobs(model, arch, ro, BUDGET, 1.0, impl, packing=False)
+            for impl, packing in itertools.product(("auto", "torch"), (False, True)):
+                # hidden states -> fused output layer, or logits -> kernel; right-padded rows, or packed segments
+                lp, ent = rollout_logprobs(model, arch, ro, BUDGET, 1.0, impl, packing=packing)
+                name = f"{impl}{' packed' if packing else ''}"
                 for r, (want, want_ent) in enumerate(zip(ref_lp, ref_ent)):
                     n = len(want)
-                    assert (lp[r, :n].double() - want).abs().max() < 1e-5, f"{family} {impl}: log-probs vs HF"
-                    assert (ent[r, :n].double() - want_ent).abs().max() < 1e-5, f"{family} {impl}: entropy vs HF"
-                result[f"logprobs_{impl}"] = lp
+                    assert (lp[r, :n].double() - want).abs().max() < 1e-5, f"{family} {name}: log-probs vs HF"
+                    assert (ent[r, :n].double() - want_ent).abs().max() < 1e-5, f"{family} {name}: entropy vs HF"
+                result[f"logprobs {name}"] = lp
             greedy = SamplingParams(max_tokens=6, temperature=0.0)
             done = MegatronGenerator(model, arch).generate([p for p in ro.prompt_ids[:3]], 2, greedy)
             result["greedy"] = [c.token_ids for out in done for c in out]
 
             ddp = DistributedDataParallel(transformer_config(arch), DistributedDataParallelConfig(), model)
-            mbs = micro_batches(ro, [[i] for i in range(len(ro))], BUDGET, packing=False)
 
             def loss(out, d, ddp=ddp):
                 lp, _ = response_logprobs(ddp, arch, out, d["mb"], 1.0, "auto")
                 return -(lp * d["mb"].mask.to(lp.device)).sum() / n_tok, {}
 
             ddp.train()
-            ddp.zero_grad_buffer()
-            with hidden_states_out(ddp):
-                forward_backward(ddp, [_mb_inputs(mb) for mb in mbs], loss, forward_only=False)
-            finalize_model_grads([ddp])
-            for p in unwrap(model).parameters():
-                p.data = p.main_grad.detach().clone()  # export grads through the same key map as weights
-            result["grads"] = dict(export_stage_hf(model, arch))
-            for name, g in result["grads"].items():
-                torch.testing.assert_close(g, hf_grads[name], rtol=1e-4, atol=2e-6,
-                                           msg=lambda m: f"{family} {name} ({layout}): {m}")
+            grads = {}
+            for packing in (False, True):
+                mbs = micro_batches(ro, [[i] for i in range(len(ro))], BUDGET, packing=packing, align=2 * args.cp)
+                ddp.zero_grad_buffer()
+                with hidden_states_out(ddp):
+                    forward_backward(ddp, [_mb_inputs(mb) for mb in mbs], loss, forward_only=False)
+                finalize_model_grads([ddp])
+                grads[packing] = [p.main_grad.detach().clone() for p in unwrap(model).parameters()]
+            for packing, gs in grads.items():
+                for p, g in zip(unwrap(model).parameters(), gs):
+                    p.data = g  # export grads through the same key map as weights
+                exported = dict(export_stage_hf(model, arch))
+                for name, g in exported.items():
+                    torch.testing.assert_close(g, hf_grads[name], rtol=1e-4, atol=2e-6,
+                                               msg=lambda m: f"{family} {name} ({layout}, packed={packing}): {m}")
+                result["grads" if not packing else "grads packed"] = exported
             print(f"[{layout}] {family}: log-probs, entropies and gradients match HF", flush=True)
             if ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
                 torch.save(result, os.path.join(args.out, f"{family}_stage{ps.get_pipeline_model_parallel_rank()}.pt"))

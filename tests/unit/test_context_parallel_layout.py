@@ -29,3 +29,30 @@ def test_natural_order_undoes_the_rank_major_concatenation(cp):
     tokens = torch.arange(s) * 10
     gathered = torch.cat([tokens[local_positions(s, cp, r)] for r in range(cp)])  # what all_gather returns
     assert torch.equal(gathered[_natural_order(s, cp, "cpu")], tokens)
+
+
+def test_packed_segments_are_aligned_and_split_segment_by_segment():
+    """With align = 2 cp every packed segment (samples and the padding tail) is a multiple of 2 cp long, each
+    sample's tokens at its segment's start; each rank holds chunks r and 2cp-1-r of every segment."""
+    from megarl.backends.megatron.context_parallel import held_positions
+    from megarl.rollout.packing import make_packed_micro_batches
+    from tests.unit.test_packed_forward import rollouts
+
+    ro, cp = rollouts(), 2
+    mbs = make_packed_micro_batches(ro, ro.groups(), 48, align=2 * cp)
+    assert sorted(r for mb in mbs for r in mb.rows) == list(range(len(ro)))
+    for mb in mbs:
+        cu = mb.cu_seqlens.tolist()
+        assert all((b - a) % (2 * cp) == 0 for a, b in zip(cu, cu[1:])) and cu[-1] == mb.input_ids.shape[1]
+        for j, i in enumerate(mb.rows):
+            sample = ro.prompt_ids[i] + ro.response_ids[i]
+            assert mb.input_ids[0, cu[j]:cu[j] + len(sample)].tolist() == sample
+        assert mb.tokens == sum(len(ro.prompt_ids[i]) + len(ro.response_ids[i]) for i in mb.rows)
+        held = [held_positions(cu[-1], cu, cp, r).tolist() for r in range(cp)]
+        assert sorted(held[0] + held[1]) == list(range(cu[-1]))
+        for a, b in zip(cu, cu[1:]):
+            c = (b - a) // (2 * cp)
+            for r in range(cp):
+                want = list(range(a + r * c, a + (r + 1) * c)) + list(range(a + (2 * cp - 1 - r) * c, a + (2 * cp - r) * c))
+                assert [p for p in held[r] if a <= p < b] == want
+    assert make_packed_micro_batches(ro, ro.groups(), 48)[0].cu_seqlens.tolist() != mbs[0].cu_seqlens.tolist()

@@ -48,15 +48,37 @@ def local_positions(s: int, cp: int, rank: int) -> torch.Tensor:
     return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)])
 
 
-def shard(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """This rank's part of ``t`` along ``dim`` (whose length is a multiple of 2 cp)."""
-    idx = local_positions(t.shape[dim], cp_size(), parallel_state.get_context_parallel_rank()).to(t.device)
-    return t.index_select(dim, idx)
+def held_positions(s: int, cu: list[int] | None, cp: int, rank: int) -> torch.Tensor:
+    """The positions rank ``rank`` holds of a sequence of ``s`` tokens (a multiple of 2 cp): chunks ``rank`` and
+    ``2cp-1-rank`` of the whole sequence, or, packed (``cu``: segment bounds, each segment a multiple of 2 cp
+    long, ``rollout/packing.py`` with ``align``), of every segment, as megatron-core's THD RoPE expects."""
+    if cu is None:
+        return local_positions(s, cp, rank)
+    return torch.cat([a + local_positions(b - a, cp, rank) for a, b in zip(cu, cu[1:]) if b > a])
 
 
-def _natural_order(s: int, cp: int, device) -> torch.Tensor:
+def _bounds(packed_seq_params) -> list[int] | None:
+    return None if packed_seq_params is None else packed_seq_params.cu_seqlens_q.tolist()
+
+
+def shard_inputs(ids: torch.Tensor, pos: torch.Tensor, packed_seq_params) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of input ids and position ids [b, s]: unpacked, padded at the end to a multiple of 2 cp
+    (under the causal mask no real token sees the padding); packed, the segments are already aligned."""
+    cp, rank, s = cp_size(), parallel_state.get_context_parallel_rank(), ids.shape[1]
+    cu = _bounds(packed_seq_params)
+    if cu is None:
+        pad = padded_length(s, cp) - s
+        ids, pos = torch.nn.functional.pad(ids, (0, pad)), torch.nn.functional.pad(pos, (0, pad))
+    elif any((b - a) % (2 * cp) for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"packed segments must be multiples of 2 cp = {2 * cp} long at context parallelism; build "
+                         f"the micro-batches with align=2*cp (rollout/packing.py).")
+    idx = held_positions(ids.shape[1], cu, cp, rank).to(ids.device)
+    return ids.index_select(1, idx), pos.index_select(1, idx)
+
+
+def _natural_order(s: int, cp: int, device, cu: list[int] | None = None) -> torch.Tensor:
     """Index into the rank-major concatenation of every rank's part that puts the tokens back in sequence order."""
-    held = torch.cat([local_positions(s, cp, r) for r in range(cp)])
+    held = torch.cat([held_positions(s, cu, cp, r) for r in range(cp)])
     return torch.argsort(held).to(device)
 
 
@@ -65,11 +87,9 @@ class _GatherSequence(torch.autograd.Function):
     full gradient, this rank's part of it (gloo has no reduce-scatter, so all-reduce then slice)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        cp = dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(cp)]
+    def forward(ctx, x: torch.Tensor, group, order: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
-        order = _natural_order(x.shape[0] * cp, cp, x.device)
         ctx.group, ctx.order, ctx.local = group, order, x.shape[0]
         return torch.cat(parts)[order]
 
@@ -79,7 +99,7 @@ class _GatherSequence(torch.autograd.Function):
         g[ctx.order] = grad  # back to the rank-major layout
         dist.all_reduce(g, group=ctx.group)
         r = dist.get_rank(ctx.group)
-        return g[r * ctx.local:(r + 1) * ctx.local], None
+        return g[r * ctx.local:(r + 1) * ctx.local], None, None
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -96,13 +116,14 @@ class _SumOverGroup(torch.autograd.Function):
         return grad, None
 
 
-def pick_local(positions: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For ``positions`` into flattened [b, s] unpadded sequences: (the mask of those this rank holds, their index
-    into this rank's flattened [b, S/cp] output), where S = ``padded_length(s)``."""
+def pick_local(positions: torch.Tensor, s: int, cu: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``positions`` into flattened [b, s] sequences (packed: b = 1 and segment bounds ``cu``): (the mask of
+    those this rank holds, their index into this rank's flattened [b, S/cp] output), where S = ``s`` padded to a
+    multiple of 2 cp (packed: ``s`` itself)."""
     cp, rank = cp_size(), parallel_state.get_context_parallel_rank()
-    S = padded_length(s, cp)
+    S = padded_length(s, cp) if cu is None else s
     where = torch.full((S,), -1, dtype=torch.long, device=positions.device)
-    mine = local_positions(S, cp, rank).to(positions.device)
+    mine = held_positions(S, cu, cp, rank).to(positions.device)
     where[mine] = torch.arange(len(mine), device=positions.device)
     row, col = positions // s, positions % s
     local = where[col]
@@ -134,16 +155,30 @@ class ContextParallelAttention(PackedDotProductAttention):
         if cp == 1:
             return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                    packed_seq_params)
-        if packed_seq_params is not None:
-            raise NotImplementedError("packed sequences at parallel.cp > 1 are not built yet; set "
-                                      "train.packing=false (docs/context_parallel.md).")
-        group = parallel_state.get_context_parallel_group()
-        key, value = _GatherSequence.apply(key, group), _GatherSequence.apply(value, group)
-        s = key.shape[0]
-        q_pos = local_positions(s, cp, parallel_state.get_context_parallel_rank()).to(query.device)
-        masked = torch.arange(s, device=query.device)[None, :] > q_pos[:, None]  # [sq, sk]: True = not seen
-        return super(PackedDotProductAttention, self).forward(query, key, value, masked[None, None],
-                                                              attn_mask_type, attention_bias)
+        group, rank = parallel_state.get_context_parallel_group(), parallel_state.get_context_parallel_rank()
+        stock = super(PackedDotProductAttention, self).forward  # megatron-core's DotProductAttention
+        if packed_seq_params is None:
+            s = key.shape[0] * cp
+            order = _natural_order(s, cp, query.device)
+            key, value = _GatherSequence.apply(key, group, order), _GatherSequence.apply(value, group, order)
+            q_pos = local_positions(s, cp, rank).to(query.device)
+            masked = torch.arange(s, device=query.device)[None, :] > q_pos[:, None]  # [sq, sk]: True = not seen
+            return stock(query, key, value, masked[None, None], attn_mask_type, attention_bias)
+        # packed ([t/cp, heads, dim]): each segment's local queries against that segment's gathered keys
+        plan = getattr(packed_seq_params, "megarl_cp_plan", None)
+        if plan is None:  # one host sync per forward, shared by every layer
+            cu = _bounds(packed_seq_params)
+            plan = packed_seq_params.megarl_cp_plan = (_natural_order(cu[-1], cp, query.device, cu), [
+                (a // cp, b // cp, a, b, local_positions(b - a, cp, rank).to(query.device))
+                for a, b in zip(cu, cu[1:]) if b > a])
+        order, segments = plan
+        key, value = _GatherSequence.apply(key, group, order), _GatherSequence.apply(value, group, order)
+        outs = []
+        for la, lb, a, b, q_off in segments:
+            masked = torch.arange(b - a, device=query.device)[None, :] > q_off[:, None]
+            outs.append(stock(query[la:lb, None], key[a:b, None], value[a:b, None], masked[None, None],
+                              attn_mask_type, attention_bias)[:, 0])
+        return torch.cat(outs).unsqueeze(1)
 
 
 @contextlib.contextmanager

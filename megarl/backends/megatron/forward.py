@@ -44,9 +44,9 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
     collected data (forward_only). Other stages get an empty list. Gradients accumulate in ``param.grad``
     (or the DDP buffers).
 
-    At parallel.cp > 1 each rank runs its part of every sequence (padded to a multiple of 2 cp,
-    ``context_parallel.shard``): ``post`` gets this rank's [b, S/cp, ...] output and maps positions with
-    ``context_parallel.pick_local``. Under ``context_parallel.whole_sequences`` (generation) nothing is sharded.
+    At parallel.cp > 1 each rank runs its part of every sequence (padded to a multiple of 2 cp, or of each packed
+    segment; ``context_parallel.shard_inputs``): ``post`` gets this rank's [b, S/cp, ...] output and maps
+    positions with ``context_parallel.pick_local``. Under ``context_parallel.whole_sequences`` (generation) nothing is sharded.
     """
     if not micro_batches:
         return []
@@ -63,9 +63,8 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
         mb = next(data_iterator)
         ids = mb["input_ids"]
         pos = mb.get("position_ids", position_ids_for(ids))
-        if split > 1:  # padding goes at the end: under the causal mask no real token sees it
-            pad = cp.padded_length(s, split) - s
-            ids, pos = (cp.shard(torch.nn.functional.pad(t, (0, pad))) for t in (ids, pos))
+        if split > 1:
+            ids, pos = cp.shard_inputs(ids, pos, mb.get("model_kwargs", {}).get("packed_seq_params"))
         logits = mdl(ids, pos, attention_mask=None, **mb.get("model_kwargs", {}))
 
         def loss_func(output: torch.Tensor):

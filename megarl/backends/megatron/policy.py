@@ -76,7 +76,8 @@ def response_logprobs(model: torch.nn.Module, arch: ModelArch, out: torch.Tensor
     targets = mb.resp_tokens.to(out.device)[valid]
     held = None
     if unwrap(model).config.context_parallel_size > 1:  # this rank holds a part of each sequence
-        held, pos = cp.pick_local(pos, mb.input_ids.shape[1])
+        held, pos = cp.pick_local(pos, mb.input_ids.shape[1],
+                                  None if mb.cu_seqlens is None else mb.cu_seqlens.tolist())
         targets = targets[held]
     picked = out.reshape(-1, out.shape[-1])[pos][None]  # [1, N, H or V/tp]
     if uses_hidden_states(impl):
@@ -108,7 +109,7 @@ def rollout_logprobs(model: torch.nn.Module, arch: ModelArch, ro: Rollouts, toke
     model.eval()
     if len(ro) == 0:  # dynamic sampling emptied this replica
         return torch.zeros(0, 1), torch.zeros(0, 1)
-    mbs = micro_batches(ro, ro.groups(), token_budget, packing=packing)
+    mbs = micro_batches(ro, ro.groups(), token_budget, packing=packing, align=2 * cp.cp_size())
     with _model_output(model, impl):
         out = forward_backward(model, [_mb_inputs(mb) for mb in mbs],
                                lambda o, d: torch.stack(response_logprobs(model, arch, o, d["mb"], temperature,
@@ -249,7 +250,8 @@ class MegatronPolicy:
         """One optimizer step on the mini-batch made of ``groups`` (row indices of ``ro``). Every rank calls it,
         also with no groups (dynamic sampling can empty a rank): its DP all-reduce is still needed."""
         self.model.train()
-        mbs = micro_batches(ro, groups, token_budget, packing=self.packing, whole_groups=loss_fn.whole_groups)
+        mbs = micro_batches(ro, groups, token_budget, packing=self.packing, whole_groups=loss_fn.whole_groups,
+                            align=2 * cp.cp_size())
         rollout_lp = ro.rollout_logprobs()
         inputs = [self._loss_input(ro, mb, mb.mask.new_zeros(mb.mask.shape), None, rollout_lp=rollout_lp)
                   for mb in mbs]
