@@ -1,11 +1,11 @@
 """Context parallelism (parallel.cp): peak memory per rank and time of one policy update on one long sequence, at
 CP=1 and CP=2 (torchrun, one process per rank), in one run.
 
-    .venv/bin/python bench/context_parallel.py                          # CPU: SmolLM2-width, 4 layers, 8k tokens
-    python bench/context_parallel.py --tokens 32768 --layers 24 --hidden 896 --cps 1 2 4    # a GPU node
+    .venv/bin/python bench/context_parallel.py               # CPU: SmolLM2-width, 4 layers, 4k and 8k tokens
+    python bench/context_parallel.py --tokens 32768 --layers 24 --hidden 896 --cps 1 2 4    # a node of 4+ GPUs
 
-The model has SmolLM2-135M's width, vocabulary and head layout with --layers layers and random weights. The row is
-one prompt of --tokens / 8 tokens and a response of the rest, trained with GRPO's loss through
+The model has SmolLM2-135M's width, vocabulary and head layout with --layers layers and random weights. A row is
+one prompt of tokens / 8 and a response of the rest, trained with GRPO's loss through
 ``MegatronPolicy.train_step`` (the trainer's own update: fused output layer, Megatron DDP, AdamW), with
 ``model.recompute`` = --recompute. Peak memory: each rank's peak RSS (CPU) or max_memory_allocated (CUDA), the
 largest over the ranks; time: the fastest of --steps updates after one warm-up. On CPU megarl's local-spec CP
@@ -84,7 +84,7 @@ def measure(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cps", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=576)
     ap.add_argument("--recompute", default="full", choices=["none", "selective", "full"])
@@ -99,19 +99,20 @@ def main() -> None:
     from results_io import run_one, write_result
 
     rows = []
-    for cp in args.cps:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cp),
-               __file__, "--cp", str(cp), "--tokens", str(args.tokens), "--layers", str(args.layers), "--hidden",
-               str(args.hidden), "--recompute", args.recompute, "--steps", str(args.steps)]
-        rows.append(run_one(cmd, {"cp": cp, "tokens": args.tokens}))
-        print(json.dumps(rows[-1]), flush=True)
-        base = next((r for r in rows if r.get("cp") == 1 and "error" not in r), None)
-        for r in rows:
-            if base and "error" not in r and r is not base:
-                r["memory_vs_cp1"] = round(r["peak_memory_gib_per_rank"] / base["peak_memory_gib_per_rank"], 3)
-                r["update_time_vs_cp1"] = round(r["update_s"] / base["update_s"], 3)
-                r["loss_diff_vs_cp1"] = abs(r["loss"] - base["loss"])
-        write_result("context_parallel", rows, sys.argv[1:], complete=False)
+    for tokens in args.tokens:
+        for cp in args.cps:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cp),
+                   __file__, "--cp", str(cp), "--tokens", str(tokens), "--layers", str(args.layers), "--hidden",
+                   str(args.hidden), "--recompute", args.recompute, "--steps", str(args.steps)]
+            rows.append(run_one(cmd, {"cp": cp, "tokens": tokens}))
+            print(json.dumps(rows[-1]), flush=True)
+            base = next((r for r in rows if r["tokens"] == tokens and r["cp"] == 1 and "error" not in r), None)
+            for r in rows:
+                if base and "error" not in r and r["tokens"] == tokens and r is not base:
+                    r["memory_vs_cp1"] = round(r["peak_memory_gib_per_rank"] / base["peak_memory_gib_per_rank"], 3)
+                    r["update_time_vs_cp1"] = round(r["update_s"] / base["update_s"], 3)
+                    r["loss_diff_vs_cp1"] = abs(r["loss"] - base["loss"])
+            write_result("context_parallel", rows, sys.argv[1:], complete=False)
     print(f"wrote {write_result('context_parallel', rows, sys.argv[1:])}")
 
 
