@@ -39,15 +39,16 @@ def measure(args) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    (tokens,) = args.tokens  # one length per process
     arch = read_arch({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
                       "hidden_size": args.hidden, "intermediate_size": args.hidden * 8 // 3,
                       "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 64,
-                      "num_key_value_heads": args.hidden // 192, "max_position_embeddings": args.tokens,
+                      "num_key_value_heads": args.hidden // 192, "max_position_embeddings": tokens,
                       "rms_norm_eps": 1e-5, "rope_theta": 1e5, "tie_word_embeddings": True})
     g = torch.Generator().manual_seed(0)
-    p = args.tokens // 8
+    p = tokens // 8
     prompt = torch.randint(0, 49152, (p,), generator=g).tolist()
-    response = torch.randint(0, 49152, (args.tokens - p,), generator=g).tolist()
+    response = torch.randint(0, 49152, (tokens - p,), generator=g).tolist()
     ro = Rollouts([prompt], [response], [[0.0] * len(response)], ["stop"], torch.tensor([0]))
     ro.rewards = torch.ones(1, dtype=torch.float64)
     ro.old_logprobs = torch.full((1, len(response)), -5.0)
@@ -64,7 +65,7 @@ def measure(args) -> dict:
                 torch.cuda.synchronize()
             dist.barrier()
             t0 = time.perf_counter()
-            metrics = policy.train_step(ro, [[0]], loss, args.tokens, 1.0)
+            metrics = policy.train_step(ro, [[0]], loss, tokens, 1.0)
             if device == "cuda":
                 torch.cuda.synchronize()
             if step:  # the first call warms up
@@ -73,7 +74,7 @@ def measure(args) -> dict:
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, mine)
-    return {"cp": args.cp, "tokens": args.tokens, "layers": args.layers, "hidden": args.hidden,
+    return {"cp": args.cp, "tokens": tokens, "layers": args.layers, "hidden": args.hidden,
             "recompute": args.recompute, "dtype": str(dtype).replace("torch.", ""),
             "update_s": round(min(times), 2), "update_s_all": [round(t, 2) for t in times],
             "peak_memory_gib_per_rank": round(max(peaks) / 2 ** 30, 2),

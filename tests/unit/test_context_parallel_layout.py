@@ -53,6 +53,6 @@ def test_packed_segments_are_aligned_and_split_segment_by_segment():
         for a, b in zip(cu, cu[1:]):
             c = (b - a) // (2 * cp)
             for r in range(cp):
-                want = list(range(a + r * c, a + (r + 1) * c)) + list(range(a + (2 * cp - 1 - r) * c, a + (2 * cp - r) * c))
+                want = [*range(a + r * c, a + (r + 1) * c), *range(a + (2 * cp - 1 - r) * c, a + (2 * cp - r) * c)]
                 assert [p for p in held[r] if a <= p < b] == want
     assert make_packed_micro_batches(ro, ro.groups(), 48)[0].cu_seqlens.tolist() != mbs[0].cu_seqlens.tolist()

@@ -4,13 +4,15 @@ Layout (megatron-core's, which its RoPE slicing and Transformer Engine's CP atte
 padded to a multiple of 2 cp is cut into 2 cp equal chunks and rank r holds chunks r and 2cp-1-r, so that under
 the causal mask every rank has the same amount of attention work.
 
-- Inputs: ``shard`` cuts input ids and position ids along the sequence (``forward.forward_backward``).
+- Inputs: ``shard_inputs`` cuts input ids and position ids along the sequence (``forward.forward_backward``);
+  packed micro-batches segment by segment (each segment aligned to 2 cp by the packer).
 - Attention: with Transformer Engine, megatron-core's TE core attention runs CP itself. The local spec's
   ``DotProductAttention`` refuses cp > 1 (megatron-core 0.16 asserts it), so ``ContextParallelAttention``
   exists: it all-gathers K and V over the group (its backward sums each rank's K/V gradient back to the rank that
   holds those tokens), restores the natural token order and runs the stock attention arithmetic with a causal mask
-  over true positions. Every rank then sees the whole sequence's K/V: memory O(S) per rank for K/V, O(S / cp) for
-  everything else; TE's ring exchange avoids even that, which is why TE is used where it is installed.
+  over true positions (packed: per segment). Every rank then sees the whole sequence's K/V: memory O(S) per rank
+  for K/V, O(S / cp) for everything else; TE's ring exchange avoids even that, which is why TE is used where it is
+  installed.
 - Per-token results: each rank computes log-probs and entropies of the response tokens it holds;
   ``combine_tokens`` sums them over the group into every rank's full [N] vector (backward: the identity, since
   each rank computes the same loss from the same full vector, each rank's gradient reaches exactly its own
@@ -24,6 +26,7 @@ the sampling at scale.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -45,7 +48,8 @@ def local_positions(s: int, cp: int, rank: int) -> torch.Tensor:
     """The positions of a padded length-``s`` sequence that context-parallel rank ``rank`` holds, in its order:
     chunks ``rank`` and ``2cp-1-rank``."""
     c = s // (2 * cp)
-    return torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)])
+    return torch.cat([torch.arange(rank * c, (rank + 1) * c),
+                      torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)])
 
 
 def held_positions(s: int, cu: list[int] | None, cp: int, rank: int) -> torch.Tensor:
@@ -140,11 +144,10 @@ def combine_tokens(values: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
 
 class ContextParallelAttention(PackedDotProductAttention):
     """The local spec's core attention at cp > 1 (see the module docstring for why it exists): K/V gathered over
-    the context-parallel group, the stock arithmetic with a causal mask by true position. At cp = 1, under
-    ``whole_sequences`` and for packed input it is ``PackedDotProductAttention``."""
+    the context-parallel group, the stock arithmetic with a causal mask by true position, packed input segment by
+    segment. At cp = 1 (and under ``whole_sequences``) it is ``PackedDotProductAttention``."""
 
     def __init__(self, config, *args, **kwargs):
-        import dataclasses
         # the parent refuses context_parallel_size > 1 at construction; its arithmetic needs no CP knowledge
         super().__init__(dataclasses.replace(config, context_parallel_size=1), *args, **kwargs)
         self.config = config
