@@ -9,6 +9,7 @@ device's measured matmul peak), with the commit and command that produced it.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -161,7 +162,19 @@ def _context_parallel(d: dict) -> list[str]:
          "loss |diff| vs cp=1"], rows)
 
 
-FORMATS = {"logprob_kernels": _kernels, "context_parallel": _context_parallel, "packing": _packing,
+def _kk_trpa_grpo(d: dict) -> list[str]:
+    rows = [[r["algo"], _error_cell(r)] + [""] * 6 if "error" in r else
+            [r["algo"], " / ".join(f"{v:.3f}" for v in r["avg_at_4"].values()),
+             f"{list(r['pass_at_4'].values())[-1]:.3f}", f"{statistics.fmean(r['reward'][:3]):.2f}",
+             f"{statistics.fmean(r['reward'][-3:]):.2f}", f"{statistics.fmean(r['cut_off'][:3]):.2f}",
+             f"{statistics.fmean(r['cut_off'][-3:]):.2f}", r["step_s_median"]] for r in d["rows"]]
+    return ["TRPA against GRPO on generated Knights-and-Knaves (2-3 people), the same data, model and budget "
+            "(`bench/kk_trpa_grpo.py`).", ""] + _table(
+        ["algo", "held-out avg@4 at each eval", "pass@4 end", "reward steps 1-3", "reward last 3",
+         "cut off 1-3", "cut off last 3", "s/step"], rows)
+
+
+FORMATS = {"logprob_kernels": _kernels, "kk_trpa_grpo": _kk_trpa_grpo, "context_parallel": _context_parallel, "packing": _packing,
            "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step, "convert_memory": _convert, "demo_all": _demo_all,
            "rpg_variants": _rpg_variants, "staleness": _staleness}
 
