@@ -27,6 +27,7 @@ def test_engine_names_and_logprobs_match_hf(result):
 def test_seeds_greedy_and_stop_ids(result):
     assert result["samples_within_group_differ"]
     assert result["prompt_alone_equals_in_batch"]
+    assert result["oversized_call_equals_prompts_alone"]  # 12 x 400 prompt tokens, more than one step's budget
     assert result["greedy_equals_hf"]
     assert result["stopped"] == [True, "stop"]
 

