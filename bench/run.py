@@ -27,9 +27,14 @@ BENCHES = {  # name: (script, default arguments, what it measures)
     "rl_step": ("rl_step.py", [], "full RL step by phase; A*-PO (n=1) vs GRPO (n=8) time and memory"),
     "demo_all": ("demo_all.py", [], "every algorithm family on the CPU demo: held-out curves, time, memory"),
     "rpg_variants": ("rpg_variants.py", [], "RPG's variants against REINFORCE++ on the CPU demo"),
+    "context_parallel": ("context_parallel.py", [], "one update on one 4k/8k-token sequence at CP1 vs CP2: memory"),
+    "fleet": ("fleet.py", [], "colocated vLLM vs a Ray fleet of one engine: sync and step seconds"),
+    "staleness": ("staleness.py", [], "the demo on the Ray fleet, synchronous vs one-step-off"),
+    "kk_trpa_grpo": ("kk_trpa_grpo.py", [], "TRPA vs GRPO on generated Knights-and-Knaves (2-3 people)"),
 }
 
-ON_REQUEST = ("demo_all", "rpg_variants")  # whole demo runs: 40-50 minutes each on 2 cores
+# whole training runs: 30-50 minutes each on 2 cores
+ON_REQUEST = ("demo_all", "rpg_variants", "fleet", "staleness", "kk_trpa_grpo")
 
 
 def main() -> None:
