@@ -48,10 +48,12 @@ class ParallelDims:
         if arch is not None:
             self._check_model(arch)
         if world_size is not None and world_size % self.model_parallel:
-            raise ValueError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp "
-                             f"= {self.tp} x {self.pp} x {self.cp} = {self.model_parallel}; launch a multiple of "
-                             f"{self.model_parallel} processes or choose tp x pp x cp among the layouts that fit "
-                             f"{world_size}: {_listed(layouts(world_size))}.")
+            keys, sizes = ("tp", "pp", "cp") if self.cp > 1 else ("tp", "pp"), (self.tp, self.pp, self.cp)
+            raise ValueError(f"world size {world_size} is not divisible by "
+                             f"{' x '.join(f'parallel.{k}' for k in keys)} = "
+                             f"{' x '.join(map(str, sizes[:len(keys)]))} = {self.model_parallel}; launch a multiple "
+                             f"of {self.model_parallel} processes or choose {' x '.join(keys)} among the layouts "
+                             f"that fit {world_size}: {_listed(layouts(world_size, len(keys)))}.")
         return self
 
     def _check_model(self, arch: ModelArch) -> None:
@@ -69,11 +71,12 @@ class ParallelDims:
                              f"{', '.join(map(str, valid))}.")
 
 
-def layouts(world_size: int) -> list[str]:
-    """Every tp x pp x cp that divides ``world_size`` (the model's own limits aside), e.g. for an error message."""
+def layouts(world_size: int, degrees: int = 3) -> list[str]:
+    """Every tp x pp (x cp, ``degrees`` = 3) that divides ``world_size`` (the model's own limits aside), e.g. for
+    an error message."""
     divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-    return [f"tp={t} pp={p} cp={c}" for t in divisors for p in divisors for c in divisors
-            if world_size % (t * p * c) == 0]
+    return [f"tp={t} pp={p}" + (f" cp={c}" if degrees == 3 else "") for t in divisors for p in divisors
+            for c in (divisors if degrees == 3 else [1]) if world_size % (t * p * c) == 0]
 
 
 def _listed(items: list[str], most: int = 16) -> str:

@@ -65,7 +65,7 @@ def test_parallel_checks_name_the_key_and_valid_values():
         check_parallel(a, 3, 1)
     with pytest.raises(ValueError, match=r"parallel\.pp=3 must divide num_hidden_layers \(4\); valid values: 1, 2, 4"):
         check_parallel(a, 1, 3)
-    with pytest.raises(ValueError, match=r"world size 6 is not divisible by parallel\.tp x parallel\.pp = 4"):
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by parallel\.tp x parallel\.pp = 2 x 2 = 4"):
         check_parallel(a, 2, 2, 6)
 
 

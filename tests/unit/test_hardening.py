@@ -201,10 +201,12 @@ def test_one_layout_check_serves_config_converter_and_backend():
     for call in (lambda: ParallelDims(2, 3).check(None, arch), lambda: check_parallel(arch, 2, 3)):
         with pytest.raises(ValueError, match=r"parallel.pp=3 must divide num_hidden_layers \(4\); valid values: 1, 2, 4"):
             call()
-    with pytest.raises(ValueError, match=r"world size 6 is not divisible by parallel.tp x parallel.pp x parallel.cp "
-                                         r"= 2 x 2 x 1 = 4; .* fit 6: tp=1 pp=1 cp=1, tp=1 pp=1 cp=2, .*tp=6 pp=1 cp=1\."):
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by parallel.tp x parallel.pp = 2 x 2 = 4; "
+                                         r".* fit 6: tp=1 pp=1, tp=1 pp=2, tp=1 pp=3, .*tp=6 pp=1\."):
         load_config(None, ["model.hf_dir=tiny:qwen2", "parallel.tp=2", "parallel.pp=2"], world_size=6)
-    with pytest.raises(ValueError, match="world size 2 is not divisible by .* = 1 x 1 x 4 = 4"):
+    with pytest.raises(ValueError, match=r"world size 2 is not divisible by parallel.tp x parallel.pp x parallel.cp "
+                                         r"= 1 x 1 x 4 = 4; .* fit 2: tp=1 pp=1 cp=1, tp=1 pp=1 cp=2, .*tp=2 pp=1 "
+                                         r"cp=1\."):
         load_config(None, ["model.hf_dir=tiny:qwen2", "parallel.cp=4"], world_size=2)
     assert ParallelDims(2, 1, cp=2).check(8, arch).dp(8) == 2
     with pytest.raises(ValueError, match="parallel.ep=2: expert parallelism is not available yet"):
