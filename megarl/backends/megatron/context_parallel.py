@@ -193,6 +193,11 @@ def whole_sequences(gpt: torch.nn.Module):
     if cp == 1:
         yield
         return
+    if any(not isinstance(m, ContextParallelAttention) for m in gpt.modules()
+           if type(m).__name__.endswith("DotProductAttention")):  # TE's keeps its CP group whatever the config says
+        raise NotImplementedError(f"the native generator at parallel.cp={cp} runs the local layer spec only; with "
+                                  f"Transformer Engine sample with vLLM (rollout.backend=vllm) or set "
+                                  f"model.layer_spec=local.")
     type(rope).forward.cache_clear()  # RoPE tables are cached by length only: drop the per-rank slices
     config.context_parallel_size, rope.cp_group = 1, None  # one TransformerConfig is shared by the model's modules
     try:
