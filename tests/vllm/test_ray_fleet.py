@@ -124,6 +124,24 @@ def test_one_step_off_on_the_fleet_matches_one_step_off_colocated(tmp_path, vllm
     assert all(r["rollout/queue_wait_seconds"] >= 0 for r in rows)
 
 
+@pytest.mark.slow
+def test_fleet_under_context_parallelism_matches_colocated(tmp_path, vllm_model, data_dir, colocated):
+    """parallel.cp=2 (two trainer ranks holding the same prompts, each half of every sequence): the fleet samples
+    the replica's prompts once, both ranks train on the same samples, and the run logs the colocated one-rank
+    run's numbers (1e-4; batch/*: packed segments are aligned to 2 cp)."""
+    from tests.parallel.launch import torchrun
+
+    run_dir = tmp_path / "cp2"
+    log = torchrun("megarl.cli", 2, "train", *ARGS, f"model.hf_dir={vllm_model}", f"run.dir={run_dir}",
+                   f"data.train_files={data_dir / 'train.parquet'}", "rollout.placement=ray", "rollout.engines=1",
+                   "parallel.cp=2", timeout=900)
+    assert "layout: tp=1 pp=1 cp=2 dp=1" in log
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    for r in rows:
+        assert r["sync/probe_diff_max"] < 1e-3 and r["rollout/logprob_diff_max"] < 1e-3
+    same([{k: v for k, v in r.items() if not k.startswith("batch/")} for r in colocated], rows, tol=1e-4)
+
+
 def test_a_cluster_too_small_is_named(tmp_path, vllm_model, data_dir):
     """An address where no cluster answers, then an existing cluster of one CPU asked for two engines: each one
     error line naming the address or both numbers."""
