@@ -156,8 +156,9 @@ def _context_parallel(d: dict) -> list[str]:
     rows = [[r["cp"], r["tokens"], _error_cell(r)] + [""] * 6 if "error" in r else
             [r["cp"], r["tokens"], r["layers"], r["recompute"], r["update_s"], r.get("update_time_vs_cp1"),
              r["peak_memory_gib_per_rank"], r.get("memory_vs_cp1"), r.get("loss_diff_vs_cp1")] for r in d["rows"]]
-    return ["One policy update on one long sequence at each context-parallel size, in one run (`bench/context_parallel.py`)."
-            " Peak memory: the largest rank's (CPU: peak RSS, the process's whole footprint).", ""] + _table(
+    return ["One policy update on one long sequence at each context-parallel size, in one run "
+            "(`bench/context_parallel.py`). Peak memory: the largest rank's (CPU: peak RSS, the process's whole "
+            "footprint).", ""] + _table(
         ["cp", "tokens", "layers", "recompute", "update s", "vs cp=1", "peak GiB per rank", "vs cp=1",
          "loss |diff| vs cp=1"], rows)
 
@@ -174,9 +175,10 @@ def _kk_trpa_grpo(d: dict) -> list[str]:
          "cut off 1-3", "cut off last 3", "s/step"], rows)
 
 
-FORMATS = {"logprob_kernels": _kernels, "kk_trpa_grpo": _kk_trpa_grpo, "context_parallel": _context_parallel, "packing": _packing,
-           "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step, "convert_memory": _convert, "demo_all": _demo_all,
-           "rpg_variants": _rpg_variants, "staleness": _staleness}
+FORMATS = {"logprob_kernels": _kernels, "kk_trpa_grpo": _kk_trpa_grpo, "context_parallel": _context_parallel,
+           "packing": _packing, "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step,
+           "convert_memory": _convert, "demo_all": _demo_all, "rpg_variants": _rpg_variants,
+           "staleness": _staleness}
 
 
 def write_summary(folder: str | Path) -> Path:

@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory):
 
 
 LAYOUTS = {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]), "dp2": (2, []),
-           "cp2": (2, ["parallel.cp=2", "train.packing=false"])}
+           "cp2": (2, ["parallel.cp=2"])}
 
 
 def train(tmp_path, name, model, data_dir):

@@ -1,5 +1,5 @@
-"""Megatron's tensor / pipeline / context / data parallel groups over the process group of ``megarl.distributed``, made
-from ``megarl.parallel.ParallelDims`` (which owns the degrees and their checks)."""
+"""Megatron's tensor / pipeline / context / data parallel groups over the process group of ``megarl.distributed``,
+made from ``megarl.parallel.ParallelDims`` (which owns the degrees and their checks)."""
 
 from __future__ import annotations
 
