@@ -18,6 +18,7 @@ import torch
 from megarl.metrics import read_metrics
 from tests.parallel.launch import torchrun
 from tests.train.test_trainer import BASE, make_data, run, same_metrics
+from tests.train.test_trainer import FAMILIES as FAMILY_OVERRIDES
 
 pytestmark = pytest.mark.dist
 FAMILIES = ("llama", "mistral", "qwen2", "qwen2_untied", "qwen3")
@@ -81,3 +82,17 @@ def test_training_at_cp2_matches_one_rank_and_resumes(megatron_world, tmp_path, 
     # batch/*: each packed segment is padded to a multiple of 2 cp at CP=2
     same_metrics(reference[:1], resumed[:1], tol=1e-4, skip=("batch/",))
     same_metrics(reference[1:], resumed[1:], tol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
+def test_every_family_at_cp2_matches_one_rank(megatron_world, tmp_path, data_dir, family):
+    """Each algorithm family trained at CP=2 (selective recompute for the attention path's collectives inside
+    megatron-core's checkpoint) logs the one-rank run's metrics (1e-4): sequence- and group-level losses (GSPO,
+    TRPA's pairs, KL-Cov's token selection) see whole sequences."""
+    overrides = [o.replace("VSTAR", str(data_dir / "vstar.parquet")) for o in FAMILY_OVERRIDES[family]]
+    reference = run(tmp_path / "one", data_dir, *overrides)
+    torchrun("megarl.cli", 2, "train", *BASE, f"run.dir={tmp_path / 'cp2'}",
+             f"data.train_files={data_dir / 'train.parquet'}", *overrides, "parallel.cp=2", "model.recompute=selective",
+             timeout=900)
+    same_metrics(reference, read_metrics(tmp_path / "cp2" / "metrics.jsonl"), tol=1e-4, skip=("batch/",))
