@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 
 import torch
 import torch.distributed as dist
@@ -142,6 +143,14 @@ def combine_tokens(values: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
     return _SumOverGroup.apply(full, parallel_state.get_context_parallel_group())
 
 
+@functools.lru_cache(maxsize=4)
+def _unpacked_plan(s: int, cp: int, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gather order, [1, 1, s/cp, s] causal mask by true position, True = not seen) of an unpacked length-``s``
+    sequence: made once per micro-batch length and shared by every layer (and the backward's recompute)."""
+    q_pos = local_positions(s, cp, rank).to(device)
+    return _natural_order(s, cp, device), (torch.arange(s, device=device)[None, :] > q_pos[:, None])[None, None]
+
+
 class ContextParallelAttention(PackedDotProductAttention):
     """The local spec's core attention at cp > 1 (see the module docstring for why it exists): K/V gathered over
     the context-parallel group, the stock arithmetic with a causal mask by true position, packed input segment by
@@ -161,12 +170,9 @@ class ContextParallelAttention(PackedDotProductAttention):
         group, rank = parallel_state.get_context_parallel_group(), parallel_state.get_context_parallel_rank()
         stock = super(PackedDotProductAttention, self).forward  # megatron-core's DotProductAttention
         if packed_seq_params is None:
-            s = key.shape[0] * cp
-            order = _natural_order(s, cp, query.device)
+            order, masked = _unpacked_plan(key.shape[0] * cp, cp, rank, query.device)
             key, value = _GatherSequence.apply(key, group, order), _GatherSequence.apply(value, group, order)
-            q_pos = local_positions(s, cp, rank).to(query.device)
-            masked = torch.arange(s, device=query.device)[None, :] > q_pos[:, None]  # [sq, sk]: True = not seen
-            return stock(query, key, value, masked[None, None], attn_mask_type, attention_bias)
+            return stock(query, key, value, masked, attn_mask_type, attention_bias)
         # packed ([t/cp, heads, dim]): each segment's local queries against that segment's gathered keys
         plan = getattr(packed_seq_params, "megarl_cp_plan", None)
         if plan is None:  # one host sync per forward, shared by every layer
