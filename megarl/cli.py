@@ -82,7 +82,7 @@ def cmd_convert_mcore_to_hf(args: argparse.Namespace) -> int:
 def cmd_convert_verify(args: argparse.Namespace) -> int:
     from megarl.backends.megatron.convert import verify
 
-    verify(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, tol=args.tol)
+    verify(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, tol=args.tol, ep=args.ep)
     return 0
 
 
@@ -259,13 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.set_defaults(func=cmd_convert_mcore_to_hf)
 
     ver = csub.add_parser("verify", help="compare a Megatron checkpoint's logits with HF transformers",
-                          description="Run under torchrun with TP x PP ranks: load MCORE_DIR at that layout, compare "
+                          description="Run under torchrun with TP x PP ranks (or a multiple, for --ep): load MCORE_DIR at that layout, compare "
                                       "its logits on a fixed prompt with transformers running HF_DIR, print the max "
                                       "absolute difference, exit non-zero above --tol.")
     ver.add_argument("hf_dir")
     ver.add_argument("mcore_dir")
     ver.add_argument("--tp", type=at_least(1), default=1)
     ver.add_argument("--pp", type=at_least(1), default=1)
+    ver.add_argument("--ep", type=at_least(1), default=1, help="expert-parallel size (MoE checkpoints)")
     ver.add_argument("--tol", type=float, default=1e-4, help="maximum |logit difference| (fp32)")
     ver.set_defaults(func=cmd_convert_verify)
 

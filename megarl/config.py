@@ -47,11 +47,20 @@ class ParallelSection:
     tp: int = 1  # tensor-parallel size; must divide the attention heads and KV groups
     pp: int = 1  # pipeline-parallel size; must divide the layers
     cp: int = 1  # context-parallel size: each sequence split over cp ranks (docs/context_parallel.md)
+    ep: int = 1  # expert-parallel size (MoE models): each layer's experts split over ep of the dp x cp ranks
 
     def dims(self):
         """The layout's one owner (megarl/parallel.py) for these degrees."""
         from megarl.parallel import ParallelDims
-        return ParallelDims(self.tp, self.pp, self.cp)
+        return ParallelDims(self.tp, self.pp, self.cp, self.ep)
+
+
+@frozen
+class MoESection:  # mixture-of-experts models only (docs/moe.md); dense models ignore it
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach the experts' EP ranks
+    aux_loss_coef: float | None = None  # load-balancing loss weight; None = the checkpoint's router_aux_loss_coef
+    z_loss_coef: float = 0.0  # router z-loss (ST-MoE) weight; 0 = off
+    capacity_factor: float | None = None  # None = dropless; else each expert takes <= factor x its fair share
 
 
 @frozen
@@ -185,7 +194,8 @@ class KernelsSection:
 
 # the smallest value of each count, size and rate; checked before anything divides by them
 MINIMA = {"train.steps": 1, "train.prompts_per_step": 1, "train.minibatches_per_step": 1,
-          "train.micro_batch_tokens": 1, "train.logprob_micro_batch_tokens": 0, "parallel.tp": 1, "parallel.pp": 1, "rollout.max_tokens": 1,
+          "train.micro_batch_tokens": 1, "train.logprob_micro_batch_tokens": 0, "parallel.tp": 1, "parallel.pp": 1,
+          "moe.aux_loss_coef": 0.0, "moe.z_loss_coef": 0.0, "moe.capacity_factor": 0.001, "rollout.max_tokens": 1,
           "rollout.group_size": 1, "rollout.engines": 1, "rollout.tp": 1, "rollout.max_staleness": 0, "rollout.temperature": 0.0, "rollout.overlong_buffer": 0,
           "checkpoint.interval": 0, "checkpoint.keep_last": 1, "data.generate_size": 1, "eval.n": 1,
           "eval.interval": 0, "eval.max_tokens": 0, "eval.max_prompts": 0, "optim.lr": 0.0, "optim.min_lr": 0.0,
@@ -198,6 +208,7 @@ class RunConfig:
     run: RunSection = dataclasses.field(default_factory=RunSection)
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    moe: MoESection = dataclasses.field(default_factory=MoESection)
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     algo: AlgoSection = dataclasses.field(default_factory=AlgoSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
@@ -218,7 +229,7 @@ class RunConfig:
                 key, value = f"{section.name}.{f.name}", getattr(getattr(self, section.name), f.name)
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ValueError(f"{key}={value} must be a finite number.")
-                if key in MINIMA and value < MINIMA[key]:
+                if key in MINIMA and value is not None and value < MINIMA[key]:
                     raise ValueError(f"{key}={value} must be >= {MINIMA[key]}.")
         resolve(self)  # the loss, its estimator, reference and group size (megarl/algo.py): named errors
         dp = self.parallel.dims().check(world_size).dp(world_size)

@@ -2,8 +2,12 @@
 check of both against the world size and the model. Pure (no Megatron): the config, the converter and the
 Megatron backend all ask this class.
 
-    world = dp x pp x cp x tp     (Megatron's rank order tp-cp-ep-dp-pp; ep is reserved: 1 until the
-                                   expert-parallel work lands)
+    world = dp x pp x cp x tp     (Megatron's rank order tp-cp-ep-dp-pp)
+
+Expert parallelism (``ep``, mixture-of-experts models only) splits each MoE layer's experts over ``ep`` ranks
+taken from the data x context ranks of a pipeline stage (it adds no ranks: ep must divide dp x cp); tokens travel
+to their experts' ranks and back (docs/moe.md). Expert weights are split over the expert-TP ranks as dense MLPs
+over TP (Megatron's default expert_tensor_parallel_size = tp).
 
 Context parallelism (``cp``) splits every sequence over ``cp`` ranks that hold the same weights and the same
 prompts (docs/context_parallel.md); they are not data-parallel replicas: ``dp_group`` leaves them out, gradients
@@ -21,13 +25,13 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelDims:
-    """Tensor, pipeline, context (and reserved expert) parallel degrees; data parallelism is what the world has
-    left: ``dp(world_size) = world_size / (tp * pp * cp)``."""
+    """Tensor, pipeline, context and expert parallel degrees; data parallelism is what the world has left:
+    ``dp(world_size) = world_size / (tp * pp * cp)`` (expert parallelism lies inside dp x cp)."""
 
     tp: int = 1
     pp: int = 1
     cp: int = 1  # context parallelism: each sequence split over cp ranks (load-balanced chunks)
-    ep: int = 1  # reserved: expert parallelism (inside the data-parallel ranks, as Megatron lays it out)
+    ep: int = 1  # expert parallelism: each MoE layer's experts split over ep of the dp x cp ranks
 
     @property
     def model_parallel(self) -> int:
@@ -43,8 +47,6 @@ class ParallelDims:
         for key, value in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp), ("ep", self.ep)):
             if value < 1:
                 raise ValueError(f"parallel.{key}={value} must be >= 1.")
-        if self.ep != 1:
-            raise ValueError(f"parallel.ep={self.ep}: expert parallelism is not available yet; use 1.")
         if arch is not None:
             self._check_model(arch)
         if world_size is not None and world_size % self.model_parallel:
@@ -54,6 +56,11 @@ class ParallelDims:
                              f"{' x '.join(map(str, sizes[:len(keys)]))} = {self.model_parallel}; launch a multiple "
                              f"of {self.model_parallel} processes or choose {' x '.join(keys)} among the layouts "
                              f"that fit {world_size}: {_listed(layouts(world_size, len(keys)))}.")
+        if world_size is not None and (world_size // self.model_parallel * self.cp) % self.ep:
+            ranks = world_size // self.model_parallel * self.cp
+            raise ValueError(f"parallel.ep={self.ep} must divide the data x context ranks of a pipeline stage "
+                             f"(world {world_size} / (tp x pp) = {ranks}); valid values: "
+                             f"{', '.join(str(d) for d in range(1, ranks + 1) if ranks % d == 0)}.")
         return self
 
     def _check_model(self, arch: ModelArch) -> None:
@@ -63,12 +70,27 @@ class ParallelDims:
                      if arch.num_kv_heads % d == 0 and arch.num_heads % d == 0]
             raise ValueError(f"parallel.tp={tp} must divide num_attention_heads ({arch.num_heads}) and "
                              f"num_key_value_heads ({arch.num_kv_heads}); valid values: {', '.join(map(str, valid))}.")
-        if arch.ffn_hidden_size % tp:
+        if self.ep > 1 and not arch.is_moe:
+            raise ValueError(f"parallel.ep={self.ep} splits the experts of a mixture-of-experts model; "
+                             f"{arch.family} is dense. Use parallel.ep=1.")
+        if arch.is_moe:
+            self._check_experts(arch)
+        elif arch.ffn_hidden_size % tp:
             raise ValueError(f"parallel.tp={tp} must divide intermediate_size ({arch.ffn_hidden_size}).")
         if arch.num_layers % pp:
             valid = [d for d in range(1, arch.num_layers + 1) if arch.num_layers % d == 0]
             raise ValueError(f"parallel.pp={pp} must divide num_hidden_layers ({arch.num_layers}); valid values: "
                              f"{', '.join(map(str, valid))}.")
+
+
+    def _check_experts(self, arch: ModelArch) -> None:
+        if arch.num_experts % self.ep:
+            valid = [d for d in range(1, arch.num_experts + 1) if arch.num_experts % d == 0]
+            raise ValueError(f"parallel.ep={self.ep} must divide the number of experts ({arch.num_experts}); valid "
+                             f"values: {', '.join(map(str, valid))}.")
+        if arch.moe_ffn_hidden_size % self.tp:
+            raise ValueError(f"parallel.tp={self.tp} must divide each expert's intermediate size "
+                             f"({arch.moe_ffn_hidden_size}; experts are split over TP like dense MLPs).")
 
 
 def layouts(world_size: int, degrees: int = 3) -> list[str]:
@@ -94,7 +116,9 @@ class RankLayout:
       ranks are not in it: they hold the same prompts, each a part of every sequence.
     - ``model_group``: the ranks of one model replica (tp x pp); weight syncs into a rollout engine run over it.
     - ``cp_rank``: this rank's place in its context-parallel group (0 when cp = 1); per-replica results are
-      counted once, from cp_rank 0."""
+      counted once, from cp_rank 0.
+    - ``ep_rank``: this rank's place in its expert-parallel group (0 when ep = 1); it holds experts
+      ep_rank x E/ep ... (ep_rank + 1) x E/ep - 1 of every MoE layer."""
 
     dims: ParallelDims
     dp_rank: int
@@ -102,7 +126,8 @@ class RankLayout:
     dp_group: Any
     model_group: Any
     cp_rank: int = 0
+    ep_rank: int = 0
 
     def describe(self) -> str:
         d = self.dims
-        return f"layout: tp={d.tp} pp={d.pp} cp={d.cp} dp={self.dp_size}"
+        return f"layout: tp={d.tp} pp={d.pp} cp={d.cp} dp={self.dp_size}" + (f" ep={d.ep}" if d.ep > 1 else "")

@@ -6,6 +6,9 @@ Supported families (all pre-norm RMSNorm decoders with SwiGLU MLPs and RoPE):
     Mistral MistralForCausalLM   as Llama; sliding window recorded (sequences must fit inside it)
     Qwen2   Qwen2ForCausalLM     q/k/v bias (Qwen2 and Qwen2.5), tied or untied embeddings
     Qwen3   Qwen3ForCausalLM     per-head RMSNorm on q and k (qk-norm), explicit head_dim
+    Qwen3-MoE Qwen3MoeForCausalLM  Qwen3's attention; every MLP a mixture of experts (softmax router, top-k,
+                                 renormalised when norm_topk_prob), no shared experts
+    Mixtral MixtralForCausalLM   Mistral's attention; every MLP a mixture of experts (top-k, renormalised)
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-            "Qwen3ForCausalLM": "qwen3"}
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+            "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3_moe",
+               "mixtral": "mixtral"}
 VOCAB_PAD_MULTIPLE = 128  # padded vocab is independent of TP, so checkpoints reshard between TP sizes
 
 
@@ -44,12 +48,23 @@ class ModelArch:
     qk_norm: bool = False
     rope_scaling_factor: float | None = None  # llama3-style scaling (Llama 3.1+), None = off
     sliding_window: int | None = None
+    # mixture of experts (0 experts: a dense model). The router takes softmax over all experts then the top k;
+    # moe_norm_topk renormalises the k weights to sum to 1 (equal to a softmax over the top k logits)
+    num_experts: int = 0
+    moe_top_k: int = 0
+    moe_ffn_hidden_size: int = 0  # each expert's intermediate size
+    moe_norm_topk: bool = True
+    moe_aux_loss_coef: float = 0.0  # the checkpoint's router_aux_loss_coef (the default of moe.aux_loss_coef)
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def padded_vocab_size(self) -> int:
         """Vocab rounded up to a multiple of 128; rows past vocab_size are zero and masked out of softmaxes."""
         return math.ceil(self.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def heads_per_group(self) -> int:
@@ -105,11 +120,11 @@ def _read_arch(cfg: dict[str, Any], source: str) -> ModelArch:
         raise UnsupportedModel(f"{source}: hidden_act='{act}' is not supported (SwiGLU with silu only).")
     if family in ("llama", "mistral") and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
         raise UnsupportedModel(f"{source}: attention_bias/mlp_bias=True is not supported for {family}.")
-    if family == "qwen3" and cfg.get("attention_bias"):
-        raise UnsupportedModel(f"{source}: attention_bias=True is not supported for qwen3.")
+    if family in ("qwen3", "qwen3_moe", "mixtral") and cfg.get("attention_bias"):
+        raise UnsupportedModel(f"{source}: attention_bias=True is not supported for {family}.")
     heads = int(cfg["num_attention_heads"])
     theta, factor = _rope(cfg)
-    window = cfg.get("sliding_window") if (family == "mistral" or cfg.get("use_sliding_window")) else None
+    window = cfg.get("sliding_window") if (family in ("mistral", "mixtral") or cfg.get("use_sliding_window")) else None
     return ModelArch(
         family=family, vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
         num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
@@ -119,7 +134,28 @@ def _read_arch(cfg: dict[str, Any], source: str) -> ModelArch:
         rope_theta=theta, rope_scaling_factor=factor,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=family == "qwen2",
-        qk_norm=family == "qwen3", sliding_window=int(window) if window else None, hf_config=dict(cfg))
+        qk_norm=family in ("qwen3", "qwen3_moe"), sliding_window=int(window) if window else None,
+        **(_moe(cfg, family, source) if family in ("qwen3_moe", "mixtral") else {}), hf_config=dict(cfg))
+
+
+def _moe(cfg: dict[str, Any], family: str, source: str) -> dict[str, Any]:
+    """The mixture-of-experts fields; layouts megarl cannot build are refused by name."""
+    experts = int(cfg.get("num_experts") or cfg["num_local_experts"])
+    top_k = int(cfg["num_experts_per_tok"])
+    if not 1 <= top_k <= experts:
+        raise UnsupportedModel(f"{source}: num_experts_per_tok={top_k} must be between 1 and the number of "
+                               f"experts ({experts}).")
+    if family == "qwen3_moe" and (cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1):
+        raise UnsupportedModel(f"{source}: mlp_only_layers / decoder_sparse_step != 1 (dense layers between the "
+                               f"MoE layers) is not supported; every layer must be a MoE layer.")
+    if float(cfg.get("router_jitter_noise") or 0.0):
+        raise UnsupportedModel(f"{source}: router_jitter_noise={cfg['router_jitter_noise']} is not supported "
+                               f"(use 0.0, as the released Mixtral checkpoints do).")
+    ffn = cfg.get("moe_intermediate_size") if family == "qwen3_moe" else cfg["intermediate_size"]
+    return dict(num_experts=experts, moe_top_k=top_k, moe_ffn_hidden_size=int(ffn),
+                # transformers' Qwen3MoeConfig defaults norm_topk_prob to False; Mixtral always renormalises
+                moe_norm_topk=bool(cfg.get("norm_topk_prob", False)) if family == "qwen3_moe" else True,
+                moe_aux_loss_coef=float(cfg.get("router_aux_loss_coef") or 0.0))
 
 
 def stop_ids(tokenizer, arch: "ModelArch") -> tuple[int, ...]:
@@ -142,9 +178,9 @@ def read_arch_dir(hf_dir: str | Path) -> ModelArch:
     return read_arch(cfg, str(path))
 
 
-def check_parallel(arch: ModelArch, tp: int, pp: int, world_size: int | None = None) -> None:
-    """Validate TP/PP against the model and the world size (``megarl.parallel.ParallelDims.check``, the one check
-    the config, the converter and the Megatron backend share)."""
+def check_parallel(arch: ModelArch, tp: int, pp: int, world_size: int | None = None, ep: int = 1) -> None:
+    """Validate TP/PP/EP against the model and the world size (``megarl.parallel.ParallelDims.check``, the one
+    check the config, the converter and the Megatron backend share)."""
     from megarl.parallel import ParallelDims
 
-    ParallelDims(tp, pp).check(world_size, arch)
+    ParallelDims(tp, pp, ep=ep).check(world_size, arch)

@@ -117,10 +117,11 @@ def save_hf_model(model, out: Path) -> None:
     for its node, would then publish a directory without weights.)"""
     from safetensors.torch import save_file
 
+    from megarl.convert.tiny import checkpoint_tensors
+
     out.mkdir(parents=True, exist_ok=True)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-             if not (tied and k == "lm_head.weight")}
+    state = {k: v for k, v in checkpoint_tensors(model).items() if not (tied and k == "lm_head.weight")}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(out)
     if model.generation_config is not None:

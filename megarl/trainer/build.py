@@ -95,7 +95,7 @@ def initial_model(cfg: RunConfig):
     arch = read_arch_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False,
-                        recompute=cfg.model.recompute)
+                        recompute=cfg.model.recompute, moe=cfg.moe)
     load_weights_into(model, arch, model_dir)
     return Path(model_dir), arch, tokenizer, model
 
@@ -190,7 +190,8 @@ def build(cfg: RunConfig, layout: RankLayout) -> Components:
         print("\n".join([layout.describe(), algo.describe(), *algo.notes]), flush=True)
     kind, reference = algo.reference, None
     if kind == "fixed":
-        ref_model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False)
+        ref_model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False,
+                                moe=cfg.moe)
         load_weights_into(ref_model, arch, model_dir)
         reference = MegatronReference(ref_model, arch, offload=torch.cuda.is_available(),
                                       kernel_impl=cfg.kernels.impl, packing=cfg.train.packing)

@@ -123,12 +123,12 @@ def test_megatron_on_cuda_matches_hf_on_cuda(megatron_world):
     from megarl.backends.megatron.model import build_model
     from megarl.backends.megatron.weights import load_hf_weights
     from megarl.convert.arch import read_arch
-    from megarl.convert.tiny import tiny_hf_model
+    from megarl.convert.tiny import checkpoint_tensors, tiny_hf_model
 
     hf = tiny_hf_model("qwen2", seed=5)
     arch = read_arch(hf.config.to_dict())
     model = build_model(arch)
-    load_hf_weights(model, arch, hf.state_dict().__getitem__)
+    load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
     assert next(model.parameters()).is_cuda
     hf = hf.cuda()
     ids = torch.randint(0, 300, (2, 24), device="cuda")

@@ -1,7 +1,7 @@
 """torchrun worker: for each converted tiny model, verify logits at the launched layout and check that the
 streaming export (every rank receives every HF tensor, bucketed) is bit-identical to the on-disk HF files.
 
-    torchrun --nproc-per-node N tests/parallel/worker_convert.py --tp T --pp P --root DIR --families a,b
+    torchrun --nproc-per-node N tests/parallel/worker_convert.py --tp T --pp P [--ep E] --root DIR --families a,b
 DIR/<family>/hf holds the source HF model and DIR/<family>/mcore its hf-to-mcore conversion.
 """
 
@@ -17,6 +17,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--root", required=True)
     ap.add_argument("--families", required=True)
     ap.add_argument("--bucket-bytes", type=int, default=20_000)
@@ -33,10 +34,10 @@ def main() -> None:
     with distributed() as info:
         for family in args.families.split(","):
             hf_dir, mcore_dir = Path(args.root, family, "hf"), Path(args.root, family, "mcore")
-            verify_in_group(str(hf_dir), str(mcore_dir), args.tp, args.pp, tol=1e-5)
+            verify_in_group(str(hf_dir), str(mcore_dir), args.tp, args.pp, tol=1e-5, ep=args.ep)
             arch, dtype, ckpt = read_meta(mcore_dir)
             reader = HFReader(hf_dir)
-            with model_parallel(ParallelDims(args.tp, args.pp)):
+            with model_parallel(ParallelDims(args.tp, args.pp, ep=args.ep)):
                 model = build_model(arch, dtype=dtype, init_weights=False)
                 load_model(model, ckpt)
                 seen = set()
@@ -51,7 +52,7 @@ def main() -> None:
                         seen.add(name)
                 assert seen == set(reader.names()), f"{family}: exported {sorted(set(reader.names()) ^ seen)}"
             if info.is_main:
-                print(f"[tp{args.tp} pp{args.pp}] {family}: verify + streaming export ok", flush=True)
+                print(f"[tp{args.tp} pp{args.pp} ep{args.ep}] {family}: verify + streaming export ok", flush=True)
 
 
 if __name__ == "__main__":

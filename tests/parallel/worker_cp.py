@@ -42,7 +42,7 @@ def main() -> None:
     from megarl.backends.megatron.weights import export_stage_hf, load_hf_weights
     from megarl.backends.protocols import SamplingParams
     from megarl.convert.arch import read_arch
-    from megarl.convert.tiny import tiny_hf_model
+    from megarl.convert.tiny import checkpoint_tensors, tiny_hf_model
     from megarl.distributed import distributed
     from megarl.rollout.batch import Rollouts
     from megarl.rollout.packing import micro_batches
@@ -69,7 +69,7 @@ def main() -> None:
             hf_grads = {n: p.grad.detach().clone() for n, p in hf.named_parameters()}
 
             model = build_model(arch)
-            load_hf_weights(model, arch, hf.state_dict().__getitem__)
+            load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
             result = {}
             for impl, packing in itertools.product(("auto", "torch"), (False, True)):
                 # hidden states -> fused output layer, or logits -> kernel; right-padded rows, or packed segments

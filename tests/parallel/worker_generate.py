@@ -19,7 +19,7 @@ def main() -> None:
     from megarl.backends.megatron.weights import load_hf_weights
     from megarl.backends.protocols import SamplingParams
     from megarl.convert.arch import read_arch
-    from megarl.convert.tiny import tiny_hf_model
+    from megarl.convert.tiny import checkpoint_tensors, tiny_hf_model
     from megarl.distributed import distributed
     from tests.unit.test_generator import PROMPTS, teacher_forced_logprobs
 
@@ -28,7 +28,7 @@ def main() -> None:
             hf = tiny_hf_model(family, seed=3)
             arch = read_arch(hf.config.to_dict())
             model = build_model(arch)
-            load_hf_weights(model, arch, hf.state_dict().__getitem__)
+            load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
             gen = MegatronGenerator(model, arch)
             out = gen.generate(PROMPTS, 2, SamplingParams(max_tokens=8, temperature=0))
             for prompt, comps in zip(PROMPTS, out):

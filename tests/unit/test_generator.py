@@ -8,7 +8,7 @@ import torch
 
 from megarl.backends.protocols import SamplingParams
 from megarl.convert.arch import read_arch
-from megarl.convert.tiny import TINY_FAMILIES, tiny_hf_model
+from megarl.convert.tiny import TINY_FAMILIES, checkpoint_tensors, tiny_hf_model
 from megarl.rollout.sampling import sample_tokens
 
 PROMPTS = [[5, 9, 17, 3], [100, 2, 7, 8, 9, 10, 11]]
@@ -22,7 +22,7 @@ def make(family="llama", seed=3):
     hf = tiny_hf_model(family, seed=seed)
     arch = read_arch(hf.config.to_dict())
     model = build_model(arch)
-    load_hf_weights(model, arch, hf.state_dict().__getitem__)
+    load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
     return hf, arch, model, MegatronGenerator(model, arch)
 
 

@@ -209,8 +209,22 @@ def test_one_layout_check_serves_config_converter_and_backend():
                                          r"cp=1\."):
         load_config(None, ["model.hf_dir=tiny:qwen2", "parallel.cp=4"], world_size=2)
     assert ParallelDims(2, 1, cp=2).check(8, arch).dp(8) == 2
-    with pytest.raises(ValueError, match="parallel.ep=2: expert parallelism is not available yet"):
-        ParallelDims(1, 1, ep=2).check()
+    with pytest.raises(ValueError, match=r"parallel.ep=2 splits the experts of a mixture-of-experts model; qwen2 "
+                                         r"is dense\. Use parallel.ep=1\."):
+        ParallelDims(1, 1, ep=2).check(2, arch)
+    from megarl.convert.tiny import tiny_hf_config
+
+    moe = read_arch(tiny_hf_config("qwen3_moe").to_dict())  # 4 experts of intermediate size 64
+    assert ParallelDims(2, 1, ep=2).check(4, moe).dp(4) == 2  # ep lies inside dp: no extra ranks
+    with pytest.raises(ValueError, match=r"parallel.ep=3 must divide the number of experts \(4\); valid values: "
+                                         r"1, 2, 4\."):
+        ParallelDims(1, 1, ep=3).check(3, moe)
+    with pytest.raises(ValueError, match=r"parallel.ep=4 must divide the data x context ranks of a pipeline stage "
+                                         r"\(world 4 / \(tp x pp\) = 2\); valid values: 1, 2\."):
+        ParallelDims(2, 1, ep=4).check(4, moe)
+    with pytest.raises(ValueError, match=r"parallel.tp=3 must divide each expert's intermediate size \(64"):
+        ParallelDims(3, 1).check(None, read_arch({**tiny_hf_config("qwen3_moe").to_dict(), "num_attention_heads": 6,
+                                                  "num_key_value_heads": 3, "head_dim": 32}))
 
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megarl.convert.arch import read_arch
-from megarl.convert.tiny import tiny_hf_model
+from megarl.convert.tiny import checkpoint_tensors, tiny_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,12 @@ def test_fp32_matches_hf_and_bf16_float16module_tracks_it(llama):
     ids = torch.randint(0, 300, (2, 10))
     ref = hf(ids).logits.detach()
     fp32 = build_model(arch)
-    load_hf_weights(fp32, arch, hf.state_dict().__getitem__)
+    load_hf_weights(fp32, arch, checkpoint_tensors(hf).__getitem__)
     assert (logits_of(fp32, arch, ids) - ref).abs().max() < 1e-5
     bf16 = build_model(arch, dtype=torch.bfloat16)
     assert type(bf16).__name__ == "Float16Module"
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
-    load_hf_weights(bf16, arch, hf.state_dict().__getitem__)
+    load_hf_weights(bf16, arch, checkpoint_tensors(hf).__getitem__)
     out = logits_of(bf16, arch, ids)
     assert out.dtype == torch.float32  # Float16Module hands the last stage's output back in fp32
     err = (out - ref).abs().max().item()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megarl.convert.arch import read_arch
-from megarl.convert.tiny import tiny_hf_model
+from megarl.convert.tiny import checkpoint_tensors, tiny_hf_model
 
 
 def _stepped(dtype):
@@ -22,7 +22,7 @@ def _stepped(dtype):
     hf = tiny_hf_model("qwen2", seed=4)
     arch = read_arch(hf.config.to_dict())
     model = build_model(arch, dtype=dtype, init_weights=False)
-    load_hf_weights(model, arch, hf.state_dict().__getitem__)
+    load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
     ddp = DistributedDataParallel(transformer_config(arch, dtype), DistributedDataParallelConfig(), model)
     opt, _ = build_optimizer([ddp], name="schedulefree", lr=1e-2, min_lr=0.0, weight_decay=0.0, betas=(0.9, 0.999),
                              grad_clip=1.0, bf16=dtype == torch.bfloat16, distributed=False, warmup_steps=0,
@@ -77,7 +77,7 @@ def test_bf16_gradients_accumulate_over_micro_batches_exactly(megatron_world, ac
     hf = tiny_hf_model("qwen2", seed=5)
     arch = read_arch(hf.config.to_dict())
     model = build_model(arch, dtype=torch.bfloat16, init_weights=False)
-    load_hf_weights(model, arch, hf.state_dict().__getitem__)
+    load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
     cfg = ddp_config(torch.bfloat16, False) if accumulate == "policy" else DistributedDataParallelConfig()
     ddp = DistributedDataParallel(transformer_config(arch, torch.bfloat16), cfg, model)
     ids = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megarl.convert.arch import read_arch
-from megarl.convert.tiny import TINY_FAMILIES, tiny_hf_model
+from megarl.convert.tiny import TINY_FAMILIES, checkpoint_tensors, tiny_hf_model
 from megarl.rollout.batch import Rollouts
 
 BUDGET = 48
@@ -48,7 +48,7 @@ def test_packed_logprobs_equal_each_sample_alone(megatron_world, family, impl):
     hf = tiny_hf_model(family, seed=5)
     arch = read_arch(hf.config.to_dict())
     model = build_model(arch)
-    load_hf_weights(model, arch, hf.state_dict().__getitem__)
+    load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
     ro = rollouts()
     mbs = make_packed_micro_batches(ro, ro.groups(), BUDGET)
     assert 1 < len(mbs) < len(SHAPES) and all(mb.input_ids.shape == (1, BUDGET) for mb in mbs)  # really packed
@@ -77,7 +77,7 @@ def test_packed_training_gradients_equal_padded(megatron_world):
     grads = {}
     for packing in (False, True):
         model = build_model(arch)
-        load_hf_weights(model, arch, hf.state_dict().__getitem__)
+        load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
         ro = rollouts(1)
         mbs = micro_batches(ro, ro.groups(), BUDGET, packing=packing)
 

@@ -3,7 +3,7 @@
 hf-to-mcore   one process; builds the TP1/PP1 model in the checkpoint's own dtype without random init, fills it
               tensor by tensor from the safetensors files, saves torch_dist (loadable at any TP/PP).
 mcore-to-hf   one process; loads the checkpoint at TP1/PP1 and streams HF tensors into size-capped shards.
-verify        under torchrun with tp x pp ranks; loads the checkpoint at that layout and compares its logits on
+verify        under torchrun with tp x pp (x dp, ep dividing dp) ranks; loads the checkpoint at that layout and compares its logits on
               a fixed prompt with HF transformers running the HF checkpoint.
 Peak memory: one copy of the weights (the model) plus one shard or tensor in flight.
 """
@@ -112,13 +112,13 @@ def probe_ids(hf_dir: str, vocab_size: int) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
-def verify(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, tol: float = 1e-4, log=print) -> float:
-    """Max |logit difference| between the Megatron checkpoint at TP x PP and HF; raises above ``tol``."""
+def verify(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, tol: float = 1e-4, log=print, ep: int = 1) -> float:
+    """Max |logit difference| between the Megatron checkpoint at TP x PP (x EP) and HF; raises above ``tol``."""
     with distributed():
-        return verify_in_group(hf_dir, mcore_dir, tp, pp, tol, log)
+        return verify_in_group(hf_dir, mcore_dir, tp, pp, tol, log, ep)
 
 
-def verify_in_group(hf_dir: str, mcore_dir: str, tp: int, pp: int, tol: float, log=print) -> float:
+def verify_in_group(hf_dir: str, mcore_dir: str, tp: int, pp: int, tol: float, log=print, ep: int = 1) -> float:
     """``verify`` inside an existing process group (several checkpoints in one torchrun job)."""
     from transformers import AutoModelForCausalLM
 
@@ -126,10 +126,11 @@ def verify_in_group(hf_dir: str, mcore_dir: str, tp: int, pp: int, tol: float, l
     if read_arch_dir(hf_dir) != arch:
         raise ValueError(f"{hf_dir} and {mcore_dir} describe different architectures.")
     world = torch.distributed.get_world_size()
-    check_parallel(arch, tp, pp, world)
-    with model_parallel(ParallelDims(tp, pp)):
+    check_parallel(arch, tp, pp, world, ep=ep)
+    with model_parallel(ParallelDims(tp, pp, ep=ep)):
         model = build_model(arch, dtype=torch.float32, init_weights=False)
         load_model(model, ckpt)
+        model.eval()
         ids = probe_ids(hf_dir, arch.vocab_size)
         out = forward_backward(model, [{"input_ids": ids}], lambda o, mb: gather_logits(o, arch.vocab_size),
                                forward_only=True)
@@ -141,7 +142,7 @@ def verify_in_group(hf_dir: str, mcore_dir: str, tp: int, pp: int, tol: float, l
         torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
     result = float(diff[0])
     if torch.distributed.get_rank() == 0:
-        log(f"verify tp={tp} pp={pp}: {ids.shape[1]} probe tokens, max |logit diff| vs HF = {result:.3g} "
+        log(f"verify tp={tp} pp={pp}{f' ep={ep}' if ep > 1 else ''}: {ids.shape[1]} probe tokens, max |logit diff| vs HF = {result:.3g} "
             f"(tolerance {tol:g})")
     if not result <= tol:
         raise ValueError(f"max |logit diff| {result:.3g} exceeds the tolerance {tol:g}: the checkpoints disagree.")

@@ -17,6 +17,12 @@ process and only when ``torch.cuda.is_available()`` is False, the five kinds of 
    Calls to ``Tensor.type()`` with no argument *made from megatron.core* get the CUDA spelling; every other
    caller sees the true type.
 5. **Seeding.** ``torch.cuda.manual_seed`` seeds the CPU generator, which plays the device generator.
+6. **Mixture of experts.** The router calls ``te_general_gemm``, a name ``moe_utils`` binds only when Transformer
+   Engine imports (None makes it take its torch path); the alltoall dispatcher copies token counts to the host
+   on a side ``torch.cuda.Stream`` (on the CPU they are host tensors already: only the numpy conversion of the
+   split sizes is kept); and
+   the backward of the EP all-to-all / all-gather asks ``torch.cuda.current_device()`` inside autograd's engine,
+   where the mode is off: every backward pass runs with the mode pushed again.
 
 The mode is pushed on the calling thread (autograd runs CPU backward on that thread). A mode is switched off
 while its own handler runs, and ``backward`` goes through the handler, so the backward of Megatron's activation
@@ -144,6 +150,36 @@ def _patch_checkpointing() -> None:
         fn.backward = staticmethod(with_mode(fn.backward))
 
 
+def _patch_moe() -> None:
+    """Item 6: the three MoE sites (and autograd's engine, for the backward of the EP collectives)."""
+    import torch.autograd.graph as graph
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
+    dispatcher.cuda_dtoh_stream = "cpu"  # its __init__ makes a torch.cuda.Stream only while this is None
+
+    def host_splits(self, point, tokens_per_expert=None):
+        """What the CUDA version leaves behind, without a stream: the split sizes as numpy arrays (collectives
+        take sequences of ints), the token counts as host tensors (they are)."""
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for name in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, name, None)
+                if torch.is_tensor(value):
+                    setattr(self, name, value.numpy())
+        return tokens_per_expert
+
+    dispatcher._maybe_dtoh_and_synchronize = host_splits
+    run_backward = graph._engine_run_backward
+
+    def engine_run_backward(*args, **kwargs):
+        with _CudaToCpuMode():
+            return run_backward(*args, **kwargs)
+
+    graph._engine_run_backward = torch.autograd._engine_run_backward = engine_run_backward
+
+
 def enable_cpu_compat() -> bool:
     """Install the redirections if CUDA is absent. Idempotent. Returns True when they are active."""
     global _mode
@@ -157,6 +193,7 @@ def enable_cpu_compat() -> bool:
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     _patch_rng()
     _patch_checkpointing()
+    _patch_moe()
     _mode = _CudaToCpuMode()
     _mode.__enter__()
     return True

@@ -35,8 +35,33 @@ RECOMPUTE = {  # model.recompute -> megatron-core's activation recomputation set
 }
 
 
+def moe_config(arch: ModelArch, moe=None) -> dict:
+    """megatron-core's MoE settings for a mixture-of-experts ``arch`` ({} for a dense one). ``moe``: the run's
+    ``MoESection`` (megarl.config; None = its defaults): dispatcher, router-loss coefficients, capacity."""
+    if not arch.is_moe:
+        return {}
+    from megarl.config import MoESection
+
+    moe = moe or MoESection()
+    aux = arch.moe_aux_loss_coef if moe.aux_loss_coef is None else moe.aux_loss_coef
+    return dict(
+        num_moe_experts=arch.num_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_top_k,
+        # HF: softmax over all experts, top k, renormalised when norm_topk_prob. Megatron without pre-softmax takes
+        # the top k logits then their softmax: the same weights. With pre-softmax: softmax, top k, no renorm.
+        moe_router_pre_softmax=not arch.moe_norm_topk, moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss" if aux > 0 else "none", moe_aux_loss_coeff=aux,
+        moe_z_loss_coeff=moe.z_loss_coef or None, moe_token_dispatcher_type=moe.dispatcher,
+        moe_expert_capacity_factor=moe.capacity_factor, moe_token_drop_policy="probs",
+        moe_router_dtype="fp32",  # HF's routers take their softmax in fp32 too
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+        moe_grouped_gemm=default_layer_spec_name() == "transformer_engine", moe_permute_fusion=False,
+    )
+
+
 def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init_weights: bool = True,
-                       recompute: str = "none") -> TransformerConfig:
+                       recompute: str = "none", moe=None) -> TransformerConfig:
     """The TransformerConfig equal in function to the HF model, for the parallel layout now initialised.
 
     ``recompute`` trades compute for activation memory in training: "full" keeps only each layer's input and
@@ -58,7 +83,7 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init
         # fusions need apex/TE kernels; they are pure speed, never semantics
         use_cpu_initialization=not on_gpu, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        apply_rope_fusion=False, calculate_per_token_loss=True, **RECOMPUTE[recompute],
+        apply_rope_fusion=False, calculate_per_token_loss=True, **RECOMPUTE[recompute], **moe_config(arch, moe),
         # init_weights=False keeps megatron-core's init path (it is where the TP attributes tensor_model_parallel /
         # partition_dim / partition_stride are set; with perform_initialization=False sharded weights have none,
         # the optimizer then counts only TP rank 0's shards in the grad norm) with init functions that do nothing
@@ -72,30 +97,36 @@ def _leave_uninitialised(weight: torch.Tensor) -> None:
 
 
 def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_spec: str | None = None,
-                seq_length: int | None = None, init_weights: bool = True, recompute: str = "none") -> torch.nn.Module:
+                seq_length: int | None = None, init_weights: bool = True, recompute: str = "none",
+                moe=None) -> torch.nn.Module:
     """The GPTModel stage of this rank (wrapped in Float16Module for bf16/fp16). parallel_state must be set up.
 
     Weights are randomly initialised, or left uninitialised with ``init_weights=False`` (conversion, loading:
     skips minutes of random init on large models). Load real ones with ``weights.load_hf_weights``.
-    ``recompute``: activation recomputation in training (see ``transformer_config``).
+    ``recompute``: activation recomputation in training (see ``transformer_config``); ``moe``: the run's router
+    and dispatcher settings for a mixture-of-experts model (``moe_config``).
     """
     enable_cpu_compat()
     check_parallel(arch, parallel_state.get_tensor_model_parallel_world_size(),
-                   parallel_state.get_pipeline_model_parallel_world_size())
+                   parallel_state.get_pipeline_model_parallel_world_size(),
+                   ep=parallel_state.get_expert_model_parallel_world_size())
     spec_name = layer_spec or default_layer_spec_name()
     if spec_name == "transformer_engine":
         if not te_available():
             raise ValueError("model.layer_spec=transformer_engine but Transformer Engine does not import; "
                              "install megarl[gpu] on a CUDA machine or set model.layer_spec=local.")
-        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+        spec = get_gpt_layer_with_transformer_engine_spec(num_experts=arch.num_experts or None,
+                                                          moe_grouped_gemm=arch.is_moe, qk_layernorm=arch.qk_norm)
     elif spec_name == "local":
-        spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+        # experts: SequentialMLP (one MLP per local expert; megatron-core's grouped GEMM needs TE or CUDA)
+        spec = get_gpt_layer_local_spec(num_experts=arch.num_experts or None, moe_grouped_gemm=False,
+                                        qk_layernorm=arch.qk_norm, normalization="RMSNorm")
         # megatron-core's local core attention takes neither packed sequences nor cp > 1; this subclass does both
         # (context_parallel.py, packing.py) and is the stock one otherwise
         spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
     else:
         raise ValueError(f"model.layer_spec='{spec_name}' is unknown; use 'local' or 'transformer_engine'.")
-    config = transformer_config(arch, dtype, init_weights, recompute)
+    config = transformer_config(arch, dtype, init_weights, recompute, moe)
     model = GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size,
         max_sequence_length=seq_length or arch.max_position_embeddings,

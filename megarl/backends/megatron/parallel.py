@@ -14,12 +14,13 @@ from megarl.parallel import ParallelDims, RankLayout  # the layout's one owner (
 
 
 def init_model_parallel(dims: ParallelDims, seed: int = 1234) -> None:
-    """Create the TP/CP/PP/DP groups (order tp-cp-ep-dp-pp, Megatron's default) and seed the RNG tracker."""
+    """Create the TP/CP/EP/PP/DP groups (order tp-cp-ep-dp-pp, Megatron's default) and seed the RNG tracker."""
     enable_cpu_compat()
     dims.check(dist.get_world_size())
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=dims.tp,
                                              pipeline_model_parallel_size=dims.pp,
-                                             context_parallel_size=dims.cp)
+                                             context_parallel_size=dims.cp,
+                                             expert_model_parallel_size=dims.ep)
     model_parallel_cuda_manual_seed(seed)
 
 
@@ -35,8 +36,9 @@ def model_parallel(dims: ParallelDims, seed: int = 1234):
     if parallel_state.model_parallel_is_initialized():
         have = rank_layout().dims
         if have != dims:
-            raise ValueError(f"model parallel groups already exist with tp={have.tp} pp={have.pp} cp={have.cp}; "
-                             f"cannot switch to tp={dims.tp} pp={dims.pp} cp={dims.cp} inside them.")
+            raise ValueError(f"model parallel groups already exist with tp={have.tp} pp={have.pp} cp={have.cp} "
+                             f"ep={have.ep}; cannot switch to tp={dims.tp} pp={dims.pp} cp={dims.cp} ep={dims.ep} "
+                             f"inside them.")
         yield rank_layout()
         return
     init_model_parallel(dims, seed)
@@ -50,6 +52,7 @@ def rank_layout() -> RankLayout:
     """This rank's layout and groups, read from Megatron's parallel state (inside ``model_parallel``)."""
     ps = parallel_state
     dims = ParallelDims(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                        ps.get_context_parallel_world_size())
+                        ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size())
     return RankLayout(dims, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-                      ps.get_data_parallel_group(), ps.get_model_parallel_group(), ps.get_context_parallel_rank())
+                      ps.get_data_parallel_group(), ps.get_model_parallel_group(), ps.get_context_parallel_rank(),
+                      ps.get_expert_model_parallel_rank())
