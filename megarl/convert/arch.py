@@ -152,9 +152,12 @@ def _moe(cfg: dict[str, Any], family: str, source: str) -> dict[str, Any]:
         raise UnsupportedModel(f"{source}: router_jitter_noise={cfg['router_jitter_noise']} is not supported "
                                f"(use 0.0, as the released Mixtral checkpoints do).")
     ffn = cfg.get("moe_intermediate_size") if family == "qwen3_moe" else cfg["intermediate_size"]
-    return dict(num_experts=experts, moe_top_k=top_k, moe_ffn_hidden_size=int(ffn),
-                # transformers' Qwen3MoeConfig defaults norm_topk_prob to False; Mixtral always renormalises
-                moe_norm_topk=bool(cfg.get("norm_topk_prob", False)) if family == "qwen3_moe" else True,
+    # transformers' Qwen3MoeConfig defaults norm_topk_prob to False; Mixtral always renormalises
+    norm = bool(cfg.get("norm_topk_prob", False)) if family == "qwen3_moe" else True
+    if norm and top_k == 1:
+        raise UnsupportedModel(f"{source}: top-1 routing with renormalised weights (every weight 1, so the router "
+                               f"never learns) is refused by megatron-core; it needs a top-k of 2 or more.")
+    return dict(num_experts=experts, moe_top_k=top_k, moe_ffn_hidden_size=int(ffn), moe_norm_topk=norm,
                 moe_aux_loss_coef=float(cfg.get("router_aux_loss_coef") or 0.0))
 
 

@@ -93,6 +93,10 @@ def initial_model(cfg: RunConfig):
 
     model_dir = once_per_node_then_all(lambda: resolve_model_spec(cfg.model.hf_dir, cfg.run.dir, cfg.run.seed))
     arch = read_arch_dir(model_dir)
+    if arch.is_moe and cfg.parallel.tp > 1:
+        raise ValueError(f"parallel.tp={cfg.parallel.tp} with a mixture-of-experts model: megatron-core trains MoE "
+                         f"layers at tp > 1 only with sequence parallelism, which megarl does not support yet. Split "
+                         f"the model with parallel.ep (experts) and parallel.pp (layers), with parallel.tp=1.")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False,
                         recompute=cfg.model.recompute, moe=cfg.moe)

@@ -85,10 +85,27 @@ def test_verify_and_streaming_export_at_every_layout(converted, tp, pp):
     assert out.count("max |logit diff| vs HF") == len(MODELS)
 
 
+MOE = ("qwen3_moe", "mixtral")
+
+
+@pytest.mark.parametrize("tp,pp,ep", [(1, 1, 2), (2, 1, 2), pytest.param(1, 2, 2, marks=pytest.mark.slow)],
+                         ids=["ep2", "tp2xep2", "pp2xep2"])
+def test_moe_verify_and_streaming_export_at_expert_parallel_layouts(converted, tp, pp, ep):
+    """Experts split over EP ranks (and over TP, and pipeline stages): logits equal HF's, and every rank's export
+    gathers every expert back bit-exactly under its checkpoint name."""
+    out = torchrun("tests/parallel/worker_convert.py", tp * pp * ep, "--tp", str(tp), "--pp", str(pp), "--ep",
+                   str(ep), "--root", str(converted), "--families", ",".join(MOE))
+    assert out.count("verify + streaming export ok") == len(MOE)
+    assert out.count(f"ep={ep}: 24 probe tokens, max |logit diff| vs HF") == len(MOE)
+
+
 def test_cli_verify_under_torchrun_and_its_failure_exit(converted):
     d = converted / "qwen3"
     out = torchrun("megarl.cli", 2, "convert", "verify", str(d / "hf"), str(d / "mcore"), "--tp", "2")
     assert "verify tp=2 pp=1" in out
+    d = converted / "mixtral"
+    out = torchrun("megarl.cli", 2, "convert", "verify", str(d / "hf"), str(d / "mcore"), "--ep", "2")
+    assert "verify tp=1 pp=1 ep=2" in out
     r = megarl("convert", "verify", str(d / "hf"), str(d / "mcore"), "--tol", "1e-12")
     assert r.returncode == 2 and "exceeds the tolerance 1e-12" in r.stderr
 

@@ -24,6 +24,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarl.backends.megatron import context_parallel as cp
+from megarl.backends.megatron import moe
 from megarl.backends.megatron.model import unwrap
 from megarl.kernels import token_logprobs_entropy
 
@@ -47,9 +48,19 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
     At parallel.cp > 1 each rank runs its part of every sequence (padded to a multiple of 2 cp, or of each packed
     segment; ``context_parallel.shard_inputs``): ``post`` gets this rank's [b, S/cp, ...] output and maps
     positions with ``context_parallel.pick_local``. Under ``context_parallel.whole_sequences`` (generation) nothing is sharded.
+
+    At expert parallelism (ep > 1) every rank of the expert-parallel group runs as many passes as the busiest one
+    (``moe.passes_in_step``): the others add padding passes (a copy of their first micro-batch, or 8 pad tokens)
+    whose output is dropped, whose router losses are off and whose loss is zero.
     """
-    if not micro_batches:
+    real = len(micro_batches)
+    padding = moe.passes_in_step(real) - real
+    if not real and not padding:
         return []
+    if padding:
+        filler = {k: v for k, v in micro_batches[0].items() if k in ("input_ids", "position_ids", "model_kwargs")} \
+            if real else {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+        micro_batches = [*micro_batches, *[{**filler, "_padding": True}] * padding]
     b, s = micro_batches[0]["input_ids"].shape
     for mb in micro_batches:
         if tuple(mb["input_ids"].shape) != (b, s):
@@ -65,9 +76,12 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
         pos = mb.get("position_ids", position_ids_for(ids))
         if split > 1:
             ids, pos = cp.shard_inputs(ids, pos, mb.get("model_kwargs", {}).get("packed_seq_params"))
-        logits = mdl(ids, pos, attention_mask=None, **mb.get("model_kwargs", {}))
+        with moe.padding_pass(mdl) if mb.get("_padding") else contextlib.nullcontext():
+            logits = mdl(ids, pos, attention_mask=None, **mb.get("model_kwargs", {}))
 
         def loss_func(output: torch.Tensor):
+            if mb.get("_padding"):
+                return output.sum() * 0.0, 1, ({"data": None} if forward_only else {})
             if forward_only:
                 return output.new_zeros(()), 1, {"data": post(output, mb)}
             loss, metrics = post(output, mb)
@@ -80,7 +94,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
         num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=b, forward_only=forward_only)
     if not parallel_state.is_pipeline_last_stage():
         return []
-    return [o["data"] for o in out] if forward_only else list(out)
+    return [o["data"] for o in out[:real]] if forward_only else list(out[:real])
 
 
 def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

