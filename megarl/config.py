@@ -246,6 +246,10 @@ class RunConfig:
         if self.rollout.overlong_buffer > self.rollout.max_tokens:
             raise ValueError(f"rollout.overlong_buffer ({self.rollout.overlong_buffer}) must be <= "
                              f"rollout.max_tokens ({self.rollout.max_tokens}).")
+        if self.moe.capacity_factor is not None and self.rollout.backend != "native":
+            raise ValueError(f"moe.capacity_factor={self.moe.capacity_factor} drops tokens in the trainer's passes; "
+                             f"vLLM's are dropless, so its samples would come from another model. Use it with "
+                             f"rollout.backend=native, or leave it unset (dropless).")
         if self.rollout.tp > 1 and self.rollout.placement != "ray":
             raise ValueError(f"rollout.tp={self.rollout.tp} sizes the engines of rollout.placement=ray; colocated "
                              f"engines share the trainer's parallel.tp. Set rollout.placement=ray or rollout.tp=1.")

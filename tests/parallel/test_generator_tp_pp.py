@@ -1,4 +1,4 @@
-"""The native KV-cache generator at TP=2 and PP=2 under torchrun (see worker_generate.py)."""
+"""The native KV-cache generator at TP=2, PP=2 and EP=2 under torchrun (see worker_generate.py)."""
 
 import pytest
 
@@ -11,3 +11,9 @@ pytestmark = pytest.mark.dist
 def test_generator_at_layout(tp, pp):
     out = torchrun("tests/parallel/worker_generate.py", tp * pp, "--tp", str(tp), "--pp", str(pp))
     assert out.count("greedy == HF, sampled log-probs consistent") == 2
+
+
+def test_generator_at_ep2_with_uneven_prompts_per_rank():
+    """Experts split over two ranks that generate different prompts (worker_generate.py --ep 2)."""
+    out = torchrun("tests/parallel/worker_generate.py", 2, "--ep", "2", timeout=300)
+    assert out.count("greedy == HF on uneven prompts") == 2

@@ -46,3 +46,11 @@ def test_ep2_checkpoint_resumes_in_one_process(megatron_world, tmp_path, data_di
     launch(tmp_path / "moved", data_dir, "parallel.ep=2", "train.steps=1", *off)
     moved = run(tmp_path / "moved", data_dir, *MOE, *off)
     same_metrics(reference, moved, tol=1e-4, skip=("batch/", "sync/seconds"))
+
+
+def test_training_a_moe_model_at_tp2_is_refused_with_the_way_out(megatron_world, tmp_path, data_dir):
+    """megatron-core trains MoE layers at tp > 1 only with sequence parallelism (unsupported here): a one-line
+    error naming parallel.ep / parallel.pp instead of megatron-core's own error deep inside the first step."""
+    with pytest.raises(AssertionError, match=r"parallel.tp=2 with a mixture-of-experts model: .* Split the model "
+                                             r"with parallel.ep \(experts\) and parallel.pp \(layers\)"):
+        launch(tmp_path / "tp2", data_dir, "parallel.tp=2")

@@ -79,13 +79,14 @@ class MegatronGenerator(GeneratesNow):
         results: list[list[Completion]] = [[] for _ in prompts]
         per_batch = max(1, self.max_batch_rows // n)
         chunks = [idx[start: start + per_batch] for idx in by_len.values() for start in range(0, len(idx), per_batch)]
+        rounds = moe.passes_in_step(len(chunks))  # ep > 1: agreed before any pass, whose collectives it would meet
         for chunk in chunks:
             gens = [torch.Generator().manual_seed(seeds[i]) for i in chunk]
             with whole_sequences(unwrap(self.model)):  # at cp > 1 every rank of the group samples the same
                 batch = self._generate_batch([prompts[i] for i in chunk], n, sampling, gens)
             for i, out in zip(chunk, batch):
                 results[i] = out
-        for _ in range(moe.passes_in_step(len(chunks)) - len(chunks)):  # ep > 1: keep pace with the busiest rank
+        for _ in range(rounds - len(chunks)):  # keep pace with the busiest rank of the expert-parallel group
             with whole_sequences(unwrap(self.model)):
                 self._generate_batch([[0]], 1, sampling, [torch.Generator()], filler=True)
         return results
