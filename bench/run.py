@@ -28,6 +28,7 @@ BENCHES = {  # name: (script, default arguments, what it measures)
     "demo_all": ("demo_all.py", [], "every algorithm family on the CPU demo: held-out curves, time, memory"),
     "rpg_variants": ("rpg_variants.py", [], "RPG's variants against REINFORCE++ on the CPU demo"),
     "context_parallel": ("context_parallel.py", [], "one update on one 4k/8k-token sequence at CP1 vs CP2: memory"),
+    "moe": ("moe.py", [], "a small Qwen3-MoE at EP1 vs EP2: training tokens/s, memory per rank, vLLM sync"),
     "fleet": ("fleet.py", [], "colocated vLLM vs a Ray fleet of one engine: sync and step seconds"),
     "staleness": ("staleness.py", [], "the demo on the Ray fleet, synchronous vs one-step-off"),
     "kk_trpa_grpo": ("kk_trpa_grpo.py", [], "TRPA vs GRPO on generated Knights-and-Knaves (2-3 people)"),

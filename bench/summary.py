@@ -163,6 +163,19 @@ def _context_parallel(d: dict) -> list[str]:
          "loss |diff| vs cp=1"], rows)
 
 
+def _moe(d: dict) -> list[str]:
+    rows = [[r["ep"], _error_cell(r)] + [""] * 8 if "error" in r else
+            [r["ep"], r["ranks"], f"{r['experts']} x {r['expert_ffn']}, top {r['top_k']}", r["tokens_per_s"],
+             r.get("tokens_per_s_vs_ep1"), r["peak_memory_gib_per_rank"], r.get("memory_vs_ep1"), r["sync_s"],
+             r.get("sync_time_vs_ep1"), r.get("loss_diff_vs_ep1")] for r in d["rows"]]
+    return ["A small Qwen3-MoE trained on the same ranks with every expert on each rank (ep=1) and split over them "
+            "(ep=2), in one run (`bench/moe.py`): training-step tokens/s over all ranks, the largest rank's peak "
+            "memory after training (CPU: peak RSS, the process's whole footprint), and one verified weight sync "
+            "into colocated vLLM.", ""] + _table(
+        ["ep", "ranks", "experts", "tokens/s", "vs ep=1", "peak GiB per rank", "vs ep=1", "sync s", "vs ep=1",
+         "loss |diff| vs ep=1"], rows)
+
+
 def _kk_trpa_grpo(d: dict) -> list[str]:
     rows = [[r["algo"], _error_cell(r)] + [""] * 6 if "error" in r else
             [r["algo"], " / ".join(f"{v:.3f}" for v in r["avg_at_4"].values()),
@@ -178,7 +191,7 @@ def _kk_trpa_grpo(d: dict) -> list[str]:
 FORMATS = {"logprob_kernels": _kernels, "kk_trpa_grpo": _kk_trpa_grpo, "context_parallel": _context_parallel,
            "packing": _packing, "rollout": _rollout, "train_step": _train_step, "rl_step": _rl_step,
            "convert_memory": _convert, "demo_all": _demo_all, "rpg_variants": _rpg_variants,
-           "staleness": _staleness}
+           "staleness": _staleness, "moe": _moe}
 
 
 def write_summary(folder: str | Path) -> Path:
