@@ -145,11 +145,22 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(row), flush=True)
         return
+    import shutil
     import tempfile
 
+    from results_io import write_result
+
+    tmp = tempfile.mkdtemp(prefix="megarl-bench-moe-")
+    try:
+        rows = run_all(args, Path(tmp) / "model")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {write_result('moe', rows, sys.argv[1:])}")
+
+
+def run_all(args, model_dir: Path) -> list[dict]:
     from results_io import run_one, write_result
 
-    model_dir = Path(tempfile.mkdtemp(prefix="megarl-bench-moe-")) / "model"
     write_model(args, model_dir)
     rows = []
     for ep in args.eps:
@@ -166,7 +177,7 @@ def main() -> None:
                 r["sync_time_vs_ep1"] = round(r["sync_s"] / base["sync_s"], 3)
                 r["loss_diff_vs_ep1"] = abs(r["loss"] - base["loss"])
         write_result("moe", rows, sys.argv[1:], complete=False)
-    print(f"wrote {write_result('moe', rows, sys.argv[1:])}")
+    return rows
 
 
 if __name__ == "__main__":

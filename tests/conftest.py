@@ -79,3 +79,18 @@ def smollm2_dir(megarl_cache):
     from megarl.convert.bundled import SMOLLM2_NAME
 
     return megarl_cache / "models" / SMOLLM2_NAME
+
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_launcher_variables_leak():
+    """A test that builds a vLLM engine in pytest's own process (vLLM's launcher sets RANK, WORLD_SIZE, ...) makes
+    every later `megarl` subprocess believe it runs under torchrun. Fail the test that leaked them, by name."""
+    before = {k: os.environ.get(k) for k in _LAUNCH_VARS}
+    yield
+    leaked = sorted(k for k in _LAUNCH_VARS if os.environ.get(k) != before[k])
+    for k in leaked:
+        os.environ.pop(k, None) if before[k] is None else os.environ.__setitem__(k, before[k])
+    assert not leaked, f"this test left {leaked} in pytest's environment; run vLLM in a worker process instead"

@@ -8,7 +8,8 @@ import pytest
 
 from megarl.metrics import read_metrics
 from tests.parallel.launch import torchrun
-from tests.train.test_trainer import BASE, make_data, run, same_metrics
+from tests.train.test_moe_train import metrics_of
+from tests.train.test_trainer import BASE, make_data, same_metrics
 
 pytestmark = pytest.mark.dist
 
@@ -26,7 +27,7 @@ def launch(run_dir, data_dir, *overrides):
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def test_ep2_logs_the_metrics_of_ep1(megatron_world, tmp_path, data_dir):
+def test_ep2_logs_the_metrics_of_ep1(tmp_path, data_dir):
     """Two data-parallel ranks with every expert each (ep=1) and with two experts each (ep=2, tokens sent to
     their experts' rank and back): the same losses, gradient norms, router metrics and sync probes to 1e-5, with
     the load-balancing loss on (the checkpoint's coefficient, 0.01) and the distributed optimizer."""
@@ -37,18 +38,18 @@ def test_ep2_logs_the_metrics_of_ep1(megatron_world, tmp_path, data_dir):
     same_metrics(ep1, ep2, tol=1e-5, skip=("sync/seconds",))
 
 
-def test_ep2_checkpoint_resumes_in_one_process(megatron_world, tmp_path, data_dir):
+def test_ep2_checkpoint_resumes_in_one_process(tmp_path, data_dir):
     """Step 1 at ep=2 with the optimizer state (experts' Adam moments included) sharded over the two ranks, step 2
     resumed in one process (every expert on one rank): the metrics equal an uninterrupted one-process run. The
     router loss is off here: its value depends on how tokens are split over data-parallel ranks."""
     off = ["moe.aux_loss_coef=0"]
-    reference = run(tmp_path / "one", data_dir, *MOE, *off)
+    reference = metrics_of(tmp_path / "one", data_dir, *MOE, *off)  # a process of its own: vLLM inside
     launch(tmp_path / "moved", data_dir, "parallel.ep=2", "train.steps=1", *off)
-    moved = run(tmp_path / "moved", data_dir, *MOE, *off)
+    moved = metrics_of(tmp_path / "moved", data_dir, *MOE, *off)
     same_metrics(reference, moved, tol=1e-4, skip=("batch/", "sync/seconds"))
 
 
-def test_training_a_moe_model_at_tp2_is_refused_with_the_way_out(megatron_world, tmp_path, data_dir):
+def test_training_a_moe_model_at_tp2_is_refused_with_the_way_out(tmp_path, data_dir):
     """megatron-core trains MoE layers at tp > 1 only with sequence parallelism (unsupported here): a one-line
     error naming parallel.ep / parallel.pp instead of megatron-core's own error deep inside the first step."""
     with pytest.raises(AssertionError, match=r"parallel.tp=2 with a mixture-of-experts model: .* Split the model "
