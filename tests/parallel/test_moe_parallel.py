@@ -27,17 +27,21 @@ def launch(run_dir, data_dir, *overrides):
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def test_ep2_logs_the_metrics_of_ep1(tmp_path, data_dir):
+def test_ep2_logs_the_metrics_of_ep1_and_resumes_exactly(tmp_path, data_dir):
     """Two data-parallel ranks with every expert each (ep=1) and with two experts each (ep=2, tokens sent to
-    their experts' rank and back): the same losses, gradient norms, router metrics and sync probes to 1e-5, with
-    the load-balancing loss on (the checkpoint's coefficient, 0.01) and the distributed optimizer."""
+    their experts' rank and back), the ep=2 run stopped after step 1 and resumed (expert weights and the experts'
+    Adam moments from the distributed optimizer's checkpoint): the same losses, gradient norms, router metrics and
+    sync probes to 1e-5, with the load-balancing loss on (the checkpoint's coefficient, 0.01)."""
     ep1 = launch(tmp_path / "ep1", data_dir)
+    launch(tmp_path / "ep2", data_dir, "parallel.ep=2", "train.steps=1")
     ep2 = launch(tmp_path / "ep2", data_dir, "parallel.ep=2")
+    assert [r["step"] for r in ep2] == [1, 2]
     assert {"moe/load_imbalance", "moe/dropped_fraction", "moe/load_balancing_loss"} <= set(ep2[0])
     assert all(r["sync/probe_diff_max"] < 1e-4 for r in ep2)
     same_metrics(ep1, ep2, tol=1e-5, skip=("sync/seconds",))
 
 
+@pytest.mark.slow  # the default run resumes at the same layout (above)
 def test_ep2_checkpoint_resumes_in_one_process(tmp_path, data_dir):
     """Step 1 at ep=2 with the optimizer state (experts' Adam moments included) sharded over the two ranks, step 2
     resumed in one process (every expert on one rank): the metrics equal an uninterrupted one-process run. The
