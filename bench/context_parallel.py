@@ -20,14 +20,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 
 def measure(args) -> dict:
-    import resource
-
     import torch
-    import torch.distributed as dist
+
+    from measure import peak_memory_ranks, timed_updates
 
     from megarl.backends.megatron.model import build_model
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
@@ -59,21 +57,8 @@ def measure(args) -> dict:
         model = build_model(arch, dtype=dtype, recompute=args.recompute)
         policy = MegatronPolicy(model, arch, optim, args.steps + 1, packing=False)
         loss = build_loss("grpo", kl_coef=0.0)
-        times = []
-        for step in range(args.steps + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            dist.barrier()
-            t0 = time.perf_counter()
-            metrics = policy.train_step(ro, [[0]], loss, tokens, 1.0)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step:  # the first call warms up
-                times.append(time.perf_counter() - t0)
-        mine = torch.cuda.max_memory_allocated() if device == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peaks = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, mine)
+        times, metrics = timed_updates(policy, ro, [[0]], loss, tokens, args.steps)
+        peaks = peak_memory_ranks()
     return {"cp": args.cp, "tokens": tokens, "layers": args.layers, "hidden": args.hidden,
             "recompute": args.recompute, "dtype": str(dtype).replace("torch.", ""),
             "update_s": round(min(times), 2), "update_s_all": [round(t, 2) for t in times],

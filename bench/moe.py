@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,10 +51,10 @@ def write_model(args, out: Path) -> None:
 
 
 def measure(args) -> dict:
-    import resource
-
     import torch
     import torch.distributed as dist
+
+    from measure import peak_memory_ranks, timed_updates
 
     from megarl.backends.megatron.model import build_model
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
@@ -89,19 +88,8 @@ def measure(args) -> dict:
         reader.close()
         policy = MegatronPolicy(model, arch, optim, 2 * args.steps + 2, packing=False)
         loss = build_loss("grpo", kl_coef=0.0)
-        times = []
-        for step in range(args.steps + 1):
-            dist.barrier()
-            t0 = time.perf_counter()
-            metrics = policy.train_step(ro, [[i] for i in range(args.rows)], loss, args.tokens, 1.0)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step:  # the first call warms up
-                times.append(time.perf_counter() - t0)
-        mine = torch.cuda.max_memory_allocated() if device == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peaks = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, mine)
+        times, metrics = timed_updates(policy, ro, [[i] for i in range(args.rows)], loss, args.tokens, args.steps)
+        peaks, world = peak_memory_ranks(), dist.get_world_size()
         engine = ColocatedVLLM(policy, arch, Path(args.model), tp=1, dtype=str(dtype).replace("torch.", ""),
                                max_model_len=512, kv_cache_mb=256, gpu_memory_utilization=0.3, probe_tol=None,
                                seed=0, group=layout.model_group)
@@ -110,7 +98,6 @@ def measure(args) -> dict:
             dist.barrier()
             syncs.append(engine.sync())
         engine.close()
-    world = dist.get_world_size() if dist.is_initialized() else args.ranks
     return {"ep": args.ep, "ranks": world, "experts": arch.num_experts, "layers": arch.num_layers,
             "hidden": arch.hidden_size, "expert_ffn": arch.moe_ffn_hidden_size, "top_k": arch.moe_top_k,
             "tokens_per_rank": args.rows * args.tokens, "dtype": str(dtype).replace("torch.", ""),

@@ -20,6 +20,7 @@ from tests.cli import megarl
 from tests.parallel.launch import torchrun
 
 MODELS = (*TINY_FAMILIES, "llama_bf16")
+MOE = ("qwen3_moe", "mixtral")
 
 
 def read_all(d: Path) -> dict[str, torch.Tensor]:
@@ -79,13 +80,12 @@ def test_shards_respect_the_size_cap(converted, tmp_path):
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)], ids=["tp1", "tp2", "pp2", "tp2xpp2"])
 def test_verify_and_streaming_export_at_every_layout(converted, tp, pp):
+    # the MoE families at TP1 and PP2 here; with experts split (EP2, TP2xEP2) below
+    models = MODELS if (tp, pp) in ((1, 1), (1, 2)) else [m for m in MODELS if m not in MOE]
     out = torchrun("tests/parallel/worker_convert.py", tp * pp, "--tp", str(tp), "--pp", str(pp),
-                   "--root", str(converted), "--families", ",".join(MODELS))
-    assert out.count("verify + streaming export ok") == len(MODELS)
-    assert out.count("max |logit diff| vs HF") == len(MODELS)
-
-
-MOE = ("qwen3_moe", "mixtral")
+                   "--root", str(converted), "--families", ",".join(models))
+    assert out.count("verify + streaming export ok") == len(models)
+    assert out.count("max |logit diff| vs HF") == len(models)
 
 
 @pytest.mark.parametrize("tp,pp,ep", [(1, 1, 2), (2, 1, 2), pytest.param(1, 2, 2, marks=pytest.mark.slow)],

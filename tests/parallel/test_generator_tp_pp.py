@@ -14,6 +14,7 @@ def test_generator_at_layout(tp, pp):
 
 
 def test_generator_at_ep2_with_uneven_prompts_per_rank():
-    """Experts split over two ranks that generate different prompts (worker_generate.py --ep 2)."""
+    """Experts split over two ranks that generate different prompts (worker_generate.py --ep 2); the allgather
+    dispatcher, which gloo cannot run with uneven token counts, refused by name."""
     out = torchrun("tests/parallel/worker_generate.py", 2, "--ep", "2", timeout=300)
-    assert out.count("greedy == HF on uneven prompts") == 2
+    assert out.count("greedy == HF on uneven prompts; allgather refused on gloo") == 2

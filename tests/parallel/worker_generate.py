@@ -60,10 +60,17 @@ def expert_parallel_greedy(info, checkpoint_tensors, tiny_hf_model, prompts) -> 
     from megarl.backends.protocols import SamplingParams
     from megarl.convert.arch import read_arch
 
+    from megarl.config import MoESection
+
     for family in ("qwen3_moe", "mixtral"):
         hf = tiny_hf_model(family, seed=3)
         arch = read_arch(hf.config.to_dict())
-        model = build_model(arch)
+        try:  # gloo: only the alltoall dispatcher takes the uneven token counts of EP ranks
+            build_model(arch, moe=MoESection(dispatcher="allgather"))
+            raise AssertionError("the allgather dispatcher was built at ep > 1 on gloo")
+        except ValueError as e:
+            assert "moe.dispatcher=allgather at parallel.ep > 1 needs NCCL" in str(e), e
+        model = build_model(arch, moe=MoESection(dispatcher="alltoall"))
         load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
         refs = [hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
                 for p in prompts]
@@ -75,7 +82,8 @@ def expert_parallel_greedy(info, checkpoint_tensors, tiny_hf_model, prompts) -> 
             cut = ref[: ref.index(stop) + 1] if stop in ref else ref
             assert all(c.token_ids == cut for c in comps), (family, info.rank, comps[0].token_ids, cut)
         if info.is_main:
-            print(f"[ep{torch.distributed.get_world_size()}] {family}: greedy == HF on uneven prompts", flush=True)
+            print(f"[ep{torch.distributed.get_world_size()}] {family}: greedy == HF on uneven prompts; "
+                  f"allgather refused on gloo", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,14 +36,18 @@ def metrics_of(run_dir, data_dir, *overrides: str) -> list[dict]:
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def test_router_metrics_and_a_capacity_limit(tmp_path, data_dir):
-    """Dropless (the default) drops nothing; at capacity factor 0.5 each expert takes at most half its fair share
-    of a pass's assignments, so at least half of them are dropped (with the native sampler: vLLM never drops, so
-    the config refuses a capacity with it). Every step's sync passed its probe."""
+def test_a_capacity_is_refused_with_vllm_rollouts():
     from megarl.config import load_config
 
     with pytest.raises(ValueError, match=r"moe.capacity_factor=0.5 drops tokens .* rollout.backend=native"):
         load_config(None, ["moe.capacity_factor=0.5"], world_size=1)
+
+
+@pytest.mark.slow  # CI time: the router metrics are also checked at EP2 (tests/parallel/test_moe_parallel.py)
+def test_router_metrics_and_a_capacity_limit(tmp_path, data_dir):
+    """Dropless (the default) drops nothing; at capacity factor 0.5 each expert takes at most half its fair share
+    of a pass's assignments, so at least half of them are dropped (with the native sampler: vLLM never drops, so
+    the config refuses a capacity with it). Every step's sync passed its probe."""
     dropless = metrics_of(tmp_path / "dropless", data_dir)
     capped = metrics_of(tmp_path / "capped", data_dir, "moe.capacity_factor=0.5", "rollout.backend=native")
     for rec in dropless:

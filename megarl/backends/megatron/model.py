@@ -43,6 +43,11 @@ def moe_config(arch: ModelArch, moe=None) -> dict:
     from megarl.config import MoESection
 
     moe = moe or MoESection()
+    if moe.dispatcher == "allgather" and parallel_state.get_expert_model_parallel_world_size() > 1 \
+            and not torch.cuda.is_available():
+        raise ValueError("moe.dispatcher=allgather at parallel.ep > 1 needs NCCL: gloo's all-gather takes only "
+                         "equal sizes, and expert-parallel ranks route different numbers of tokens. Use "
+                         "moe.dispatcher=alltoall on CPU.")
     aux = arch.moe_aux_loss_coef if moe.aux_loss_coef is None else moe.aux_loss_coef
     return dict(
         num_moe_experts=arch.num_experts, moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
