@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -78,9 +77,9 @@ def main() -> None:
     ap.add_argument("--cp", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cp:
-        row = measure(args)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("RESULT " + json.dumps(row), flush=True)
+        from measure import print_result
+
+        print_result(measure(args))
         return
     from results_io import run_one, write_result
 

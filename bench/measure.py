@@ -36,3 +36,12 @@ def peak_memory_ranks() -> list[int]:
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, mine)
     return peaks
+
+
+def print_result(row: dict) -> None:
+    """The worker's row as the ``RESULT <json>`` line ``results_io.run_one`` reads, printed by global rank 0."""
+    import json
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps(row), flush=True)

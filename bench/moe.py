@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -128,9 +127,9 @@ def main() -> None:
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ep:
-        row = measure(args)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("RESULT " + json.dumps(row), flush=True)
+        from measure import print_result
+
+        print_result(measure(args))
         return
     import shutil
     import tempfile
