@@ -35,9 +35,10 @@ RECOMPUTE = {  # model.recompute -> megatron-core's activation recomputation set
 }
 
 
-def moe_config(arch: ModelArch, moe=None) -> dict:
+def moe_config(arch: ModelArch, moe=None, grouped_gemm: bool = False) -> dict:
     """megatron-core's MoE settings for a mixture-of-experts ``arch`` ({} for a dense one). ``moe``: the run's
-    ``MoESection`` (megarl.config; None = its defaults): dispatcher, router-loss coefficients, capacity."""
+    ``MoESection`` (megarl.config; None = its defaults): dispatcher, router-loss coefficients, capacity.
+    ``grouped_gemm``: the experts are TE's grouped GEMM (the TE layer spec), else one MLP per expert."""
     if not arch.is_moe:
         return {}
     from megarl.config import MoESection
@@ -61,12 +62,12 @@ def moe_config(arch: ModelArch, moe=None) -> dict:
         moe_router_dtype="fp32",  # HF's routers take their softmax in fp32 too
         expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
         expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
-        moe_grouped_gemm=default_layer_spec_name() == "transformer_engine", moe_permute_fusion=False,
+        moe_grouped_gemm=grouped_gemm, moe_permute_fusion=False,
     )
 
 
 def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init_weights: bool = True,
-                       recompute: str = "none", moe=None) -> TransformerConfig:
+                       recompute: str = "none", moe=None, layer_spec: str = "local") -> TransformerConfig:
     """The TransformerConfig equal in function to the HF model, for the parallel layout now initialised.
 
     ``recompute`` trades compute for activation memory in training: "full" keeps only each layer's input and
@@ -88,7 +89,8 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init
         # fusions need apex/TE kernels; they are pure speed, never semantics
         use_cpu_initialization=not on_gpu, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        apply_rope_fusion=False, calculate_per_token_loss=True, **RECOMPUTE[recompute], **moe_config(arch, moe),
+        apply_rope_fusion=False, calculate_per_token_loss=True, **RECOMPUTE[recompute],
+        **moe_config(arch, moe, grouped_gemm=layer_spec == "transformer_engine"),
         # init_weights=False keeps megatron-core's init path (it is where the TP attributes tensor_model_parallel /
         # partition_dim / partition_stride are set; with perform_initialization=False sharded weights have none,
         # the optimizer then counts only TP rank 0's shards in the grad norm) with init functions that do nothing
@@ -131,7 +133,7 @@ def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_sp
         spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
     else:
         raise ValueError(f"model.layer_spec='{spec_name}' is unknown; use 'local' or 'transformer_engine'.")
-    config = transformer_config(arch, dtype, init_weights, recompute, moe)
+    config = transformer_config(arch, dtype, init_weights, recompute, moe, spec_name)
     model = GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size,
         max_sequence_length=seq_length or arch.max_position_embeddings,

@@ -35,7 +35,7 @@ from megarl.backends.megatron.checkpoint import load_training_state, save_model,
 from megarl.backends.megatron.export import export_hf_weights
 from megarl.backends.megatron.generator import broadcast_from_last_stage
 from megarl.backends.megatron.forward import forward_backward, hidden_states_out, output_weight, token_logprobs
-from megarl.backends.megatron.model import transformer_config, unwrap
+from megarl.backends.megatron.model import unwrap
 from megarl.backends.megatron.optim import averaged_weights, build_optimizer, is_schedulefree, set_eval_point
 from megarl.convert.arch import ModelArch
 from megarl.convert.hf_io import ShardedWriter, atomic_output_dir, copy_side_files
@@ -171,8 +171,8 @@ class MegatronPolicy:
         self.arch, self.kernel_impl, self.source_dir = arch, kernel_impl, source_dir  # source: the HF model dir
         self.packing = packing  # train.packing: packed micro-batches (rollout/packing.py)
         self.dtype = dtype = unwrap(model).config.params_dtype
-        self.model = DistributedDataParallel(transformer_config(arch, dtype), ddp_config(dtype, optim["distributed"]),
-                                             model)
+        # the model's own config (megatron-core's way): one config, with the run's MoE and recompute settings
+        self.model = DistributedDataParallel(unwrap(model).config, ddp_config(dtype, optim["distributed"]), model)
         self.optimizer, self.scheduler = build_optimizer(
             [self.model], bf16=unwrap(model).config.bf16, total_steps=total_optimizer_steps, **optim)
         self.version = 0  # bumped whenever the weights change (updates, schedule-free point swaps, loads)
