@@ -80,12 +80,18 @@ def distributed(timeout_minutes: int = 30):
             shutdown_distributed()
 
 
+def comm_device(group=None) -> torch.device:
+    """Where a tensor must live to go through a collective of ``group``: NCCL takes CUDA tensors only, gloo CPU."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: dict[str, float], group=None, op=None) -> dict[str, float]:
     """Sum (or ``op``, e.g. ``dist.ReduceOp.MAX``) a dict of floats over a process group (loss counts, metrics)."""
     if not values or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
-                     device="cuda" if dist.get_backend(group) == "nccl" else "cpu")
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=comm_device(group))
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
     return dict(zip(keys, t.tolist()))

@@ -16,8 +16,10 @@ OUT=${OUT:-/tmp/megarl-gpu}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 
+STEPS=${MEGARL_GPU_STEPS:-"tests kernels train"}  # a rerun can name fewer of them
 step() {  # step SECONDS NAME COMMAND...: run with a limit, report its status and time, save results, carry on
     local limit=$1 name=$2; shift 2
+    case " $STEPS " in *" ${name%% *} "*) ;; *) echo "=== $name: not in MEGARL_GPU_STEPS"; return;; esac
     local t0=$SECONDS
     echo "=== $name (limit ${limit}s)"
     timeout "$limit" "$@"
@@ -43,11 +45,11 @@ DEV=$(cd bench && python3 -c "import results_io; print(results_io.device_dir())"
 SYNC=$!
 
 # the limits add up to 540 s, so with the install and imports the script ends inside a 600 s call
-step 240 "GPU tests" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA
+step 240 "tests (GPU)" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA
 step 120 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384 65536
 # 7B: bf16 weights, fp32 gradients, fp32 main weights and Adam state (18 bytes/param) take ~137 GB of the
 # H200's 151 GB (H100: 80 GB, so "out of memory" there), so its activations are recomputed
-step 180 "training-step benchmark" python3 bench/train_step.py --rows 8 --prompt 256 --response 1792 \
+step 180 "train-step benchmark" python3 bench/train_step.py --rows 8 --prompt 256 --response 1792 \
     --micro-batch-tokens 8192 --impl auto torch --recompute-shapes qwen2.5-7b
 
 kill $SYNC 2>/dev/null

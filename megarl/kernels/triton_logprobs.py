@@ -26,7 +26,9 @@ import triton.language as tl
 
 from megarl.kernels.tp import tp_rank, tp_size
 
-NEG = -1.0e30  # a finite "minus infinity": keeps exp(m_old - m_new) defined when a tile is all padding
+# a finite "minus infinity": keeps exp(m_old - m_new) defined when a tile is all padding; a constexpr, since
+# compiled Triton reads no other kind of global (its interpreter, on the CPU, reads any)
+NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -17,8 +17,7 @@ process and only when ``torch.cuda.is_available()`` is False, the five kinds of 
    Calls to ``Tensor.type()`` with no argument *made from megatron.core* get the CUDA spelling; every other
    caller sees the true type.
 5. **Seeding.** ``torch.cuda.manual_seed`` seeds the CPU generator, which plays the device generator.
-6. **Mixture of experts.** The router calls ``te_general_gemm``, a name ``moe_utils`` binds only when Transformer
-   Engine imports (None makes it take its torch path); the alltoall dispatcher copies token counts to the host
+6. **Mixture of experts.** The alltoall dispatcher copies token counts to the host
    on a side ``torch.cuda.Stream`` (on the CPU they are host tensors already: only the numpy conversion of the
    split sizes is kept); and
    the backward of the EP all-to-all / all-gather asks ``torch.cuda.current_device()`` inside autograd's engine,
@@ -151,12 +150,11 @@ def _patch_checkpointing() -> None:
 
 
 def _patch_moe() -> None:
-    """Item 6: the three MoE sites (and autograd's engine, for the backward of the EP collectives)."""
+    """Item 6: the MoE sites (and autograd's engine, for the backward of the EP collectives). The router's missing
+    ``te_general_gemm`` without Transformer Engine is not CPU-specific: ``model.moe_config`` binds it."""
     import torch.autograd.graph as graph
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    from megatron.core.transformer.moe import token_dispatcher
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
     dispatcher.cuda_dtoh_stream = "cpu"  # its __init__ makes a torch.cuda.Stream only while this is None
 

@@ -32,14 +32,17 @@ from megarl.backends.megatron.model import unwrap
 from megarl.backends.megatron.weights import load_hf_weights
 from megarl.backends.protocols import Completion, GeneratesNow, SamplingParams
 from megarl.convert.arch import ModelArch
+from megarl.distributed import comm_device
 from megarl.rollout.sampling import sample_tokens
 
 
 def broadcast_from_last_stage(t: torch.Tensor) -> torch.Tensor:
     """``t`` as the last pipeline stage holds it, in place on every stage of this pipeline (same shape/dtype)."""
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())
+        group = parallel_state.get_pipeline_model_parallel_group()
+        on_comm = t.to(comm_device(group))
+        dist.broadcast(on_comm, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=group)
+        t.copy_(on_comm)
     return t
 
 
@@ -50,12 +53,14 @@ class MegatronGenerator(GeneratesNow):
         self.model, self.arch, self.max_batch_rows = model, arch, max_batch_rows
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, ctx: StaticInferenceContext) -> torch.Tensor | None:
-        """Full-vocabulary fp32 logits of the last position [n, V] on the last stage, None elsewhere."""
-        mb = {"input_ids": ids, "position_ids": positions,
+        """Full-vocabulary fp32 logits of the last position [n, V] on the last stage, None elsewhere. Tokens are
+        sampled on the host (each prompt's seeded CPU generator), so the logits come back there."""
+        dev = next(self.model.parameters()).device
+        mb = {"input_ids": ids.to(dev), "position_ids": positions.to(dev),
               "model_kwargs": {"inference_context": ctx, "runtime_gather_output": True}}
         out = forward_backward(self.model, [mb], lambda logits, _: logits[:, -1, : self.arch.vocab_size].float(),
                                forward_only=True)
-        return out[0] if out else None
+        return out[0].cpu() if out else None
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sampling: SamplingParams,

@@ -44,6 +44,12 @@ def moe_config(arch: ModelArch, moe=None, grouped_gemm: bool = False) -> dict:
     from megarl.config import MoESection
 
     moe = moe or MoESection()
+    from megatron.core.transformer.moe import moe_utils
+
+    # megatron-core 0.16's router reads te_general_gemm, a name moe_utils binds only when Transformer Engine
+    # imports: without TE (the CPU, or a CUDA machine without it) None sends the router down its torch path
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
     if moe.dispatcher == "allgather" and parallel_state.get_expert_model_parallel_world_size() > 1 \
             and not torch.cuda.is_available():
         raise ValueError("moe.dispatcher=allgather at parallel.ep > 1 needs NCCL: gloo's all-gather takes only "

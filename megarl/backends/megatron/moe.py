@@ -18,6 +18,7 @@ from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, ge
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megarl.backends.megatron.model import unwrap
+from megarl.distributed import comm_device
 
 
 def _ep_group():
@@ -33,7 +34,7 @@ def passes_in_step(n: int) -> int:
     group = _ep_group()
     if group is None:
         return n
-    t = torch.tensor([n], dtype=torch.int64)
+    t = torch.tensor([n], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t.item())
 
@@ -43,7 +44,7 @@ def all_done(done: bool) -> bool:
     group = _ep_group()
     if group is None:
         return done
-    t = torch.tensor([int(done)], dtype=torch.int64)
+    t = torch.tensor([int(done)], dtype=torch.int64, device=comm_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
@@ -133,13 +134,14 @@ class RouterStats:
         names = sorted(n for n in tracker if n in ("load_balancing_loss", "z_loss"))
         losses = torch.stack([tracker[n]["values"].detach().double().cpu() for n in names]) if names else \
             torch.zeros(0, self.layers, dtype=torch.float64)
-        flat = torch.cat([self.load.flatten(), self.calls, self.assigned, losses.flatten()])
         dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        flat = torch.cat([self.load.flatten(), self.calls, self.assigned, losses.flatten()]).to(comm_device(dp_cp))
         if dist.get_world_size(dp_cp) > 1:
             dist.all_reduce(flat, group=dp_cp)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             # each stage filled the rows of its own layers, and counted assignments in its own layers only
             dist.all_reduce(flat, group=parallel_state.get_pipeline_model_parallel_group())
+        flat = flat.cpu()
         n_le, ranks = self.layers * self.experts, dist.get_world_size(dp_cp)
         load = flat[:n_le].view(self.layers, self.experts)
         calls = flat[n_le: n_le + self.layers] / ranks  # passes per rank
