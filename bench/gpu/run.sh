@@ -16,7 +16,7 @@ OUT=${OUT:-/tmp/megarl-gpu}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 
-STEPS=${MEGARL_GPU_STEPS:-"tests kernels train"}  # a rerun can name fewer of them
+STEPS=${MEGARL_GPU_STEPS:-"tests kernels train-step"}  # a rerun can name fewer of them
 step() {  # step SECONDS NAME COMMAND...: run with a limit, report its status and time, save results, carry on
     local limit=$1 name=$2; shift 2
     case " $STEPS " in *" ${name%% *} "*) ;; *) echo "=== $name: not in MEGARL_GPU_STEPS"; return;; esac
