@@ -2,7 +2,7 @@
 weights: tokens/s and model FLOPs utilisation against the device's measured matmul peak.
 
     .venv/bin/python bench/train_step.py                          # CPU: the shapes that fit, at TP=1 and TP=2
-    python bench/train_step.py --rows 16 --prompt 512 --response 512       # a GPU: all three shapes
+    python bench/train_step.py --rows 16 --prompt 512 --response 512       # a GPU: every shape
 
 Each (shape, kernels.impl, TP) runs in fresh processes (TP > 1: torchrun with TP ranks, one per GPU on CUDA, the
 host's cores split between them on CPU): the model is built (fp32 on CPU, bf16 on CUDA), then --steps GRPO
@@ -34,6 +34,7 @@ import time
 SHAPES = {  # the Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate, tied embeddings)
     "qwen2.5-0.5b": (896, 24, 14, 2, 4864, True),
     "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, True),
+    "qwen2.5-3b": (2048, 36, 16, 2, 11008, True),
     "qwen2.5-7b": (3584, 28, 28, 4, 18944, False),
 }
 VOCAB = 151_936

@@ -8,6 +8,7 @@
 # There, with the device tool's run: carry [".whl", ".gpu"], command
 #               MEGARL_BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/run.sh
 # (the command is composed here, so the commit is this checkout's; the copy there has no .git.)
+# A rerun of some steps: MEGARL_GPU_STEPS="tests kernels" (names: tests, kernels, train-step).
 # Then copy the returned JSON files into bench/results/<gpu name>/ (the log names it), run
 # `python bench/summary.py` and commit them.
 set -u -o pipefail
@@ -44,13 +45,14 @@ DEV=$(cd bench && python3 -c "import results_io; print(results_io.device_dir())"
 ( while sleep 15; do save; done ) &
 SYNC=$!
 
-# the limits add up to 540 s, so with the install and imports the script ends inside a 600 s call
-step 240 "tests (GPU)" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA
-step 120 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384 65536
-# 7B: bf16 weights, fp32 gradients, fp32 main weights and Adam state (18 bytes/param) take ~137 GB of the
-# H200's 151 GB (H100: 80 GB, so "out of memory" there), so its activations are recomputed
+# the limits add up to 540 s, so with the install and imports the script ends inside a 600 s call. Measured on an
+# H200 (2026-12-04): the GPU tests ~300 s (each `megarl train` run ~65 s), the kernels 27 s, the train steps ~130 s
+step 300 "tests (GPU)" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA --durations=10
+step 60 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384 65536
+# not 7B: bf16 weights, fp32 gradients, fp32 main weights and Adam state (18 bytes/param) take ~137 GB of the
+# H200's 150 GB, and the first Adam step ran out of memory even with activations recomputed (measured 2026-12-04)
 step 180 "train-step benchmark" python3 bench/train_step.py --rows 8 --prompt 256 --response 1792 \
-    --micro-batch-tokens 8192 --impl auto torch --recompute-shapes qwen2.5-7b
+    --micro-batch-tokens 8192 --impl auto torch --shapes qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b
 
 kill $SYNC 2>/dev/null
 echo "results folder: bench/results/$DEV"

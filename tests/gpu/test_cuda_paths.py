@@ -63,8 +63,10 @@ def test_triton_kernel_at_the_real_vocabulary(batch, dtype, temperature):
     torch.testing.assert_close(ent.double(), ent_o.detach(), rtol=1e-5, atol=1e-4)
     assert x.grad.dtype == dtype
     rtol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # the bf16 gradient is rounded to bf16 on store
-    # atol: entries of size p ~ 1e-8 carry fp32 cancellation error ~1e-9 in (z - E_p[z]); the large ones are ~1
-    torch.testing.assert_close(x.grad.double(), ref.grad, rtol=rtol, atol=1e-7)
+    # atol: dz = a (onehot - p) - b p (z - E_p[z]) / T sums two terms up to ~0.3 each (|z| ~ 20 at T = 0.7) whose
+    # p carries fp32's rounding of z - lse (~20 x 6e-8): where they cancel, an entry of ~1e-4 is off by ~2e-7
+    # (measured on an H200: 1.8e-7, one entry of 39M, at T = 0.7). Entries of size p ~ 1e-8 are off by ~1e-9.
+    torch.testing.assert_close(x.grad.double(), ref.grad, rtol=rtol, atol=5e-7)
     assert torch.count_nonzero(x.grad[:, V_REAL:]) == 0  # padded columns get no gradient
 
 
