@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from megarl.losses.base import LossInput, agg, counts_of, local_counts, require, token_mask
+from megarl.losses.base import LossInput, agg, counts_of, local_counts, require, seq_mean, token_mask
 
 
 def astar_po(inp: LossInput, *, beta2: float, entropy_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -29,8 +29,8 @@ def astar_po(inp: LossInput, *, beta2: float, entropy_coef: float) -> tuple[torc
         sq = sq * inp.is_weights.max(-1).values.to(sq.dtype)
     reg = sq.sum() / max(counts["seqs"], 1.0)
     loss = reg
-    metrics = {"regression_loss": float(reg.detach()), "logratio_sum_mean": float(s.detach().mean()),
-               "target_adv_mean": float(target.mean())}
+    metrics = {"regression_loss": float(reg.detach()), "logratio_sum_mean": seq_mean(s, mask, counts),
+               "target_adv_mean": seq_mean(target, mask, counts)}
     if entropy_coef:
         ent = agg(require(inp, "entropy", "astar_po", f"entropy_coef={entropy_coef} != 0"), mask, "token-mean",
                   counts)

@@ -107,7 +107,19 @@ def agg(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, counts: Mapping[s
     raise ValueError(f"Unknown aggregation mode '{mode}'. Known: {', '.join(AGG_MODES)}.")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of x over valid tokens, as a float for metrics."""
-    n = mask.sum()
-    return float((x.detach() * mask).sum() / n) if n > 0 else 0.0
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, counts: Mapping[str, float] | None = None) -> float:
+    """A metric: the mean of x over valid tokens, as a float. With the global ``counts``, this micro-batch's share
+    of the mini-batch's token mean (its sum over the GLOBAL token count), so that, like the loss, the shares add
+    up to the mini-batch's value over any number of micro-batches and data-parallel ranks."""
+    total = float((x.detach() * mask).sum())
+    n = counts["tokens"] if counts is not None else float(mask.sum())
+    return total / n if n > 0 else 0.0
+
+
+def seq_mean(x: torch.Tensor, mask: torch.Tensor, counts: Mapping[str, float] | None = None) -> float:
+    """A metric: the mean of a per-response value x [B] over the responses with a valid token; with the global
+    ``counts``, this micro-batch's additive share of it (``masked_mean``)."""
+    rows = mask.sum(-1) > 0
+    total = float(x.detach()[rows].sum())
+    n = counts["seqs"] if counts is not None else float(rows.sum())
+    return total / n if n > 0 else 0.0

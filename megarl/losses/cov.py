@@ -79,8 +79,8 @@ def clip_cov(inp: LossInput, *, clip_low: float, clip_high: float, clip_c: float
     ratio = torch.exp(log_ratio(inp, "clip_cov"))
     pg_mat, clipped, _ = dual_clip_pg(ratio, require(inp, "advantages", "clip_cov"), clip_low, clip_high, clip_c)
     pg = agg(is_weighted(pg_mat * (1.0 - sel), inp), mask, "token-mean", counts)
-    return pg, {"pg_loss": float(pg.detach()), "cov_frac": masked_mean(sel, mask),
-                "clip_frac": masked_mean(clipped.to(mask.dtype), mask)}
+    return pg, {"pg_loss": float(pg.detach()), "cov_frac": masked_mean(sel, mask, counts),
+                "clip_frac": masked_mean(clipped.to(mask.dtype), mask, counts)}
 
 
 def kl_cov(inp: LossInput, *, select_ratio: float, ppo_kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -91,8 +91,8 @@ def kl_cov(inp: LossInput, *, select_ratio: float, ppo_kl_coef: float) -> tuple[
     lr = log_ratio(inp, "kl_cov")
     pg_mat = -require(inp, "advantages", "kl_cov") * torch.exp(lr) + sel * ppo_kl_coef * lr.abs()
     pg = agg(is_weighted(pg_mat, inp), mask, "token-mean", counts)
-    return pg, {"pg_loss": float(pg.detach()), "cov_frac": masked_mean(sel, mask),
-                "abs_kl": masked_mean(lr.abs().detach(), mask)}
+    return pg, {"pg_loss": float(pg.detach()), "cov_frac": masked_mean(sel, mask, counts),
+                "abs_kl": masked_mean(lr.abs().detach(), mask, counts)}
 
 
 CLIP_COV_DEFAULTS = dict(clip_low=1.0, clip_high=1.0, clip_c=10.0, select_ratio=2e-4, cov_lb=1.0, cov_ub=5.0)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from megarl.losses.base import (LossInput, agg, counts_of, is_weighted, local_counts, masked_mean, require,
+from megarl.losses.base import (LossInput, agg, counts_of, is_weighted, local_counts, masked_mean, require, seq_mean,
                                 token_mask)
 from megarl.losses.kl import kl_estimate
 from megarl.losses.ppo import log_ratio
@@ -59,9 +59,8 @@ def gspo(inp: LossInput, *, clip_low: float, clip_high: float, kl_coef: float,
     ratio = torch.exp((inp.logprobs - inp.logprobs.detach() + seq[:, None]).clamp(max=10.0))  # value s_i
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     pg = agg(is_weighted(torch.maximum(unclipped, clipped), inp), mask, "seq-mean-token-mean", counts)
-    rows = mask.sum(-1) > 0
-    metrics = {"clip_frac": masked_mean((clipped > unclipped).to(mask.dtype), mask),
-               "seq_ratio_mean": float(torch.exp(seq)[rows].mean()) if rows.any() else 1.0}
+    metrics = {"clip_frac": masked_mean((clipped > unclipped).to(mask.dtype), mask, counts),
+               "seq_ratio_mean": seq_mean(torch.exp(seq), mask, counts)}
     return _with_kl(inp, pg, metrics, "gspo", kl_coef, kl_estimator, "seq-mean-token-mean", counts)
 
 
@@ -82,8 +81,8 @@ def gmpo(inp: LossInput, *, clip_low: float, clip_high: float, kl_coef: float,
     if inp.is_weights is not None:  # rollout_is=sequence: one weight per response
         per_seq = per_seq * inp.is_weights.max(-1).values.to(per_seq.dtype)
     pg = per_seq.sum() / max(counts["seqs"], 1.0)
-    metrics = {"clip_frac": masked_mean((lr != clamped).to(mask.dtype), mask),
-               "geo_ratio_mean": float(ratio.detach().mean())}
+    metrics = {"clip_frac": masked_mean((lr != clamped).to(mask.dtype), mask, counts),
+               "geo_ratio_mean": seq_mean(ratio, mask, counts)}
     return _with_kl(inp, pg, metrics, "gmpo", kl_coef, kl_estimator, "seq-mean-token-mean", counts)
 
 
@@ -96,8 +95,8 @@ def cispo(inp: LossInput, *, clip_low: float, clip_high: float, kl_coef: float,
     ratio = torch.exp(log_ratio(inp, "cispo")).detach()
     weight = ratio.clamp(max(1.0 - clip_low, 0.0), 1.0 + clip_high)
     pg = agg(is_weighted(-weight * adv * inp.logprobs, inp), mask, "token-mean", counts)
-    metrics = {"clip_frac": masked_mean((weight != ratio).to(mask.dtype), mask),
-               "ratio_mean": masked_mean(ratio, mask)}
+    metrics = {"clip_frac": masked_mean((weight != ratio).to(mask.dtype), mask, counts),
+               "ratio_mean": masked_mean(ratio, mask, counts)}
     return _with_kl(inp, pg, metrics, "cispo", kl_coef, kl_estimator, "token-mean", counts)
 
 
@@ -113,7 +112,7 @@ def sapo(inp: LossInput, *, tau_pos: float, tau_neg: float, kl_coef: float,
     tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
     pg = agg(is_weighted(-gate * adv, inp), mask, "seq-mean-token-mean", counts)
-    metrics = {"ratio_mean": masked_mean(ratio.detach(), mask), "gate_mean": masked_mean(gate.detach(), mask)}
+    metrics = {"ratio_mean": masked_mean(ratio.detach(), mask, counts), "gate_mean": masked_mean(gate.detach(), mask, counts)}
     return _with_kl(inp, pg, metrics, "sapo", kl_coef, kl_estimator, "seq-mean-token-mean", counts)
 
 

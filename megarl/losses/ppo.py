@@ -66,10 +66,10 @@ def clipped_pg_loss(inp: LossInput, *, name: str, clip_low: float, clip_high: fl
     loss = pg
     metrics = {
         "pg_loss": float(pg.detach()),
-        "clip_frac": masked_mean(clipped.to(mask.dtype), mask),
-        "clip_frac_dual": masked_mean(dual.to(mask.dtype), mask),
-        "ppo_kl": masked_mean(-lr, mask),
-        "ratio_mean": masked_mean(ratio.detach(), mask),
+        "clip_frac": masked_mean(clipped.to(mask.dtype), mask, counts),
+        "clip_frac_dual": masked_mean(dual.to(mask.dtype), mask, counts),
+        "ppo_kl": masked_mean(-lr, mask, counts),
+        "ratio_mean": masked_mean(ratio.detach(), mask, counts),
     }
     if kl_coef:
         ref = require(inp, "ref_logprobs", name, f"kl_coef={kl_coef} > 0; or set kl_coef=0")

@@ -74,8 +74,8 @@ def rpg_differentiable(inp: LossInput, *, div: str, clip_low: float, clip_high: 
     raw = inp.logprobs - inp.old_logprobs
     kl = agg(rpg_kl_matrix(raw if div == "fkl" else lw, div), mask, "token-mean", counts)
     metrics = {"pg_loss": float(pg.detach()), "kl": float(kl.detach()),
-               "clip_frac": masked_mean(clipped.to(mask.dtype), mask),
-               "clip_frac_dual": masked_mean(dual.to(mask.dtype), mask)}
+               "clip_frac": masked_mean(clipped.to(mask.dtype), mask, counts),
+               "clip_frac_dual": masked_mean(dual.to(mask.dtype), mask, counts)}
     return pg + beta * kl, metrics
 
 
@@ -97,10 +97,10 @@ def rpg_reinforce(inp: LossInput, *, div: str, clip_low: float, clip_high: float
             keep = torch.ones_like(w, dtype=torch.bool)
             coef = adv * wc + kl_term
     loss = agg(is_weighted(-coef * inp.logprobs, inp), mask, "token-mean", counts)
-    metrics = {"pg_loss": float(loss.detach()), "coef_mean": masked_mean(coef, mask),
-               "clip_frac": masked_mean((~keep).to(mask.dtype), mask) if rpg_style_clip
-               else masked_mean((w != wc).to(mask.dtype), mask),
-               "ratio_mean": masked_mean(w, mask)}
+    metrics = {"pg_loss": float(loss.detach()), "coef_mean": masked_mean(coef, mask, counts),
+               "clip_frac": masked_mean((~keep).to(mask.dtype), mask, counts) if rpg_style_clip
+               else masked_mean((w != wc).to(mask.dtype), mask, counts),
+               "ratio_mean": masked_mean(w, mask, counts)}
     return loss, metrics
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megarl.losses.base import LossInput, agg, counts_of, local_counts, require, token_mask
+from megarl.losses.base import LossInput, agg, counts_of, local_counts, require, seq_mean, token_mask
 from megarl.losses.kl import kl_estimate
 
 
@@ -92,7 +92,7 @@ def trpa(inp: LossInput, *, beta: float, kappa: float, tr_coef: float) -> tuple[
         ref_kl = agg(kl_estimate(inp.logprobs, inp.ref_logprobs, "k3"), mask, "token-mean", counts)
     metrics = {"pref_loss": float(l_pref.detach()), "tr_kl": float(l_tr.detach()), "kl_ref": float(ref_kl.detach()),
                "pairs": float(n_pairs), "fallback_samples": float(n_fallback),
-               "logratio_mean": float(ell.detach().mean())}
+               "logratio_mean": seq_mean(ell, mask, counts)}
     return loss, metrics
 
 

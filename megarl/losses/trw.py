@@ -69,9 +69,9 @@ def trw_loss(inp: LossInput, weight: torch.Tensor, *, name: str, kl_coef: float,
     adv = require(inp, "advantages", name)
     rho = torch.exp(log_ratio(inp, name))  # [B, T]
     loss = agg(is_weighted(-(weight.detach() * rho * adv), inp), mask, agg_mode, counts, norm_len)
-    metrics = {"pg_loss": float(loss.detach()), "weight_mean": masked_mean(weight, mask),
-               "weight_zero_frac": masked_mean((weight == 0).to(mask.dtype), mask),
-               "ratio_mean": masked_mean(rho.detach(), mask)}
+    metrics = {"pg_loss": float(loss.detach()), "weight_mean": masked_mean(weight, mask, counts),
+               "weight_zero_frac": masked_mean((weight == 0).to(mask.dtype), mask, counts),
+               "ratio_mean": masked_mean(rho.detach(), mask, counts)}
     if kl_coef:
         ref = require(inp, "ref_logprobs", name, f"kl_coef={kl_coef} > 0; or set kl_coef=0")
         kl = agg(kl_estimate(inp.logprobs, ref, "k3"), mask, agg_mode, counts, norm_len)

@@ -5,7 +5,6 @@ order."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -39,10 +38,10 @@ def test_trainer_matches_tp1(megatron_world, tmp_path, data_dir, layout):
     par = read_metrics(tmp_path / "par" / "metrics.jsonl")
     # optim/grad_norm included: it once came out ~0.77x at TP=2 (sharded weights loaded into a model built without
     # megatron-core's init path lacked their TP attributes, so the norm skipped TP rank 1's shards)
-    # batch/*: each data-parallel rank packs its own samples, so padding depends on the layout
-    same_metrics(reference, par, tol=1e-4, skip=("loss/",) + (("batch/",) if "dp2" in layout else ()))
-    for a, b in zip(reference, par):
-        assert math.isclose(a["loss/total"], b["loss/total"], rel_tol=1e-4, abs_tol=1e-6)
+    # batch/*: each data-parallel rank packs its own samples, so padding depends on the layout. loss/* included:
+    # every one is a share of the mini-batch's value, summed (it was once a mean over micro-batches: loss/kl halved
+    # at DP=2)
+    same_metrics(reference, par, tol=1e-4, skip=("batch/",) if "dp2" in layout else ())
 
 
 # in the default run, the families whose code paths differ most (pair-wise TRPA with whole groups, V* from a file);
@@ -98,4 +97,4 @@ def test_distributed_optimizer_state_resumes_at_another_layout(megatron_world, t
     torchrun("megarl.cli", 2, "train", *BASE, f"run.dir={tmp_path / 'moved'}", *common[:-1], "train.steps=1",
              timeout=900)
     moved = run(tmp_path / "moved", data_dir, *common[1:])
-    same_metrics(reference, moved, tol=1e-4, skip=("loss/", "batch/"))
+    same_metrics(reference, moved, tol=1e-4, skip=("batch/",))

@@ -314,21 +314,20 @@ class MegatronPolicy:
                          selected=f(ro.selected))
 
     def _reduce_metrics(self, per_mb: list[dict], ok: bool, grad_norm) -> dict[str, float]:
-        """``loss/total`` summed over micro-batches and DP ranks (each micro-batch carries its share of the global
-        normaliser, so the sum is the mini-batch loss); other loss metrics averaged over micro-batches. Only the
-        last stage's TP (and CP) rank 0 contributes, once per data-parallel replica."""
+        """Every ``loss/*`` metric summed over micro-batches and DP ranks: each micro-batch's value is its share of
+        the mini-batch's (its sum over a GLOBAL normaliser, ``losses.base``), or a count, so the sum is the
+        mini-batch's value at any layout. Only the last stage's TP (and CP) rank 0 contributes, once per
+        data-parallel replica."""
         contributes = (parallel_state.is_pipeline_last_stage() and
                        parallel_state.get_tensor_model_parallel_rank() == 0 and
                        parallel_state.get_context_parallel_rank() == 0)
-        sums: dict[str, float] = {"_mbs": float(len(per_mb)) if contributes else 0.0}
+        sums: dict[str, float] = {}
         for m in per_mb if contributes else []:
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
         names: list = [None] * dist.get_world_size()  # an emptied rank has no names; every rank reduces all
         dist.all_gather_object(names, sorted(sums))
-        total = all_reduce_sum({k: sums.get(k, 0.0) for k in sorted(set().union(*map(set, names)))})
-        n = max(total.pop("_mbs"), 1.0)
-        out = {k: (v if k == "loss/total" else v / n) for k, v in total.items()}
+        out = all_reduce_sum({k: sums.get(k, 0.0) for k in sorted(set().union(*map(set, names)))})
         out["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         out["optim/lr"] = float(self.optimizer.param_groups[0]["lr"])
         out["optim/skipped"] = 0.0 if ok else 1.0
