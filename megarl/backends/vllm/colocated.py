@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megarl.backends.protocols import Completion, GeneratesNow, Policy, SamplingParams
 from megarl.backends.vllm.engine import VLLMGenerator
 from megarl.convert.arch import ModelArch
+from megarl.distributed import comm_device
 
 PROBE_LEN = 192
 
@@ -95,7 +96,8 @@ class ColocatedVLLM(GeneratesNow):
     def _probe_diff(self) -> float:
         mine = self.policy.probe_logprobs(self.probe)
         theirs = self.engine.prompt_logprobs(self.probe)
-        diff = torch.tensor(max(abs(a - b) for a, b in zip(mine, theirs)), dtype=torch.float64)
+        diff = torch.tensor(max(abs(a - b) for a, b in zip(mine, theirs)), dtype=torch.float64,
+                            device=comm_device(self.group))  # NCCL reduces CUDA tensors only
         # every rank of the replica raises, or none does; replicas sync independently (a replica without eval
         # or V* prompts may not sync at all)
         dist.all_reduce(diff, op=dist.ReduceOp.MAX, group=self.group)
