@@ -6,7 +6,9 @@
 Paths (V = 151,936, Qwen2.5's vocabulary; H = 3584, Qwen2.5-7B's hidden size), from the hidden states, so the
 output projection is included and the paths are comparable end to end:
     naive          logits = hidden @ W^T, then the plain-torch reference (fp32 softmax over [T, V]), autograd
-    fused_linear   megarl.kernels.chunked: the output projection fused in, chunked over tokens (the chunked torch path)
+    fused_linear   megarl.kernels.chunked: the output projection fused in, chunked over tokens (what the policy runs:
+                   on CUDA each chunk through the Triton kernels, on CPU the torch steps)
+    fused_linear_torch_chunks  the same with the torch steps per chunk on CUDA too (the CUDA path before 2026-12-04)
     triton         logits = hidden @ W^T, then megarl.kernels.triton_logprobs on them
 On a given logits tensor [T, V] (the kernel alone; its bandwidth is reported):
     naive_logits   the plain-torch reference
@@ -40,7 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 V, H = 151_936, 3584
-FROM_HIDDEN = ("naive", "fused_linear", "triton")
+FROM_HIDDEN = ("naive", "fused_linear", "fused_linear_torch_chunks", "triton")
 FROM_LOGITS = ("naive_logits", "triton_logits", "te_logits")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 CUDA_LAUNCHES = ("4096x16", "16384x16", "32768x32")
@@ -85,6 +87,7 @@ def one_run(path: str, tokens: int, dtype_name: str, device: str, reps: int, voc
     import torch
 
     from megarl.kernels import token_logprobs_entropy
+    from megarl.kernels.chunked import logprob_entropy_fused_linear
     from megarl.kernels.reference import logprob_entropy_reference
     from megarl.kernels.triton_logprobs import logprob_entropy_triton
 
@@ -104,6 +107,8 @@ def one_run(path: str, tokens: int, dtype_name: str, device: str, reps: int, voc
             lp, ent = logprob_entropy_reference(hidden @ weight.t(), targets)
         elif path == "fused_linear":
             lp, ent = token_logprobs_entropy(hidden=hidden, weight=weight, targets=targets)
+        elif path == "fused_linear_torch_chunks":
+            lp, ent = logprob_entropy_fused_linear(hidden, weight, targets, chunk_kernel="torch")
         elif path == "triton":
             lp, ent = token_logprobs_entropy(logits=hidden @ weight.t(), targets=targets, impl="triton")
         elif path == "naive_logits":

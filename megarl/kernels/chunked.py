@@ -10,13 +10,21 @@ lse and E_p[z] per token; only those [T] vectors are kept. Backward recomputes e
     grad_W_r += dz^T @ h_c
 
 Peak extra memory is two [C, V_r] fp32 buffers, independent of T; by default C is chosen so that one buffer
-holds about 32M values (128 MiB). The matmuls run in the weights' dtype (fp32 accumulation inside) and only the
+holds about 32M values (128 MiB).
+
+On CUDA each chunk's softmax statistics and dz come from the Triton kernels of ``triton_logprobs.py`` instead
+(``chunk_kernel``): they read the chunk's logits in the weights' dtype once per pass, where the torch steps above
+make several fp32 passes over [C, V_r]. Measured on an H200 before this (bench/results/nvidia-h200/, V = 151,936,
+H = 3,584, 16k tokens, bf16): the torch steps made the fused layer 5.7x slower than the output matmul followed by
+the Triton kernel. Its two [C, V_r] buffers are then in the weights' dtype, so C doubles at the same memory. The matmuls run in the weights' dtype (fp32 accumulation inside) and only the
 chunk's logits are upcast: no fp32 copy of the [V_r, H] weight is made. grad_W sums T / C chunk products, so in
 bf16 it is summed in an fp32 buffer ([V_r, H], returned rounded once to the weight's dtype): summed in bf16, its error
 grew with the number of chunks (256 chunks: 1.8% relative, against bf16's own 0.17%; tests/unit/test_kernels.py).
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.distributed as dist
@@ -43,47 +51,70 @@ def _chunk_stats(h, w, targets, temperature, vocab_size, group):
     return lse, ezs / s, zt
 
 
+def _torch_chunk_dz(h, weight, tgt, lse, ez, g_logp, g_ent, temperature, vocab_size, group):
+    """dz of one chunk in the weights' dtype (the torch steps of the module docstring)."""
+    z = (h @ weight.t()).to(acc_dtype(h.dtype)).div_(temperature)  # [C, V_r]; becomes dz in place
+    cols = shard_columns(z.shape[-1], group, z.device)
+    valid = cols < vocab_size
+    p = torch.exp(z - lse[:, None]).masked_fill_(~valid, 0.0)
+    # dz = g_logp * onehot - p * (g_logp + g_H * (z - E_p[z])), two [C, V_r] buffers in all
+    z.sub_(ez[:, None]).mul_(g_ent[:, None]).add_(g_logp[:, None])
+    dz = z.mul_(p).neg_()
+    del p
+    local = tgt - cols[0]
+    mine = (local >= 0) & (local < dz.shape[1])
+    rows = torch.arange(len(tgt), device=dz.device)[mine]
+    dz[rows, local[mine]] += g_logp[mine]
+    dz.masked_fill_(~valid, 0.0).div_(temperature)
+    return dz.to(weight.dtype)
+
+
+def _triton_chunk_stats(h, w, targets, temperature, vocab_size, group):
+    from megarl.kernels.triton_logprobs import softmax_stats
+
+    return softmax_stats(h @ w.t(), targets, temperature, vocab_size, group)
+
+
+def _triton_chunk_dz(h, w, targets, lse, ez, g_logp, g_ent, temperature, vocab_size, group):
+    from megarl.kernels.triton_logprobs import logits_grad
+
+    return logits_grad(h @ w.t(), targets, lse, ez, g_logp, g_ent, temperature, vocab_size, group)
+
+
 class FusedLinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, vocab_size, group, chunk):
+    def forward(ctx, hidden, weight, targets, temperature, vocab_size, group, chunk, kernel):
         T = hidden.shape[0]
         logp = torch.empty(T, dtype=acc_dtype(hidden.dtype), device=hidden.device)
         ent = torch.empty_like(logp)
         lse_all, ez_all = torch.empty_like(logp), torch.empty_like(logp)
+        stats = _triton_chunk_stats if kernel == "triton" else _chunk_stats
         with torch.no_grad():
             for a in range(0, T, chunk):
-                lse, ez, zt = _chunk_stats(hidden[a:a + chunk], weight, targets[a:a + chunk], temperature,
-                                                    vocab_size, group)
+                lse, ez, zt = stats(hidden[a:a + chunk], weight, targets[a:a + chunk], temperature, vocab_size,
+                                    group)
                 logp[a:a + chunk], ent[a:a + chunk] = zt - lse, lse - ez
                 lse_all[a:a + chunk], ez_all[a:a + chunk] = lse, ez
         ctx.save_for_backward(hidden, weight, targets, lse_all, ez_all)
-        ctx.cfg = (temperature, vocab_size, group, chunk)
+        ctx.cfg = (temperature, vocab_size, group, chunk, kernel)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse_all, ez_all = ctx.saved_tensors
-        temperature, vocab_size, group, chunk = ctx.cfg
+        temperature, vocab_size, group, chunk, kernel = ctx.cfg
         g_logp = torch.zeros_like(lse_all) if g_logp is None else g_logp.to(lse_all.dtype)
         g_ent = torch.zeros_like(lse_all) if g_ent is None else g_ent.to(lse_all.dtype)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
         for a in range(0, hidden.shape[0], chunk):
             h, tgt = hidden[a:a + chunk], targets[a:a + chunk]
-            z = (h @ weight.t()).to(acc_dtype(h.dtype)).div_(temperature)  # [C, V_r]; becomes dz in place
-            cols = shard_columns(z.shape[-1], group, z.device)
-            valid = cols < vocab_size
-            p = torch.exp(z - lse_all[a:a + chunk, None]).masked_fill_(~valid, 0.0)
-            # dz = g_logp * onehot - p * (g_logp + g_H * (z - E_p[z])), two [C, V_r] buffers in all
-            z.sub_(ez_all[a:a + chunk, None]).mul_(g_ent[a:a + chunk, None]).add_(g_logp[a:a + chunk, None])
-            dz = z.mul_(p).neg_()
-            del p
-            local = tgt - cols[0]
-            mine = (local >= 0) & (local < dz.shape[1])
-            rows = torch.arange(len(tgt), device=dz.device)[mine]
-            dz[rows, local[mine]] += g_logp[a:a + chunk][mine]
-            dz.masked_fill_(~valid, 0.0).div_(temperature)
-            dz = dz.to(weight.dtype)
+            if kernel == "triton":  # dz in the weights' dtype, /temperature included
+                dz = _triton_chunk_dz(h, weight, tgt, lse_all[a:a + chunk], ez_all[a:a + chunk],
+                                      g_logp[a:a + chunk], g_ent[a:a + chunk], temperature, vocab_size, group)
+            else:
+                dz = _torch_chunk_dz(h, weight, tgt, lse_all[a:a + chunk], ez_all[a:a + chunk],
+                                     g_logp[a:a + chunk], g_ent[a:a + chunk], temperature, vocab_size, group)
             grad_h[a:a + chunk] = dz @ weight
             if grad_w.dtype == weight.dtype:
                 grad_w.addmm_(dz.t(), h)
@@ -91,13 +122,24 @@ class FusedLinearLogprobEntropy(torch.autograd.Function):
                 grad_w.add_(dz.t() @ h)
         if tp_size(group) > 1:
             dist.all_reduce(grad_h, group=group)
-        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None, None, None
 
 
 def logprob_entropy_fused_linear(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  temperature: float = 1.0, vocab_size: int | None = None, group=None,
-                                 chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [T, H], weight shard [V_r, H], targets [T] -> (logp [T], entropy [T]) fp32, chunked over tokens."""
+                                 chunk_tokens: int | None = None,
+                                 chunk_kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [T, H], weight shard [V_r, H], targets [T] -> (logp [T], entropy [T]) fp32, chunked over tokens.
+    ``chunk_kernel``: "torch", "triton" (the Triton kernels per chunk; through Triton's interpreter on the CPU),
+    or "auto": Triton for fp32/bf16/fp16 tensors on CUDA where it is installed, else torch."""
+    if chunk_kernel == "auto":
+        chunk_kernel = "triton" if hidden.is_cuda and hidden.dtype != torch.float64 and \
+            importlib.util.find_spec("triton") is not None else "torch"
+    if chunk_kernel not in ("torch", "triton"):
+        raise ValueError(f"chunk_kernel={chunk_kernel!r}: choose 'auto', 'torch' or 'triton'.")
     vocab = vocab_size if vocab_size is not None else weight.shape[0] * tp_size(group)
-    chunk_tokens = chunk_tokens or max(1, (1 << 25) // weight.shape[0])
-    return FusedLinearLogprobEntropy.apply(hidden, weight, targets, float(temperature), vocab, group, chunk_tokens)
+    # the chunk's two [C, V_r] buffers: fp32 for the torch steps (8 bytes a value), the weights' dtype for Triton
+    values = (1 << 25) if chunk_kernel == "torch" else (1 << 28) // (2 * weight.element_size())
+    chunk_tokens = chunk_tokens or max(1, values // weight.shape[0])
+    return FusedLinearLogprobEntropy.apply(hidden, weight, targets.contiguous(), float(temperature), vocab, group,
+                                           chunk_tokens, chunk_kernel)

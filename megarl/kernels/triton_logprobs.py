@@ -111,41 +111,53 @@ def _meta(width: int, block: int | None, num_warps: int | None) -> dict:
     return meta
 
 
+def softmax_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_size: int, group,
+                  block: int | None = None, num_warps: int | None = None):
+    """(lse, E_p[z], z_target) per row of the logits shard [T, V_r] (contiguous), fp32, reduced over the TP group:
+    the forward kernel's partials combined as in the module docstring. Also the per-chunk step of the fused output
+    layer on CUDA (``chunked.py``)."""
+    T, V_r = logits.shape
+    parts = torch.empty(4, T, dtype=torch.float32, device=logits.device)  # m, S, W, z_target
+    _launch(_fwd_kernel, (T,), logits, logits.stride(0), targets, parts[0], parts[1], parts[2], parts[3], V_r,
+            tp_rank(group) * V_r, vocab_size, 1.0 / temperature, **_meta(V_r, block, num_warps))
+    m, s, w, t = parts
+    if tp_size(group) > 1:
+        big_m = m.clone()
+        dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+        scale = torch.exp(m - big_m)
+        red = torch.stack([s * scale, w * scale, t])
+        dist.all_reduce(red, group=group)
+        m, (s, w, t) = big_m, red
+    return m + torch.log(s), w / s, t
+
+
+def logits_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ez: torch.Tensor,
+                g_lp: torch.Tensor, g_ent: torch.Tensor, temperature: float, vocab_size: int, group,
+                block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """dL/d logits [T, V_r] in the logits' dtype, from the upstream gradients of log p and entropy (fp32 [T])."""
+    T, V_r = logits.shape
+    grad = torch.empty_like(logits)
+    _launch(_bwd_kernel, (T,), logits, grad, logits.stride(0), targets, lse, ez, g_lp.float().contiguous(),
+            g_ent.float().contiguous(), V_r, tp_rank(group) * V_r, vocab_size, 1.0 / temperature,
+            **_meta(V_r, block, num_warps))
+    return grad
+
+
 class TritonLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, vocab_size, group, block, num_warps):
         logits = logits.contiguous()
-        T, V_r = logits.shape
-        v0 = tp_rank(group) * V_r
-        meta = _meta(V_r, block, num_warps)
-        parts = torch.empty(4, T, dtype=torch.float32, device=logits.device)  # m, S, W, z_target
-        _launch(_fwd_kernel, (T,), logits, logits.stride(0), targets, parts[0], parts[1], parts[2], parts[3], V_r, v0,
-                vocab_size, 1.0 / temperature, **meta)
-        m, s, w, t = parts
-        if tp_size(group) > 1:
-            big_m = m.clone()
-            dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
-            scale = torch.exp(m - big_m)
-            red = torch.stack([s * scale, w * scale, t])
-            dist.all_reduce(red, group=group)
-            m, (s, w, t) = big_m, red
-        lse = m + torch.log(s)
-        ez = w / s
+        lse, ez, t = softmax_stats(logits, targets, temperature, vocab_size, group, block, num_warps)
         ctx.save_for_backward(logits, targets, lse, ez)
-        ctx.cfg = (temperature, vocab_size, v0, meta)
+        ctx.cfg = (temperature, vocab_size, group, block, num_warps)
         return t - lse, lse - ez
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         logits, targets, lse, ez = ctx.saved_tensors
-        temperature, vocab_size, v0, meta = ctx.cfg
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
-        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
-        grad = torch.empty_like(logits)
-        T, V_r = logits.shape
-        _launch(_bwd_kernel, (T,), logits, grad, logits.stride(0), targets, lse, ez, g_lp, g_ent, V_r, v0, vocab_size,
-                1.0 / temperature, **meta)
-        return grad, None, None, None, None, None, None
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent
+        return logits_grad(logits, targets, lse, ez, g_lp, g_ent, *ctx.cfg), None, None, None, None, None, None
 
 
 def logprob_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

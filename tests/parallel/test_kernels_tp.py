@@ -12,3 +12,4 @@ def test_every_kernel_at_tp2():
     for impl in ("torch", "triton"):
         assert out.count(f"{impl}: values and logits-shard gradient match") == 2
     assert out.count("fused_linear: values, hidden and weight-shard gradients match") == 2
+    assert out.count("fused_linear triton chunks: values, hidden and weight-shard gradients match") == 2

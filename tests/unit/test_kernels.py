@@ -89,6 +89,32 @@ def test_fused_linear_matches_the_oracle_without_logits(data, chunk, temperature
     torch.testing.assert_close(w.grad, w0.grad, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("chunk", [1, 4, 11])
+def test_fused_linear_with_the_triton_chunk_kernel_matches_the_oracle(data, chunk, dtype, tol):
+    """The CUDA default (chunk_kernel=auto on CUDA): each chunk's statistics and dz from the Triton kernels, run
+    here through Triton's interpreter, against float64 on the same rounded inputs."""
+    from megarl.kernels.chunked import logprob_entropy_fused_linear
+
+    h = data["hidden"].to(dtype).requires_grad_(True)
+    w = data["weight"].to(dtype).requires_grad_(True)
+    lp, ent = logprob_entropy_fused_linear(h, w, data["targets"], 1.3, V_REAL, chunk_tokens=chunk,
+                                           chunk_kernel="triton")
+    assert lp.dtype == torch.float32
+    weighted(lp.double(), ent.double(), data["a"], data["b"]).backward()
+    h0, w0 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    z = h0 @ w0.t()
+    if dtype == torch.bfloat16:  # the chunk's logits are a bf16 matmul's output: the oracle sees them rounded
+        z = z + (z.detach().bfloat16().double() - z.detach())
+    lp_o, ent_o = oracle(z, data["targets"], 1.3)
+    weighted(lp_o, ent_o, data["a"], data["b"]).backward()
+    torch.testing.assert_close(lp.double(), lp_o.detach(), rtol=2e-5, atol=2e-4)
+    torch.testing.assert_close(ent.double(), ent_o.detach(), rtol=2e-5, atol=2e-4)
+    assert h.grad.dtype == w.grad.dtype == dtype
+    for got, want in ((h.grad, h0.grad), (w.grad, w0.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < tol
+
+
 def test_only_logprob_gradient(data):
     x = data["logits"].clone().requires_grad_(True)
     lp, _ = token_logprobs_entropy(logits=x, targets=data["targets"], vocab_size=V_REAL, impl="triton")
