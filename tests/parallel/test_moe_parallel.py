@@ -4,7 +4,6 @@ every step's weight sync (experts gathered over the EP ranks into their checkpoi
 
 from __future__ import annotations
 
-import math
 
 import pytest
 
@@ -29,14 +28,18 @@ def launch(run_dir, data_dir, *overrides):
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def test_ep2_logs_the_metrics_of_ep1(tmp_path, data_dir):
+# CI time: with colocated vLLM (every step's sync gathering the experts over the EP ranks) both runs take ~135 s;
+# the default run samples with the native generator (in EP lock step), the vLLM one is in -m slow
+@pytest.mark.parametrize("rollouts", ["native", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_ep2_logs_the_metrics_of_ep1(tmp_path, data_dir, rollouts):
     """Two data-parallel ranks with every expert each (ep=1) and with two experts each (ep=2, tokens sent to
-    their experts' rank and back): the same losses, gradient norms, router metrics and sync probes to 1e-5, with
-    the load-balancing loss on (the checkpoint's coefficient, 0.01) and the distributed optimizer."""
-    ep1 = launch(tmp_path / "ep1", data_dir)
-    ep2 = launch(tmp_path / "ep2", data_dir, "parallel.ep=2")
+    their experts' rank and back): the same losses, gradient norms, router metrics (and sync probes) to 1e-5,
+    with the load-balancing loss on (the checkpoint's coefficient, 0.01) and the distributed optimizer."""
+    ep1 = launch(tmp_path / "ep1", data_dir, f"rollout.backend={rollouts}")
+    ep2 = launch(tmp_path / "ep2", data_dir, "parallel.ep=2", f"rollout.backend={rollouts}")
     assert {"moe/load_imbalance", "moe/dropped_fraction", "moe/load_balancing_loss"} <= set(ep2[0])
-    assert all(r["sync/probe_diff_max"] < 1e-4 for r in ep2)
+    if rollouts == "vllm":
+        assert all(r["sync/probe_diff_max"] < 1e-4 for r in ep2)
     same_metrics(ep1, ep2, tol=1e-5, skip=("sync/seconds",))
 
 
@@ -85,8 +88,4 @@ def test_pp2_and_pp2xep2_training_log_the_one_rank_metrics(tmp_path, data_dir):
              f"data.train_files={data_dir / 'train.parquet'}", *MOE, *off, "parallel.pp=2", "parallel.ep=2",
              timeout=900)
     pp2ep2 = read_metrics(tmp_path / "pp2ep2" / "metrics.jsonl")
-    # loss/* but the total are means over micro-batches, whose count differs with the data-parallel size (as in
-    # tests/parallel/test_trainer_parallel.py)
-    same_metrics(one_off, pp2ep2, tol=1e-4, skip=("sync/seconds", "batch/", "loss/"))
-    for a, b in zip(one_off, pp2ep2):
-        assert math.isclose(a["loss/total"], b["loss/total"], rel_tol=1e-4, abs_tol=1e-6)
+    same_metrics(one_off, pp2ep2, tol=1e-4, skip=("sync/seconds", "batch/"))

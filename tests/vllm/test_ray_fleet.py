@@ -142,6 +142,7 @@ def test_fleet_under_context_parallelism_matches_colocated(tmp_path, vllm_model,
     same([{k: v for k, v in r.items() if not k.startswith("batch/")} for r in colocated], rows, tol=1e-4)
 
 
+@pytest.mark.slow  # CI time (29 s); passed when written and on 2026-12-04
 def test_a_cluster_too_small_is_named(tmp_path, vllm_model, data_dir):
     """An address where no cluster answers, then an existing cluster of one CPU asked for two engines: each one
     error line naming the address or both numbers."""
@@ -182,6 +183,7 @@ def test_a_cluster_too_small_is_named(tmp_path, vllm_model, data_dir):
             p.kill()
 
 
+@pytest.mark.slow  # CI time (35 s); passed when written and on 2026-12-04
 def test_a_killed_trainer_leaves_no_process(tmp_path, vllm_model, data_dir):
     run_dir = tmp_path / "killed"
     proc = start(run_dir, vllm_model, data_dir, *FLEET, "train.steps=6")
