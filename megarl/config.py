@@ -89,7 +89,8 @@ class RolloutSection:
     tp: int = 1  # placement=ray: tensor parallel size of each engine (its workers share one node)
     ray_address: str | None = None
     # 0: each step samples with the weights it trains (synchronous); 1: one-step-off, the next step's prompts are
-    # sampled with these weights while this step trains (overlaps with placement=ray; docs/async.md)
+    # sampled with these weights while this step trains (overlaps with placement=ray); k >= 2: as 1, but the
+    # engines keep their weights until a round would be trained more than k steps behind (docs/async.md)
     max_staleness: int = 0
 
 
@@ -253,9 +254,6 @@ class RunConfig:
         if self.rollout.tp > 1 and self.rollout.placement != "ray":
             raise ValueError(f"rollout.tp={self.rollout.tp} sizes the engines of rollout.placement=ray; colocated "
                              f"engines share the trainer's parallel.tp. Set rollout.placement=ray or rollout.tp=1.")
-        if self.rollout.max_staleness > 1:
-            raise ValueError(f"rollout.max_staleness={self.rollout.max_staleness}: streaming rollouts (k >= 2) are not "
-                             f"built yet; use 0 (synchronous) or 1 (one-step-off; docs/async.md).")
         if self.model.hf_dir is None:
             raise ValueError("model.hf_dir is not set: give an HF model directory, 'bundled:smollm2' or "
                              "'tiny:qwen2'.")

@@ -63,8 +63,15 @@ class GeneratesNow:
     own devices): submit generates at once, with the weights of that moment, as an asynchronous one would."""
 
     def submit(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
-               seeds: list[int] | None = None) -> Ticket:
-        return Ticket(self.generate(prompts, n, sampling, seeds))
+               seeds: list[int] | None = None, refresh: bool = True) -> Ticket:
+        return Ticket(self.generate(prompts, n, sampling, seeds) if refresh else
+                      self.generate_held(prompts, n, sampling, seeds))
+
+    def generate_held(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                      seeds: list[int] | None = None) -> list[list[Completion]]:
+        """``generate`` with the weights the generator holds, even if the policy has moved since (an engine with
+        its own copy of the weights overrides this; one that runs the policy's own modules has no other)."""
+        return self.generate(prompts, n, sampling, seeds)
 
     def collect(self, ticket: Ticket) -> list[list[Completion]]:
         return ticket.work
@@ -82,9 +89,10 @@ class Generator(Protocol):
         on the other prompts of the call); default ``sampling.seed * 100_003 + i``."""
 
     def submit(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
-               seeds: list[int] | None = None) -> Ticket:
+               seeds: list[int] | None = None, refresh: bool = True) -> Ticket:
         """Start ``generate`` with the weights of now and return without waiting for it where the generator runs
         apart from the trainer (``rollout.placement=ray``); the trainer may update meanwhile (``max_staleness``).
+        ``refresh=False``: keep the weights the engines hold even if the policy moved (``max_staleness`` >= 2).
         Collective, as ``generate``."""
 
     def collect(self, ticket: Ticket) -> list[list[Completion]]:

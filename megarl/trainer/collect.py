@@ -37,18 +37,25 @@ class Round:
 
 
 def submit_round(generator, source: PromptSource, position: int, version: int, *, step: int, n: int,
-                 sampling: SamplingParams, prompts_per_rank: int, dp_rank: int, dp_size: int) -> Round:
+                 sampling: SamplingParams, prompts_per_rank: int, dp_rank: int, dp_size: int,
+                 refresh: bool = True) -> Round:
     """This replica's prompts of the round starting at stream ``position``, submitted: n samples per prompt; prompt
     u's samples are seeded by (step, u) alone, so they do not depend on which data-parallel rank draws the prompt,
-    on what else is in its batch, or on when the round is collected."""
+    on what else is in its batch, or on when the round is collected. ``version``: the loop steps taken by the
+    weights it is sampled with; ``refresh=False``: with the weights the generator holds (``Generator.submit``)."""
     prompts = source.take(position + dp_rank * prompts_per_rank, prompts_per_rank)
-    ticket = _submit(generator, prompts, n, sampling, (sampling.seed or 0) * 7919 + step)
+    ticket = _submit(generator, prompts, n, sampling, (sampling.seed or 0) * 7919 + step, refresh)
     return Round(prompts, ticket, position + prompts_per_rank * dp_size, version, n)
 
 
-def _submit(generator, prompts: list[Prompt], n: int, sampling: SamplingParams, seed: int) -> Ticket | None:
-    return generator.submit([p.ids for p in prompts], n, sampling,
-                            seeds=[(seed * 1_000_003 + p.uid) * 100_003 for p in prompts]) if prompts else None
+def _submit(generator, prompts: list[Prompt], n: int, sampling: SamplingParams, seed: int,
+            refresh: bool = True) -> Ticket | None:
+    seeds = [(seed * 1_000_003 + p.uid) * 100_003 for p in prompts]
+    if not prompts:
+        return None
+    # refresh is passed only when False: a generator written before it existed still serves max_staleness <= 1
+    return generator.submit([p.ids for p in prompts], n, sampling, seeds=seeds) if refresh else \
+        generator.submit([p.ids for p in prompts], n, sampling, seeds=seeds, refresh=False)
 
 
 def generate(generator, prompts: list[Prompt], n: int, sampling: SamplingParams, seed: int) -> Rollouts:

@@ -3,8 +3,9 @@
     for step in 1..train.steps:
         rollouts   = n samples of each prompt at the policy's rollout point      (vLLM, weights synced and
                                                                                  checked; or native Megatron)
-                     (rollout.max_staleness=1: the round submitted last step and sampled during its update;
-                      the next step's round is submitted before this step's update; docs/async.md)
+                     (rollout.max_staleness=k >= 1: the round submitted last step and sampled during its update;
+                      the next step's round is submitted before this step's update, with the weights of now, or
+                      for k >= 2 with the engines' older ones while that keeps it within k steps; docs/async.md)
         rewards    = rule rewards (+ DAPO overlong shaping; dynamic sampling drops uninformative groups)
         old, ref   = log-probs of the samples under pi_old and the reference     (ref := old for RPG)
         advantages = the configured estimator over the whole step               (TRPA levels, A*-PO V* ride along)
@@ -44,7 +45,7 @@ def train(c: Components) -> dict[str, float]:
     temperature = cfg.rollout.temperature or 1.0
     budget, per_rank = cfg.train.micro_batch_tokens, cfg.train.prompts_per_step // dp_size
     lp_budget = cfg.train.logprob_micro_batch_tokens or budget  # forward-only passes
-    async_k = cfg.rollout.max_staleness  # 0: synchronous; 1: one-step-off (docs/async.md)
+    async_k = cfg.rollout.max_staleness  # 0: synchronous; 1: one-step-off; k >= 2: lazy weight pushes (docs/async.md)
     collect_args = dict(generator=c.generator, tokenizer=c.tokenizer, executor=c.executor, prompts_per_rank=per_rank,
                         dp_size=dp_size, dp_group=dp_group, dynamic_sampling=cfg.rollout.dynamic_sampling,
                         max_rounds=cfg.rollout.max_sampling_rounds,
@@ -55,13 +56,23 @@ def train(c: Components) -> dict[str, float]:
         if c.generator.stale:
             into.update(c.generator.sync())
 
-    def submit(for_step: int, at: int, synced: dict | None = None) -> Round:
-        """A round of prompts from stream position ``at``, sampled with the weights of now (synced first): they have
-        taken ``step - 1`` optimizer steps, ``step`` being the loop's current one when this is called."""
-        if synced is not None:
+    held: int | None = None  # loop steps taken by the weights the generator samples with (None: unknown)
+
+    def note_held(steps_taken: int) -> None:  # after any use that syncs a stale generator (rounds, eval)
+        nonlocal held
+        if not c.generator.stale:
+            held = steps_taken
+
+    def submit(for_step: int, at: int, synced: dict | None = None, keep: bool = False) -> Round:
+        """A round of prompts from stream position ``at``, sampled with the weights of now (synced first), which
+        have taken ``step - 1`` steps, ``step`` being the loop's current one; ``keep``: with the weights the
+        generator holds, which may be older (``held``)."""
+        if synced is not None and not keep:
             sync(synced)
-        return submit_round(c.generator, c.source, at, step - 1, step=for_step, n=cfg.rollout.group_size,
-                            sampling=c.sampling, prompts_per_rank=per_rank, dp_rank=dp_rank, dp_size=dp_size)
+        note_held(step - 1)
+        return submit_round(c.generator, c.source, at, held, step=for_step, n=cfg.rollout.group_size,
+                            sampling=c.sampling, prompts_per_rank=per_rank, dp_rank=dp_rank, dp_size=dp_size,
+                            refresh=not keep)
 
     metrics: dict[str, float] = {}
     pending: Round | None = None  # the next step's first round, in flight (rollout.max_staleness = 1)
@@ -80,8 +91,10 @@ def train(c: Components) -> dict[str, float]:
                 first = pending or submit(step, position)
                 ro, position, stats = collect(first, lambda at: submit(step, at, synced), now=step - 1,
                                               **collect_args)
-                # one-step-off: the next step's first round samples with these weights while this step trains
-                pending = submit(step + 1, position, synced) if async_k and step < cfg.train.steps else None
+                # one-step-off: the next step's first round samples with these weights while this step trains;
+                # k >= 2: with the engines' own while it will be trained at most k steps after them
+                keep = async_k >= 2 and held is not None and step - held <= async_k
+                pending = submit(step + 1, position, synced, keep) if async_k and step < cfg.train.steps else None
             c.generator.sleep()  # colocated vLLM on CUDA: give its memory to the update
             if cfg.train.balance_tokens:  # replicas get equal token counts, not equal prompt counts
                 ro = balance_over_dp(ro, dp_group, dp_size)
@@ -105,6 +118,7 @@ def train(c: Components) -> dict[str, float]:
             if cfg.eval.interval and step % cfg.eval.interval == 0 and cfg.data.val_files:
                 with timer("eval"):
                     metrics.update(record_eval(cfg, step, evaluate_files(c, list(cfg.data.val_files))))
+                note_held(step)  # the evaluation synced a stale generator: it holds this step's weights
             log.log(step, metrics)
             if nonfinite >= MAX_NONFINITE_STEPS:
                 raise ValueError(f"step {step}: the loss or the gradients were NaN/inf in {nonfinite} steps in a row, "

@@ -78,7 +78,6 @@ BAD_CONFIGS = [  # (override, what the one-line error names) -- each silently ac
     ("rollout.tp=0", "rollout.tp=0 must be >= 1"),
     ("rollout.tp=2", "rollout.tp=2 sizes the engines of rollout.placement=ray"),
     ("rollout.max_staleness=-1", "rollout.max_staleness=-1 must be >= 0"),
-    ("rollout.max_staleness=2", "rollout.max_staleness=2: streaming rollouts (k >= 2) are not built yet"),
 ]
 
 

@@ -213,3 +213,50 @@ def test_one_step_off_with_dynamic_sampling_samples_extra_rounds_with_the_weight
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["rollout/rounds"] for r in rows] == [2, 2, 1]
     assert [r["rollout/staleness_mean"] for r in rows] == [0, 0.5, 1]
+
+
+# syncs: step 1's, then one before each round that would fall more than k behind (k = 1: before every round
+# submitted after an update, steps 2-6)
+@pytest.mark.parametrize("k,staleness,syncs", [(2, [0, 1, 2, 1, 2, 1, 2], 3), (3, [0, 1, 2, 3, 1, 2, 3], 2)])
+def test_bounded_staleness_pushes_weights_only_when_a_round_would_fall_more_than_k_behind(megatron_world, tmp_path,
+                                                                                         k, staleness, syncs):
+    """rollout.max_staleness=k >= 2: one-step-off, but the engine keeps its weights while the round it samples
+    will be trained at most k steps after them; a weight sync every k steps instead of every step."""
+    from megarl.trainer.loop import prepare_run_dir, train
+
+    log = Log()
+    c = components(tmp_path / "run", log, 7, f"rollout.max_staleness={k}")
+    prepare_run_dir(c.cfg)
+    train(c)
+    gen = c.generator.sampled_with
+    for step, (version, prompts) in enumerate(c.policy.trained, start=1):
+        assert prompts == [2 * step - 2, 2 * step - 1]  # the stream in order: nothing skipped or repeated
+        assert {version - gen[u] for u in prompts} == {staleness[step - 1]}  # the fake's own record of its weights
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["rollout/staleness_max"] for r in rows] == staleness  # what the loop logged agrees
+    one_step_off = Log()
+    c1 = components(tmp_path / "k1", one_step_off, 7, "rollout.max_staleness=1")
+    prepare_run_dir(c1.cfg)
+    train(c1)
+    assert one_step_off.count("sync") == 6 and log.count("sync") == syncs
+
+
+def test_a_killed_bounded_staleness_run_resumes_without_losing_or_repeating_prompts(megatron_world, tmp_path):
+    from megarl.trainer.loop import prepare_run_dir, train
+
+    straight = components(tmp_path / "whole", Log(), 6, "rollout.max_staleness=2")
+    prepare_run_dir(straight.cfg)
+    train(straight)
+    run = tmp_path / "run"
+    killed = components(run, Log(), 6, "rollout.max_staleness=2", die_at=5)  # in step 5's update
+    prepare_run_dir(killed.cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(killed)
+    resumed = components(run, Log(), 6, "rollout.max_staleness=2")  # from the checkpoint of step 4
+    prepare_run_dir(resumed.cfg)
+    train(resumed)
+    done = [p for _, p in killed.policy.trained[:4] + resumed.policy.trained]
+    assert done == [p for _, p in straight.policy.trained]  # each prompt trained once, in order
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["rollout/staleness_max"] for r in rows][4:] == [0, 1]  # the resumed step samples with its weights

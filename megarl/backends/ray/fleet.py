@@ -222,12 +222,12 @@ class RayFleet:
         return self.collect(self.submit(prompts, n, sampling, seeds))
 
     def submit(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
-               seeds: list[int] | None = None) -> Ticket:
-        """Sync if stale, then hand every replica's prompts to the engines and return at once: the engines sample
-        while the trainer goes on (``rollout.max_staleness``); ``collect`` waits for them."""
+               seeds: list[int] | None = None, refresh: bool = True) -> Ticket:
+        """Sync if stale (unless ``refresh`` is False), then hand every replica's prompts to the engines and return
+        at once: the engines sample while the trainer goes on (``rollout.max_staleness``); ``collect`` waits."""
         if seeds is None:  # as the colocated engine numbers them: by position in this replica's list
             seeds = sampling.prompt_seeds(len(prompts))
-        if self.stale:
+        if refresh and self.stale:
             self.sync()
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (self.dp_rank, prompts, seeds))

@@ -112,6 +112,11 @@ class ColocatedVLLM(GeneratesNow):
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         if self.stale:
             self.sync()
+        return self.generate_held(prompts, n, sampling, seeds)
+
+    def generate_held(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                      seeds: list[int] | None = None) -> list[list[Completion]]:
+        """With the weights the engine holds (its last sync's; kept through sleep, which is level 1)."""
         self.engine.wake_up()
         return self.engine.generate(prompts, n, sampling, seeds)
 
