@@ -9,11 +9,7 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,6 @@ from megarl.convert.arch import read_arch
 from megarl.convert.tiny import checkpoint_tensors, tiny_hf_model
 
 pytestmark = pytest.mark.gpu
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
@@ -87,18 +82,9 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
 
 
 def test_megarl_train_moe_in_bf16_on_cuda(tmp_path, tiny_moe_dir):
-    cmd = [sys.executable, "-m", "megarl.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
-           f"run.dir={tmp_path}", f"model.hf_dir={tiny_moe_dir}", "train.steps=3", "model.dtype=bfloat16",
-           "rollout.backend=native", "metrics.progress=false", "moe.z_loss_coef=0.001",
-           "reward.custom_fn=tests.train.rewards:text_hash_reward"]  # rewards that differ within every group
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for r in rows:
-        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
-        assert r["optim/grad_norm"] > 0
+    from tests.gpu.test_cuda_paths import train_bf16_on_cuda
+
+    for r in train_bf16_on_cuda(tmp_path, tiny_moe_dir, "moe.z_loss_coef=0.001"):
         assert r["moe/dropped_fraction"] == 0.0  # dropless, the default
         assert 1.0 <= r["moe/load_imbalance"] <= 2.0  # at most E/k = 4/2
         assert r["moe/load_balancing_loss"] > 0 and r["moe/z_loss"] > 0
-        assert r["rollout/logprob_diff_max"] < 0.25, r["rollout/logprob_diff_max"]

@@ -165,26 +165,31 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-# the triton run also has a KL reference, which on CUDA lives in host memory between its passes (offload)
-@pytest.mark.parametrize("impl,extra", [("auto", []), ("triton", ["algo.loss_hparams={kl_coef: 0.01}"])],
-                         ids=["auto", "triton-kl"])
-def test_megarl_train_in_bf16_on_cuda(tmp_path, tiny_model_dir, impl, extra):
+def train_bf16_on_cuda(run_dir: Path, model_dir: Path, *extra: str) -> list[dict]:
+    """A 3-step `megarl train` of configs/tiny.yaml in bf16 on CUDA with the native generator; its metrics, each
+    step finite, with a gradient, and the sampler's bf16 log-probs near the trainer's recomputation."""
     cmd = [sys.executable, "-m", "megarl.cli", "train", "--config", str(REPO / "configs" / "tiny.yaml"),
-           f"run.dir={tmp_path}", f"model.hf_dir={tiny_model_dir}", "train.steps=3", "model.dtype=bfloat16",
-           "rollout.backend=native",
-           "metrics.progress=false", f"kernels.impl={impl}", *extra,
+           f"run.dir={run_dir}", f"model.hf_dir={model_dir}", "train.steps=3", "model.dtype=bfloat16",
+           "rollout.backend=native", "metrics.progress=false", *extra,
            # rewards that differ within every group, so every step has a gradient (a random model scores the
            # same on every sample under the K&K rule reward)
            "reward.custom_fn=tests.train.rewards:text_hash_reward"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
         assert r["optim/grad_norm"] > 0
-        # the native generator's sampler log-probs vs the trainer's recomputation, both bf16 on CUDA
         assert r["rollout/logprob_diff_max"] < 0.25, r["rollout/logprob_diff_max"]
+    return rows
+
+
+# the triton run also has a KL reference, which on CUDA lives in host memory between its passes (offload)
+@pytest.mark.parametrize("impl,extra", [("auto", []), ("triton", ["algo.loss_hparams={kl_coef: 0.01}"])],
+                         ids=["auto", "triton-kl"])
+def test_megarl_train_in_bf16_on_cuda(tmp_path, tiny_model_dir, impl, extra):
+    rows = train_bf16_on_cuda(tmp_path, tiny_model_dir, f"kernels.impl={impl}", *extra)
     if extra:  # step 1: policy == reference, so the KL is ~0 (bf16 noise); afterwards the reference was used
         kl = [r["loss/kl"] for r in rows]  # CPU, fp32, the same run: 0.0, 2.0e-4, 6.2e-4
         assert abs(kl[0]) < 1e-2 and kl[-1] > 0, kl

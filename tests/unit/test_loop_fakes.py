@@ -175,25 +175,31 @@ def test_one_step_off_trains_on_samples_exactly_one_version_old(megatron_world, 
     assert len(gen) == 8  # no round was sampled past the last step
 
 
-def test_a_killed_one_step_off_run_resumes_without_losing_or_repeating_prompts(megatron_world, tmp_path):
+# k = 1: killed in step 4's update with step 5's round in flight, resumed from step 2's checkpoint (interval 2);
+# k = 2: killed in step 5's update, resumed from step 4's; the resumed step samples with its own weights
+@pytest.mark.parametrize("k,steps,die_at,kept,after_resume", [(1, 5, 4, 2, [0, 1, 1]), (2, 6, 5, 4, [0, 1])])
+def test_a_killed_asynchronous_run_resumes_without_losing_or_repeating_prompts(megatron_world, tmp_path, k, steps,
+                                                                               die_at, kept, after_resume):
     from megarl.trainer.loop import prepare_run_dir, train
 
-    straight = components(tmp_path / "whole", Log(), 5, "rollout.max_staleness=1")
+    straight = components(tmp_path / "whole", Log(), steps, f"rollout.max_staleness={k}")
     prepare_run_dir(straight.cfg)
     train(straight)
     run = tmp_path / "run"
-    killed = components(run, Log(), 5, "rollout.max_staleness=1", die_at=4)  # in step 4's update
+    killed = components(run, Log(), steps, f"rollout.max_staleness={k}", die_at=die_at)
     prepare_run_dir(killed.cfg)
     with pytest.raises(KeyboardInterrupt):
         train(killed)
-    assert sorted(killed.generator.sampled_with) == list(range(10))  # step 5's round was in flight
-    resumed = components(run, Log(), 5, "rollout.max_staleness=1")  # from the checkpoint of step 2 (interval 2)
+    assert sorted(killed.generator.sampled_with) == list(range(2 * die_at + 2))  # the next round was in flight
+    resumed = components(run, Log(), steps, f"rollout.max_staleness={k}")
     prepare_run_dir(resumed.cfg)
     train(resumed)
-    done = [p for _, p in killed.policy.trained[:2] + resumed.policy.trained]
+    done = [p for _, p in killed.policy.trained[:kept] + resumed.policy.trained]
     assert done == [p for _, p in straight.policy.trained]  # each prompt trained once, in order
-    assert sorted(resumed.generator.sampled_with) == list(range(4, 10))  # the lost in-flight rounds regenerated
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert sorted(resumed.generator.sampled_with) == list(range(2 * kept, 2 * steps))  # lost rounds regenerated
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert [r["rollout/staleness_max"] for r in rows][kept:] == after_resume
 
 
 def test_one_step_off_with_dynamic_sampling_samples_extra_rounds_with_the_weights_being_trained(megatron_world,
@@ -239,24 +245,3 @@ def test_bounded_staleness_pushes_weights_only_when_a_round_would_fall_more_than
     prepare_run_dir(c1.cfg)
     train(c1)
     assert one_step_off.count("sync") == 6 and log.count("sync") == syncs
-
-
-def test_a_killed_bounded_staleness_run_resumes_without_losing_or_repeating_prompts(megatron_world, tmp_path):
-    from megarl.trainer.loop import prepare_run_dir, train
-
-    straight = components(tmp_path / "whole", Log(), 6, "rollout.max_staleness=2")
-    prepare_run_dir(straight.cfg)
-    train(straight)
-    run = tmp_path / "run"
-    killed = components(run, Log(), 6, "rollout.max_staleness=2", die_at=5)  # in step 5's update
-    prepare_run_dir(killed.cfg)
-    with pytest.raises(KeyboardInterrupt):
-        train(killed)
-    resumed = components(run, Log(), 6, "rollout.max_staleness=2")  # from the checkpoint of step 4
-    prepare_run_dir(resumed.cfg)
-    train(resumed)
-    done = [p for _, p in killed.policy.trained[:4] + resumed.policy.trained]
-    assert done == [p for _, p in straight.policy.trained]  # each prompt trained once, in order
-    rows = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r["rollout/staleness_max"] for r in rows][4:] == [0, 1]  # the resumed step samples with its weights
