@@ -285,8 +285,7 @@ INVARIANCE_CASES = [(n, m) for n in sorted(LOSSES) for m in
 
 @pytest.mark.parametrize("name,mode", INVARIANCE_CASES)
 def test_micro_batches_and_ranks_reproduce_the_whole_batch_gradient_and_metrics(name, mode):
-    """The loss, its gradient and every metric: the micro-batches' values (with the summed counts) add up to the
-    whole batch's (computed on its own, counts=None), as the trainer sums them over micro-batches and ranks."""
+    """Loss, gradient and every metric of the micro-batches (summed counts) add up to the whole batch's."""
     loss_fn = build_loss(name, **({"agg_mode": mode, "norm_len": 9} if mode else {}))
     inp = make_batch(12, spread=0.5)
     if loss_fn.spec.select:  # Clip-Cov / KL-Cov: the trainer selects once over the whole step, then splits
@@ -306,18 +305,14 @@ def test_micro_batches_and_ranks_reproduce_the_whole_batch_gradient_and_metrics(
         for k, v in loss_fn.counts(p).items():
             total_counts[k] = total_counts.get(k, 0.0) + v
     inp.logprobs.grad = None
-    acc, metrics = 0.0, {}
+    sums = {"loss": 0.0}  # the loss and every metric, summed over the micro-batches (as the trainer does)
     for p in parts:
         p.counts = total_counts
         part_loss, part_metrics = loss_fn(p)
         part_loss.backward()  # gradients accumulate into inp.logprobs.grad
-        acc += part_loss.item()
-        for k, v in part_metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + v
-    assert acc == pytest.approx(full.item(), rel=1e-10, abs=1e-14)
-    assert metrics.keys() == full_metrics.keys()
-    for k, v in full_metrics.items():
-        assert metrics[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+        sums.update({k: sums.get(k, 0.0) + v for k, v in {"loss": part_loss.item(), **part_metrics}.items()})
+    assert sums.pop("loss") == pytest.approx(full.item(), rel=1e-10, abs=1e-14)
+    assert sums == pytest.approx(full_metrics, rel=1e-9, abs=1e-12)
     torch.testing.assert_close(inp.logprobs.grad, g_full, rtol=1e-10, atol=1e-14)
 
 
