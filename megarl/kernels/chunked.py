@@ -10,16 +10,16 @@ lse and E_p[z] per token; only those [T] vectors are kept. Backward recomputes e
     grad_W_r += dz^T @ h_c
 
 Peak extra memory is two [C, V_r] fp32 buffers, independent of T; by default C is chosen so that one buffer
-holds about 32M values (128 MiB).
+holds about 32M values (128 MiB). The matmuls run in the weights' dtype (fp32 accumulation inside) and only the
+chunk's logits are upcast: no fp32 copy of the [V_r, H] weight is made. grad_W sums T / C chunk products, so in
+bf16 it is summed in an fp32 buffer ([V_r, H], returned rounded once to the weight's dtype): summed in bf16, its error
+grew with the number of chunks (256 chunks: 1.8% relative, against bf16's own 0.17%; tests/unit/test_kernels.py).
 
 On CUDA each chunk's softmax statistics and dz come from the Triton kernels of ``triton_logprobs.py`` instead
 (``chunk_kernel``): they read the chunk's logits in the weights' dtype once per pass, where the torch steps above
 make several fp32 passes over [C, V_r]. Measured on an H200 before this (bench/results/nvidia-h200/, V = 151,936,
 H = 3,584, 16k tokens, bf16): the torch steps made the fused layer 5.7x slower than the output matmul followed by
-the Triton kernel. Its two [C, V_r] buffers are then in the weights' dtype, so C doubles at the same memory. The matmuls run in the weights' dtype (fp32 accumulation inside) and only the
-chunk's logits are upcast: no fp32 copy of the [V_r, H] weight is made. grad_W sums T / C chunk products, so in
-bf16 it is summed in an fp32 buffer ([V_r, H], returned rounded once to the weight's dtype): summed in bf16, its error
-grew with the number of chunks (256 chunks: 1.8% relative, against bf16's own 0.17%; tests/unit/test_kernels.py).
+the Triton kernel. The two [C, V_r] buffers are then in the weights' dtype, so C doubles at the same memory.
 """
 
 from __future__ import annotations
@@ -107,14 +107,11 @@ class FusedLinearLogprobEntropy(torch.autograd.Function):
         g_ent = torch.zeros_like(lse_all) if g_ent is None else g_ent.to(lse_all.dtype)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
+        chunk_dz = _triton_chunk_dz if kernel == "triton" else _torch_chunk_dz
         for a in range(0, hidden.shape[0], chunk):
             h, tgt = hidden[a:a + chunk], targets[a:a + chunk]
-            if kernel == "triton":  # dz in the weights' dtype, /temperature included
-                dz = _triton_chunk_dz(h, weight, tgt, lse_all[a:a + chunk], ez_all[a:a + chunk],
-                                      g_logp[a:a + chunk], g_ent[a:a + chunk], temperature, vocab_size, group)
-            else:
-                dz = _torch_chunk_dz(h, weight, tgt, lse_all[a:a + chunk], ez_all[a:a + chunk],
-                                     g_logp[a:a + chunk], g_ent[a:a + chunk], temperature, vocab_size, group)
+            dz = chunk_dz(h, weight, tgt, lse_all[a:a + chunk], ez_all[a:a + chunk], g_logp[a:a + chunk],
+                          g_ent[a:a + chunk], temperature, vocab_size, group)  # weights' dtype, /temperature in
             grad_h[a:a + chunk] = dz @ weight
             if grad_w.dtype == weight.dtype:
                 grad_w.addmm_(dz.t(), h)

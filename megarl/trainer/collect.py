@@ -50,12 +50,11 @@ def submit_round(generator, source: PromptSource, position: int, version: int, *
 
 def _submit(generator, prompts: list[Prompt], n: int, sampling: SamplingParams, seed: int,
             refresh: bool = True) -> Ticket | None:
-    seeds = [(seed * 1_000_003 + p.uid) * 100_003 for p in prompts]
     if not prompts:
         return None
     # refresh is passed only when False: a generator written before it existed still serves max_staleness <= 1
-    return generator.submit([p.ids for p in prompts], n, sampling, seeds=seeds) if refresh else \
-        generator.submit([p.ids for p in prompts], n, sampling, seeds=seeds, refresh=False)
+    return generator.submit([p.ids for p in prompts], n, sampling, **({} if refresh else {"refresh": False}),
+                            seeds=[(seed * 1_000_003 + p.uid) * 100_003 for p in prompts])
 
 
 def generate(generator, prompts: list[Prompt], n: int, sampling: SamplingParams, seed: int) -> Rollouts:

@@ -151,7 +151,7 @@ def _patch_checkpointing() -> None:
 
 def _patch_moe() -> None:
     """Item 6: the MoE sites (and autograd's engine, for the backward of the EP collectives). The router's missing
-    ``te_general_gemm`` without Transformer Engine is not CPU-specific: ``model.moe_config`` binds it."""
+    ``te_general_gemm`` without Transformer Engine is not CPU-specific: ``model.build_model`` binds it."""
     import torch.autograd.graph as graph
     from megatron.core.transformer.moe import token_dispatcher
 

@@ -44,12 +44,6 @@ def moe_config(arch: ModelArch, moe=None, grouped_gemm: bool = False) -> dict:
     from megarl.config import MoESection
 
     moe = moe or MoESection()
-    from megatron.core.transformer.moe import moe_utils
-
-    # megatron-core 0.16's router reads te_general_gemm, a name moe_utils binds only when Transformer Engine
-    # imports: without TE (the CPU, or a CUDA machine without it) None sends the router down its torch path
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     if moe.dispatcher == "allgather" and parallel_state.get_expert_model_parallel_world_size() > 1 \
             and not torch.cuda.is_available():
         raise ValueError("moe.dispatcher=allgather at parallel.ep > 1 needs NCCL: gloo's all-gather takes only "
@@ -105,6 +99,15 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init
     )
 
 
+def _bind_router_gemm() -> None:
+    """megatron-core 0.16's router reads ``moe_utils.te_general_gemm``, a name bound only when Transformer Engine
+    imports: without TE (the CPU, or a CUDA machine without it) None sends the router down its torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def _leave_uninitialised(weight: torch.Tensor) -> None:
     """An init method for models whose weights are loaded next: random init of a large model takes minutes."""
 
@@ -123,6 +126,8 @@ def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_sp
     check_parallel(arch, parallel_state.get_tensor_model_parallel_world_size(),
                    parallel_state.get_pipeline_model_parallel_world_size(),
                    ep=parallel_state.get_expert_model_parallel_world_size())
+    if arch.is_moe:
+        _bind_router_gemm()
     spec_name = layer_spec or default_layer_spec_name()
     if spec_name == "transformer_engine":
         if not te_available():
