@@ -8,7 +8,8 @@
 # There, with the device tool's run: carry [".whl", ".gpu"], command
 #               MEGARL_BENCH_COMMIT=$(git rev-parse --short HEAD) bash bench/gpu/run.sh
 # (the command is composed here, so the commit is this checkout's; the copy there has no .git.)
-# A rerun of some steps: MEGARL_GPU_STEPS="tests kernels" (names: tests, kernels, train-step).
+# A rerun of some steps: MEGARL_GPU_STEPS="tests kernels" (names: tests, kernels, train-step, packing; packing
+# runs only when named, in a second call, since the first three fill one 600 s call).
 # Then copy the returned JSON files into bench/results/<gpu name>/ (the log names it), run
 # `python bench/summary.py` and commit them.
 set -u -o pipefail
@@ -53,6 +54,9 @@ step 60 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384
 # H200's 150 GB, and the first Adam step ran out of memory even with activations recomputed (measured 2026-12-04)
 step 180 "train-step benchmark" python3 bench/train_step.py --rows 8 --prompt 256 --response 1792 \
     --micro-batch-tokens 8192 --impl auto torch --shapes qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b
+
+# packed against padded micro-batches on a Qwen2.5-0.5B-sized model (local spec: a block-diagonal mask, not THD)
+step 150 "packing benchmark" python3 bench/packing.py --layers 24 --hidden 896 --rows 64 --repeats 1
 
 kill $SYNC 2>/dev/null
 echo "results folder: bench/results/$DEV"
