@@ -2,7 +2,7 @@
 log-prob pass on long-tailed response lengths, in one run, each (distribution, mode) in a fresh process.
 
     .venv/bin/python bench/packing.py                                     # CPU: SmolLM2-width, 8 layers
-    python bench/packing.py --layers 24 --hidden 896 --rows 64            # a GPU: a Qwen2.5-0.5B-sized model
+    python bench/packing.py --layers 24 --hidden 896 --kv-heads 2 --rows 64  # a GPU: a Qwen2.5-0.5B-sized model
 
 The model has SmolLM2-135M's width, vocabulary and head layout with --layers layers and random weights (the cost of
 a step does not depend on the weights). One step's rows are --rows samples in groups of 4 (one prompt each), with
@@ -68,7 +68,7 @@ def measure(args) -> dict:
     arch = read_arch({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
                       "hidden_size": args.hidden, "intermediate_size": args.hidden * 8 // 3,
                       "num_hidden_layers": args.layers, "num_attention_heads": args.hidden // 64,
-                      "num_key_value_heads": args.hidden // 192, "max_position_embeddings": 8192,
+                      "num_key_value_heads": args.kv_heads or args.hidden // 192, "max_position_embeddings": 8192,
                       "rms_norm_eps": 1e-5, "rope_theta": 1e5, "tie_word_embeddings": True})
     shapes = lengths(args.dist, args.rows)
     g = torch.Generator().manual_seed(0)
@@ -118,7 +118,7 @@ def measure(args) -> dict:
             "update_s": round(update, 3), "update_tokens_per_s": round(real / update, 1),
             "logprob_s": round(logprob, 3), "logprob_tokens_per_s": round(real / logprob, 1),
             "peak_memory_gib": round(memory / 2 ** 30, 2), "dtype": str(dtype).replace("torch.", ""),
-            "layers": args.layers, "hidden": args.hidden, "micro_batch_tokens": args.micro_batch_tokens}
+            "layers": args.layers, "hidden": args.hidden, "kv_heads": arch.num_kv_heads, "micro_batch_tokens": args.micro_batch_tokens}
 
 
 def _fastest(runs: list[dict]) -> dict:
@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=576)
+    ap.add_argument("--kv-heads", type=int, default=0, help="key/value heads (default: hidden / 192, SmolLM2's)")
     ap.add_argument("--steps", type=int, default=3, help="timed calls per process (after one warm-up)")
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2, help="processes per (distribution, mode), run alternately")
@@ -169,7 +170,8 @@ def main() -> None:
         for _ in range(args.repeats):  # alternating, so a slow spell of the machine hits both modes
             for mode in runs:
                 cmd = [sys.executable, __file__, "--dist", dist, "--mode", mode, "--rows", str(args.rows),
-                       "--layers", str(args.layers), "--hidden", str(args.hidden), "--steps", str(args.steps),
+                       "--layers", str(args.layers), "--hidden", str(args.hidden), "--kv-heads", str(args.kv_heads),
+                       "--steps", str(args.steps),
                        "--micro-batch-tokens", str(args.micro_batch_tokens)]
                 runs[mode].append(run_one(cmd, {"dist": dist, "mode": mode}))
                 print(json.dumps(runs[mode][-1]), flush=True)

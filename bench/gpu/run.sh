@@ -56,7 +56,7 @@ step 180 "train-step benchmark" python3 bench/train_step.py --rows 8 --prompt 25
     --micro-batch-tokens 8192 --impl auto torch --shapes qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b
 
 # packed against padded micro-batches on a Qwen2.5-0.5B-sized model (local spec: a block-diagonal mask, not THD)
-step 150 "packing benchmark" python3 bench/packing.py --layers 24 --hidden 896 --rows 64 --repeats 1
+step 150 "packing benchmark" python3 bench/packing.py --layers 24 --hidden 896 --kv-heads 2 --rows 64 --repeats 1
 
 kill $SYNC 2>/dev/null
 echo "results folder: bench/results/$DEV"
