@@ -47,7 +47,8 @@ DEV=$(cd bench && python3 -c "import results_io; print(results_io.device_dir())"
 SYNC=$!
 
 # the limits add up to 540 s, so with the install and imports the script ends inside a 600 s call. Measured on an
-# H200 (2026-12-04): the GPU tests ~300 s (each `megarl train` run ~65 s), the kernels 27 s, the train steps ~130 s
+# H200 (2026-12-04): the GPU tests 165-300 s (each `megarl train` run 40-65 s), the kernels 27 s, the train steps
+# ~115 s; the packing step ~140 s (six processes)
 step 300 "tests (GPU)" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA --durations=10
 step 60 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384 65536
 # not 7B: bf16 weights, fp32 gradients, fp32 main weights and Adam state (18 bytes/param) take ~137 GB of the

@@ -130,3 +130,34 @@ def test_packed_attention_equals_block_diagonal_causal_softmax(megatron_world, l
     for bk in buckets:  # the batching never spends more than twice the samples' own attention cost
         assert len(bk) * max(lengths[i] for i in bk) ** 2 <= 2 * sum(lengths[i] ** 2 for i in bk)
     assert len(attention_buckets([7, 7, 7, 7])) == 1 and len(attention_buckets([64, 1, 1, 1])) == 2
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_packed_rope_rotates_each_token_by_its_position_in_its_sample(megatron_world, interleaved):
+    """The vectorised THD RoPE (install_packed_rope) against float64 brute force (each pair of features turned by
+    position-in-sample x frequency) and, bit for bit, against megatron-core's stock per-sample loop; with an
+    empty segment and a padding tail as the packer makes them."""
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megarl.backends.megatron.packing import _STOCK_ROPE, _packed_rope, install_packed_rope
+
+    install_packed_rope()
+    lengths, d = [5, 0, 9, 1, 3, 6], 16
+    cu = torch.tensor([0] + lengths).cumsum(0).int()
+    t = torch.randn(int(cu[-1]), 3, d, generator=torch.Generator().manual_seed(0))
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.outer(torch.arange(12, dtype=torch.float64), inv)  # [max_s, d/2], a table longer than any sample
+    table = (angles.repeat_interleave(2, -1) if interleaved else torch.cat([angles, angles], -1))[:, None, None]
+    group = parallel_state.get_context_parallel_group()
+    got = _packed_rope(t, cu, table.float(), rotary_interleaved=interleaved, cp_group=group)
+    assert rope_utils._apply_rotary_pos_emb_thd is _packed_rope
+    assert torch.equal(got, _STOCK_ROPE[0](t, cu, table.float(), rotary_interleaved=interleaved, cp_group=group))
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    x = t.double().unflatten(-1, (d // 2, 2)) if interleaved else \
+        t.double().unflatten(-1, (2, d // 2)).transpose(-1, -2)
+    x1, x2 = x[..., 0], x[..., 1]  # the pairs: (2i, 2i+1) interleaved, else (i, i + d/2)
+    cos, sin = angles[pos].cos()[:, None], angles[pos].sin()[:, None]
+    rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+    want = rot.flatten(-2) if interleaved else rot.transpose(-1, -2).flatten(-2)
+    assert (got.double() - want).abs().max() < 1e-5

@@ -18,6 +18,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megarl.backends.megatron.context_parallel import ContextParallelAttention
 from megarl.backends.megatron.cpu_compat import enable_cpu_compat
+from megarl.backends.megatron.packing import install_packed_rope
 from megarl.convert.arch import ModelArch, check_parallel
 from megarl.kernels import te_available
 
@@ -128,6 +129,7 @@ def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_sp
                    ep=parallel_state.get_expert_model_parallel_world_size())
     if arch.is_moe:
         _bind_router_gemm()
+    install_packed_rope()
     spec_name = layer_spec or default_layer_spec_name()
     if spec_name == "transformer_engine":
         if not te_available():
