@@ -52,11 +52,12 @@ SYNC=$!
 step 300 "tests (GPU)" python3 -m pytest -p no:cacheprovider -m gpu tests/gpu -q -rA --durations=10
 step 60 "kernels benchmark" python3 bench/logprob_kernels.py --tokens 4096 16384 65536
 # not 7B: bf16 weights, fp32 gradients, fp32 main weights and Adam state (18 bytes/param) take ~137 GB of the
-# H200's 150 GB, and the first Adam step ran out of memory even with activations recomputed (measured 2026-12-04)
+# H200's 150 GB, and the first Adam step ran out of memory even with activations recomputed (measured 2026-12-04);
+# 3B ran out of memory without recompute (the local spec keeps every [heads, s, s] score matrix): with it here
 step 180 "train-step benchmark" python3 bench/train_step.py --rows 8 --prompt 256 --response 1792 \
-    --micro-batch-tokens 8192 --impl auto torch --shapes qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b
+    --micro-batch-tokens 8192 --impl auto torch --shapes qwen2.5-0.5b qwen2.5-1.5b --recompute-shapes qwen2.5-3b
 
-# packed against padded micro-batches on a Qwen2.5-0.5B-sized model (local spec: a block-diagonal mask, not THD)
+# packed against padded micro-batches on a Qwen2.5-0.5B-sized model (local spec: per-sample causal attention in batches, not TE's THD kernel)
 step 150 "packing benchmark" python3 bench/packing.py --layers 24 --hidden 896 --kv-heads 2 --rows 64 --repeats 1
 
 kill $SYNC 2>/dev/null
