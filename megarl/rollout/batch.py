@@ -74,9 +74,10 @@ class Rollouts:
 
     @staticmethod
     def concat(parts: list[Rollouts]) -> Rollouts:
-        """The rows of ``parts`` in order (per-token fields right-padded with 0 to the widest)."""
+        """The rows of ``parts`` in order (per-token fields right-padded with 0 to the widest). A field is None when
+        a part with rows lacks it; parts without rows count only when no part has any (then empty, not None)."""
         def cat(name):
-            ts = [getattr(p, name) for p in parts if len(p)]
+            ts = [getattr(p, name) for p in parts if len(p)] or [getattr(p, name) for p in parts]
             if not ts or any(t is None for t in ts):
                 return None
             if ts[0].dim() == 2:

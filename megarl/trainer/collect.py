@@ -98,19 +98,6 @@ def score(ro: Rollouts, prompts: list[Prompt], n: int, tokenizer, executor: Rewa
     return {f"reward/{k}": float(v) for k, v in stats.items()}
 
 
-def concat(parts: list[Rollouts]) -> Rollouts:
-    out = Rollouts([], [], [], [], torch.cat([p.group_ids for p in parts]))
-    for p in parts:
-        out.prompt_ids += p.prompt_ids
-        out.response_ids += p.response_ids
-        out.sampler_logprobs += p.sampler_logprobs
-        out.finish_reasons += p.finish_reasons
-    for f in ("rewards", "acc", "levels", "v_star", "versions"):
-        vals = [getattr(p, f) for p in parts]
-        setattr(out, f, torch.cat(vals) if all(v is not None for v in vals) else None)
-    return out
-
-
 def collect(first: Round, resubmit: Callable[[int], Round], *, now: int, generator, tokenizer,
             executor: RewardExecutor, prompts_per_rank: int, dp_size: int, dp_group, dynamic_sampling: bool,
             max_rounds: int, reward_opts: dict) -> tuple[Rollouts, int, dict[str, float]]:
@@ -138,7 +125,7 @@ def collect(first: Round, resubmit: Callable[[int], Round], *, now: int, generat
         if not dynamic_sampling or rounds >= max_rounds or all_reduce_sum({"k": kept_groups}, dp_group)["k"] >= target:
             break
         r = resubmit(r.end)
-    ro = concat(parts)
+    ro = Rollouts.concat(parts)
     if dynamic_sampling:  # at most this replica's share; surplus groups are discarded as upstream does
         ro = ro.select([i for g in ro.groups()[:prompts_per_rank] for i in g])
     stats["rollout/rounds"] = float(rounds)

@@ -98,3 +98,11 @@ def test_concat_then_select_gives_back_each_part():
     back = both.select(list(range(len(a), len(a) + len(b))))
     assert back.response_ids == b.response_ids and torch.equal(back.group_ids, b.group_ids)
     assert torch.equal(back.advantages[:, :b.max_response_len], b.advantages)
+    # a part without rows (dynamic sampling kept none of a round's groups) neither drops a field nor adds rows;
+    # when no part has rows the fields are empty tensors, not None
+    b.rewards, a.rewards = torch.randn(len(b)), None
+    kept = Rollouts.concat([b.select([]), b])
+    assert torch.equal(kept.rewards, b.rewards) and kept.response_ids == b.response_ids
+    assert Rollouts.concat([a, b]).rewards is None
+    empty = Rollouts.concat([b.select([]), b.select([])])
+    assert len(empty) == 0 and empty.rewards is not None and empty.rewards.shape == (0,)
