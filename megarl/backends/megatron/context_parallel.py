@@ -89,22 +89,22 @@ def _natural_order(s: int, cp: int, device, cu: list[int] | None = None) -> torc
 
 class _GatherSequence(torch.autograd.Function):
     """[s/cp, ...] per rank -> [s, ...] in sequence order on every rank; backward: the sum over the ranks of the
-    full gradient, this rank's part of it (gloo has no reduce-scatter, so all-reduce then slice)."""
+    full gradient, this rank's part of it (one reduce-scatter, which gloo and NCCL both have)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, order: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)  # rank-major: rank r's part at r * local
         ctx.group, ctx.order, ctx.local = group, order, x.shape[0]
-        return torch.cat(parts)[order]
+        return out[order]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         g = torch.empty_like(grad)
         g[ctx.order] = grad  # back to the rank-major layout
-        dist.all_reduce(g, group=ctx.group)
-        r = dist.get_rank(ctx.group)
-        return g[r * ctx.local:(r + 1) * ctx.local], None, None
+        out = g.new_empty((ctx.local, *g.shape[1:]))
+        dist.reduce_scatter_tensor(out, g, group=ctx.group)
+        return out, None, None
 
 
 class _SumOverGroup(torch.autograd.Function):
