@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/rpg_variants.py                 # every variant, 15 steps each (about 40 minutes)
     .venv/bin/python bench/rpg_variants.py train.steps=30  # any config override, applied to every variant
+    .venv/bin/python bench/rpg_variants.py --tag offpolicy train.minibatches_per_step=4 train.steps=10
+                                                           # off-policy: 4 optimizer steps per RL step, so the
+                                                           # ratio pi/pi_old departs from 1 and the clips act
 
 Each variant is ``megarl demo --algo rpg algo.loss=<variant>`` (REINFORCE++ is ``--algo reinforce_pp``), all at
 the RPG family's demo temperature (0.7) so that only the loss and its advantage differ; a finished variant is not
-run again. Writes bench/results/<device>/rpg_variants.json (the same record per variant as
+run again. Writes bench/results/<device>/rpg_variants[_<tag>].json (the same record per variant as
 ``megarl demo --algo all``: megarl/demo_compare.py) and rpg_variants.png beside it.
 """
 
@@ -32,8 +35,12 @@ def main() -> None:
 
     from megarl.demo_compare import _run_family, family_record, figure, table
 
-    overrides = [*COMMON, *sys.argv[1:]]
-    root = REPO / "runs" / "rpg-variants"
+    args = sys.argv[1:]
+    tag = ""
+    if args[:1] == ["--tag"]:
+        tag, args = f"_{args[1]}", args[2:]
+    overrides = [*COMMON, *args]
+    root = REPO / "runs" / f"rpg-variants{tag.replace('_', '-')}"
     records = []
     for label, family, extra in VARIANTS:
         run, rec_path = root / label, root / label / "compare_record.json"
@@ -48,8 +55,9 @@ def main() -> None:
             rec_path.write_text(json.dumps(done, indent=1))
         records.append(done)
     fig = figure(records)
-    fig.suptitle("RPG variants against REINFORCE++: the CPU demo (SmolLM2-135M-Instruct, arithmetic), temperature 0.7")
-    dest = write_result("rpg_variants", records, sys.argv[1:])
+    fig.suptitle("RPG variants against REINFORCE++: the CPU demo (SmolLM2-135M-Instruct, arithmetic), temperature 0.7"
+                 + (f", {' '.join(args)}" if args else ""))
+    dest = write_result("rpg_variants", records, sys.argv[1:], file=f"rpg_variants{tag}")
     fig.savefig(dest.with_suffix(".png"), dpi=100)
     plt.close(fig)
     print(f"\n{table(records)}\n\nwrote {dest} and {dest.with_suffix('.png')}")

@@ -121,8 +121,8 @@ def _demo_all(d: dict) -> list[str]:
 
 def _rpg_variants(d: dict) -> list[str]:
     return _family_table(d) + ["", "Each row: `megarl demo --algo rpg algo.loss=<row>` (REINFORCE++: `--algo "
-                               "reinforce_pp`) with the overrides in the JSON. Plot: `rpg_variants.png` beside this "
-                               "file; analysis: `docs/demo_families.md`."]
+                               "reinforce_pp`) with the overrides in the JSON. Plot: the `.png` of this JSON's name "
+                               "beside it; analysis: `docs/demo_families.md`."]
 
 
 def _packing(d: dict) -> list[str]:
