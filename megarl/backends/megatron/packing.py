@@ -84,9 +84,10 @@ def _packed_rope(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_at
     """megatron-core 0.16's unfused THD RoPE (``rope_utils._apply_rotary_pos_emb_thd``), vectorised.
 
     The stock function reads ``cu_seqlens`` on the host (a device sync) and slices the frequency table once per
-    sample in Python, for the queries and again for the keys of every attention layer: measured on an H200
-    (bench/results/nvidia-h200/packing.json), that made a packed log-prob pass of 32 short samples per micro-batch
-    take 2.1x the padded one's time. Here each token's position inside its sample is computed on the device
+    sample in Python, for the queries and again for the keys of every attention layer. On an H200
+    (bench/results/nvidia-h200/packing.json) a packed log-prob pass of 32 short samples per micro-batch took 2.1x
+    the padded one's time, and this loop was half of the packed pass's extra operator calls (profiled on the CPU;
+    the GPU gain is not yet measured). Here each token's position inside its sample is computed on the device
     (no sync), the same table rows are gathered at once and megatron-core's own rotation runs once, so the result
     is the stock one bit for bit (tests/unit/test_packed_forward.py). Context parallelism (its per-rank chunk
     arithmetic) and a table as long as the packed row (the stock function's offset mode) go to the stock one."""
