@@ -87,17 +87,20 @@ def _packed_rope(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_at
     sample in Python, for the queries and again for the keys of every attention layer. On an H200
     (bench/results/nvidia-h200/packing.json) a packed log-prob pass of 32 short samples per micro-batch took 2.1x
     the padded one's time, and this loop was half of the packed pass's extra operator calls (profiled on the CPU;
-    the GPU gain is not yet measured). Here each token's position inside its sample is computed on the device
-    (no sync), the same table rows are gathered at once and megatron-core's own rotation runs once, so the result
-    is the stock one bit for bit (tests/unit/test_packed_forward.py). Context parallelism (its per-rank chunk
-    arithmetic) and a table as long as the packed row (the stock function's offset mode) go to the stock one."""
+    the GPU gain is not yet measured). Here each token's position inside its sample is computed on the device (no
+    sync; once per packed sequence, kept on its ``cu_seqlens`` tensor), the same table rows are gathered at once and
+    megatron-core's own rotation runs once, so the result is the stock one bit for bit
+    (tests/unit/test_packed_forward.py). Context parallelism (its per-rank chunk arithmetic) and a table as long as
+    the packed row (the stock function's offset mode) go to the stock one."""
     n = t.shape[0]
     if (cp_group is not None and cp_group.size() > 1) or freqs.shape[0] == n:
         return _STOCK_ROPE[0](t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
                               multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group)
-    cu = cu_seqlens.to(torch.long)
-    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=n)
-    pos = torch.arange(n, device=t.device) - starts
+    pos = getattr(cu_seqlens, "megarl_positions", None)  # the queries' and keys' of every layer: one cu tensor
+    if pos is None or pos.numel() != n:
+        cu = cu_seqlens.to(torch.long)
+        starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=n)
+        pos = cu_seqlens.megarl_positions = torch.arange(n, device=t.device) - starts
     return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[pos], rotary_interleaved=rotary_interleaved,
                                                  multi_latent_attention=multi_latent_attention,
                                                  mscale=mscale).squeeze(1)
