@@ -48,11 +48,12 @@ class ParallelSection:
     pp: int = 1  # pipeline-parallel size; must divide the layers
     cp: int = 1  # context-parallel size: each sequence split over cp ranks (docs/context_parallel.md)
     ep: int = 1  # expert-parallel size (MoE models): each layer's experts split over ep of the dp x cp ranks
+    sp: bool = False  # sequence parallelism: activations outside the TP matmuls split over the tp ranks (tp > 1)
 
     def dims(self):
         """The layout's one owner (megarl/parallel.py) for these degrees."""
         from megarl.parallel import ParallelDims
-        return ParallelDims(self.tp, self.pp, self.cp, self.ep)
+        return ParallelDims(self.tp, self.pp, self.cp, self.ep, self.sp)
 
 
 @frozen

@@ -32,6 +32,7 @@ class ParallelDims:
     pp: int = 1
     cp: int = 1  # context parallelism: each sequence split over cp ranks (load-balanced chunks)
     ep: int = 1  # expert parallelism: each MoE layer's experts split over ep of the dp x cp ranks
+    sp: bool = False  # sequence parallelism: not a degree; activations outside the TP matmuls split over tp ranks
 
     @property
     def model_parallel(self) -> int:
@@ -47,6 +48,9 @@ class ParallelDims:
         for key, value in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp), ("ep", self.ep)):
             if value < 1:
                 raise ValueError(f"parallel.{key}={value} must be >= 1.")
+        if self.sp and self.tp == 1:
+            raise ValueError("parallel.sp=true splits activations over the tensor-parallel ranks; it needs "
+                             "parallel.tp > 1 (or set parallel.sp=false).")
         if arch is not None:
             self._check_model(arch)
         if world_size is not None and world_size % self.model_parallel:
@@ -130,4 +134,5 @@ class RankLayout:
 
     def describe(self) -> str:
         d = self.dims
-        return f"layout: tp={d.tp} pp={d.pp} cp={d.cp} dp={self.dp_size}" + (f" ep={d.ep}" if d.ep > 1 else "")
+        return f"layout: tp={d.tp} pp={d.pp} cp={d.cp} dp={self.dp_size}" + (f" ep={d.ep}" if d.ep > 1 else "") \
+            + (" sp" if d.sp else "")

@@ -134,12 +134,14 @@ class MicroBatch:
     tokens: int = 0  # tokens of samples; the rest of input_ids is padding
 
 
-def make_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, pad_id: int = 0) -> list[MicroBatch]:
-    """Equal-shaped micro-batches of whole groups covering ``groups`` (module docstring)."""
+def make_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, pad_id: int = 0,
+                       multiple: int = 1) -> list[MicroBatch]:
+    """Equal-shaped micro-batches of whole groups covering ``groups`` (module docstring), their length rounded up
+    to a multiple of ``multiple`` (sequence parallelism splits it over TP ranks)."""
     if not groups:
         return []
     rows = [i for g in groups for i in g]
-    seq_len = max(len(ro.prompt_ids[i]) + len(ro.response_ids[i]) for i in rows)
+    seq_len = -(-max(len(ro.prompt_ids[i]) + len(ro.response_ids[i]) for i in rows) // multiple) * multiple
     width = max(len(ro.response_ids[i]) for i in rows)
     sizes = {len(g) for g in groups}
     k = groups_per_micro_batch(len(groups), max(sizes), seq_len, token_budget) if len(sizes) == 1 else 1

@@ -17,6 +17,7 @@ lines each and are tested against brute force (tests/unit/test_packing.py).
 from __future__ import annotations
 
 import heapq
+import math
 
 import torch
 
@@ -56,7 +57,8 @@ def balanced_partition(sizes: list[int], parts: int) -> list[list[int]]:
 
 
 def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, *,
-                              whole_groups: bool = False, pad_id: int = 0, align: int = 1) -> list[MicroBatch]:
+                              whole_groups: bool = False, pad_id: int = 0, align: int = 1,
+                              multiple: int = 1) -> list[MicroBatch]:
     """Packed micro-batches (module docstring) of the rows of ``groups``: as many as first-fit decreasing needs to
     keep each within ``token_budget``, with the rows then dealt evenly by tokens over them (when that fits), all
     padded to the longest one's length. Rows of one group stay in one
@@ -64,7 +66,9 @@ def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budge
     otherwise rows are placed one by one, which the global normalisers make exact.
 
     ``align``: every segment's length is a multiple of it (a sample's own padding at its end, which under the
-    causal mask none of its tokens sees): context parallelism cuts each segment into 2 cp chunks."""
+    causal mask none of its tokens sees): context parallelism cuts each segment into 2 cp chunks. ``multiple``: the
+    packed length is a multiple of it (and of ``align``): sequence parallelism splits it over TP ranks."""
+    multiple = math.lcm(multiple, align)
     items = groups if whole_groups else [[i] for g in groups for i in g]
     if not items:
         return []
@@ -78,7 +82,7 @@ def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budge
     if max(sum(sizes[j] for j in b) for b in even) <= max(token_budget, max(sizes)):
         bins = sorted(even, key=lambda b: b[0])
     rows_of = [[i for j in b for i in items[j]] for b in bins]
-    seq = max(sum(length[i] for i in rows) for rows in rows_of)
+    seq = -(-max(sum(length[i] for i in rows) for rows in rows_of) // multiple) * multiple
     out = []
     for rows in rows_of:
         width = max(len(ro.response_ids[i]) for i in rows)
@@ -112,9 +116,10 @@ def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budge
 
 
 def micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, *, packing: bool,
-                  whole_groups: bool = False, align: int = 1) -> list[MicroBatch]:
+                  whole_groups: bool = False, align: int = 1, multiple: int = 1) -> list[MicroBatch]:
     """The micro-batches of one pass: packed (``train.packing``, segments a multiple of ``align`` long) or
-    right-padded whole groups (rollout/batch.py)."""
+    right-padded whole groups (rollout/batch.py); either way ``multiple`` divides their length."""
     if packing:
-        return make_packed_micro_batches(ro, groups, token_budget, whole_groups=whole_groups, align=align)
-    return make_micro_batches(ro, groups, token_budget)
+        return make_packed_micro_batches(ro, groups, token_budget, whole_groups=whole_groups, align=align,
+                                         multiple=multiple)
+    return make_micro_batches(ro, groups, token_budget, multiple=multiple)

@@ -93,13 +93,13 @@ def initial_model(cfg: RunConfig):
 
     model_dir = once_per_node_then_all(lambda: resolve_model_spec(cfg.model.hf_dir, cfg.run.dir, cfg.run.seed))
     arch = read_arch_dir(model_dir)
-    if arch.is_moe and cfg.parallel.tp > 1:
+    if arch.is_moe and cfg.parallel.tp > 1 and not cfg.parallel.sp:
         raise ValueError(f"parallel.tp={cfg.parallel.tp} with a mixture-of-experts model: megatron-core trains MoE "
-                         f"layers at tp > 1 only with sequence parallelism, which megarl does not support yet. Split "
-                         f"the model with parallel.ep (experts) and parallel.pp (layers), with parallel.tp=1.")
+                         f"layers at tp > 1 only with sequence parallelism; set parallel.sp=true (or split the "
+                         f"model with parallel.ep and parallel.pp at parallel.tp=1).")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False,
-                        recompute=cfg.model.recompute, moe=cfg.moe)
+                        recompute=cfg.model.recompute, moe=cfg.moe, sequence_parallel=cfg.parallel.sp)
     load_weights_into(model, arch, model_dir)
     return Path(model_dir), arch, tokenizer, model
 
@@ -195,7 +195,7 @@ def build(cfg: RunConfig, layout: RankLayout) -> Components:
     kind, reference = algo.reference, None
     if kind == "fixed":
         ref_model = build_model(arch, dtype=DTYPES[cfg.model.dtype], layer_spec=_layer_spec(cfg), init_weights=False,
-                                moe=cfg.moe)
+                                moe=cfg.moe, sequence_parallel=cfg.parallel.sp)
         load_weights_into(ref_model, arch, model_dir)
         reference = MegatronReference(ref_model, arch, offload=torch.cuda.is_available(),
                                       kernel_impl=cfg.kernels.impl, packing=cfg.train.packing)

@@ -42,12 +42,16 @@ def reference(tmp_path_factory):
     return out
 
 
-# CP2 and CP2xPP2 (the pipeline's activation shapes divided by cp) in the default run; TP2xCP2 with -m slow
-@pytest.mark.parametrize("tp,cp,pp", [(1, 2, 1), pytest.param(2, 2, 1, marks=pytest.mark.slow), (1, 2, 2)],
-                         ids=["cp2", "tp2xcp2", "cp2xpp2"])
-def test_layout_matches_cp1_and_hf(reference, tmp_path, tp, cp, pp):
+# CP2 and CP2xPP2 (the pipeline's activation shapes divided by cp) in the default run, and TP2 with sequence
+# parallelism (micro-batches padded to a multiple of tp; greedy samples with it switched off); TP2xCP2 with and
+# without it with -m slow
+@pytest.mark.parametrize("tp,cp,pp,sp", [(1, 2, 1, False), pytest.param(2, 2, 1, False, marks=pytest.mark.slow),
+                                         (1, 2, 2, False), (2, 1, 1, True),
+                                         pytest.param(2, 2, 1, True, marks=pytest.mark.slow)],
+                         ids=["cp2", "tp2xcp2", "cp2xpp2", "tp2-sp", "tp2xcp2-sp"])
+def test_layout_matches_cp1_and_hf(reference, tmp_path, tp, cp, pp, sp):
     log = torchrun("tests/parallel/worker_cp.py", tp * cp * pp, "--tp", str(tp), "--cp", str(cp), "--pp", str(pp),
-                   "--out", str(tmp_path), timeout=900)
+                   "--out", str(tmp_path), *(["--sp"] if sp else []), timeout=900)
     assert log.count("gradients match HF") == len(FAMILIES) * tp * cp * pp  # every rank checked its copy
     for family in FAMILIES:
         want, got = load(reference, family), load(tmp_path, family)

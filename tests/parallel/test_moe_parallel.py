@@ -66,12 +66,32 @@ def test_ep2_checkpoint_resumes_in_one_process(tmp_path, data_dir):
     same_metrics(reference, moved, tol=1e-4, skip=("batch/", "sync/seconds"))
 
 
-def test_training_a_moe_model_at_tp2_is_refused_with_the_way_out(tmp_path, data_dir):
-    """megatron-core trains MoE layers at tp > 1 only with sequence parallelism (unsupported here): a one-line
-    error naming parallel.ep / parallel.pp instead of megatron-core's own error deep inside the first step."""
-    with pytest.raises(AssertionError, match=r"parallel.tp=2 with a mixture-of-experts model: .* Split the model "
-                                             r"with parallel.ep \(experts\) and parallel.pp \(layers\)"):
+def test_training_a_moe_model_at_tp2_without_sequence_parallelism_is_refused(tmp_path, data_dir):
+    """megatron-core trains MoE layers at tp > 1 only with sequence parallelism: a one-line error naming
+    parallel.sp=true instead of megatron-core's own error deep inside the first step."""
+    with pytest.raises(AssertionError, match=r"parallel.tp=2 with a mixture-of-experts model: .* set parallel.sp=true"):
         launch(tmp_path / "tp2", data_dir, "parallel.tp=2")
+
+
+def test_tp2_with_sequence_parallelism_logs_the_one_rank_metrics(tmp_path, data_dir):
+    """Attention and experts split over two TP ranks, each rank routing its half of every sequence (parallel.sp):
+    the one-process run's losses, gradient norms and router metrics to 1e-5, the load-balancing loss on. Each rank
+    computes its share of the router loss, scaled by its share of the tokens (moe.router_losses_scaled)."""
+    one = metrics_of(tmp_path / "one", data_dir, *MOE, "rollout.backend=native")
+    tp2 = launch(tmp_path / "tp2", data_dir, "parallel.tp=2", "parallel.sp=true", "rollout.backend=native")
+    assert {"moe/load_imbalance", "moe/load_balancing_loss"} <= set(tp2[0])
+    same_metrics(one, tp2, tol=1e-5, skip=("sync/seconds",))
+
+
+@pytest.mark.slow
+def test_tp2xep2_with_sequence_parallelism_logs_the_ep2_metrics(tmp_path, data_dir):
+    """Four ranks: two TP ranks (sequence parallel) x two data-parallel ranks whose experts are split over them
+    (ep = 2): the metrics of the two-rank ep = 2 run, to 1e-5."""
+    ep2 = launch(tmp_path / "ep2", data_dir, "parallel.ep=2", "rollout.backend=native")
+    torchrun("megarl.cli", 4, "train", *BASE, f"run.dir={tmp_path / 'tp2ep2'}",
+             f"data.train_files={data_dir / 'train.parquet'}", *MOE, "parallel.tp=2", "parallel.sp=true",
+             "parallel.ep=2", "rollout.backend=native", timeout=900)
+    same_metrics(ep2, read_metrics(tmp_path / "tp2ep2" / "metrics.jsonl"), tol=1e-5, skip=("sync/seconds",))
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""TP/PP parity on CPU under torchrun (gloo): every tiny family at TP1, TP2, PP2 and TP2xPP2.
+"""TP/PP parity on CPU under torchrun (gloo): every tiny family at TP1, TP2, PP2 and TP2xPP2, and TP2 with
+sequence parallelism (TP2xPP2 with it under ``-m slow``).
 
 Each worker checks its own logits and gradients against HF transformers (within 1e-5 / rtol 1e-4) through the
 trainer's real gradient path (Megatron DDP + finalize_model_grads), and packed micro-batches' per-sample log-probs
@@ -38,10 +39,13 @@ def reference(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_layout_matches_tp1_and_hf(reference, tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True),
+                                      pytest.param(2, 2, True, marks=pytest.mark.slow)],
+                         ids=["tp2", "pp2", "tp2xpp2", "tp2-sp", "tp2xpp2-sp"])
+def test_layout_matches_tp1_and_hf(reference, tmp_path, tp, pp, sp):
+    """sp: sequence parallelism, whose norms see 1/tp of the tokens each (their gradients summed over TP)."""
     log = torchrun("tests/parallel/worker_parity.py", tp * pp, "--tp", str(tp), "--pp", str(pp), "--out",
-                   str(tmp_path))
+                   str(tmp_path), *(["--sp"] if sp else []))
     assert log.count("packed log-probs match HF") == len(FAMILIES) * tp * pp  # every rank checked its copy
     for family in FAMILIES:
         g_ref, l_ref = load(reference, family)

@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--sp", action="store_true")  # sequence parallelism over the TP ranks
     ap.add_argument("--out", required=True)
     ap.add_argument("--families", default="llama,mistral,qwen2,qwen2_untied,qwen3")
     args = ap.parse_args()
@@ -34,9 +35,9 @@ def main() -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    from megarl.backends.megatron.forward import forward_backward, hidden_states_out
+    from megarl.backends.megatron.forward import forward_backward, hidden_states_out, sequence_multiple
     from megarl.backends.megatron.generator import MegatronGenerator
-    from megarl.backends.megatron.model import build_model, transformer_config, unwrap
+    from megarl.backends.megatron.model import build_model, unwrap
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
     from megarl.backends.megatron.policy import _mb_inputs, response_logprobs, rollout_logprobs
     from megarl.backends.megatron.weights import export_stage_hf, load_hf_weights
@@ -48,7 +49,7 @@ def main() -> None:
     from megarl.rollout.packing import micro_batches
     from tests.unit.test_packed_forward import BUDGET, hf_reference, rollouts
 
-    layout = f"tp{args.tp} cp{args.cp} pp{args.pp}"
+    layout = f"tp{args.tp} cp{args.cp} pp{args.pp}{' sp' * args.sp}"
     with distributed(), model_parallel(ParallelDims(args.tp, args.pp, args.cp)):
         base = rollouts()  # uneven samples, plus one of a single prompt and response token: its micro-batch is
         # shorter than 2 cp, so padding fills most of it and some context-parallel rank holds no response token
@@ -68,7 +69,7 @@ def main() -> None:
             hf_loss.backward()
             hf_grads = {n: p.grad.detach().clone() for n, p in hf.named_parameters()}
 
-            model = build_model(arch)
+            model = build_model(arch, sequence_parallel=args.sp)
             load_hf_weights(model, arch, checkpoint_tensors(hf).__getitem__)
             result = {}
             for impl, packing in itertools.product(("auto", "torch"), (False, True)):
@@ -84,7 +85,7 @@ def main() -> None:
             done = MegatronGenerator(model, arch).generate([p for p in ro.prompt_ids[:3]], 2, greedy)
             result["greedy"] = [c.token_ids for out in done for c in out]
 
-            ddp = DistributedDataParallel(transformer_config(arch), DistributedDataParallelConfig(), model)
+            ddp = DistributedDataParallel(unwrap(model).config, DistributedDataParallelConfig(), model)
 
             def loss(out, d, ddp=ddp):
                 lp, _ = response_logprobs(ddp, arch, out, d["mb"], 1.0, "auto")
@@ -93,7 +94,8 @@ def main() -> None:
             ddp.train()
             grads = {}
             for packing in (False, True):
-                mbs = micro_batches(ro, [[i] for i in range(len(ro))], BUDGET, packing=packing, align=2 * args.cp)
+                mbs = micro_batches(ro, [[i] for i in range(len(ro))], BUDGET, packing=packing, align=2 * args.cp,
+                                    multiple=sequence_multiple(model))
                 ddp.zero_grad_buffer()
                 with hidden_states_out(ddp):
                     forward_backward(ddp, [_mb_inputs(mb) for mb in mbs], loss, forward_only=False)

@@ -3,7 +3,10 @@ and gradients with HF transformers (the independent reference), and save them fo
 Log-probs and gradients are checked along both of the policy's paths: logits -> kernel, and hidden states ->
 fused output layer (``hidden_states_out``, the default ``kernels.impl``), which never makes the logits.
 
-    torchrun --nproc-per-node N tests/parallel/worker_parity.py --tp T --pp P --out DIR
+    torchrun --nproc-per-node N tests/parallel/worker_parity.py --tp T --pp P [--sp] --out DIR
+
+``--sp``: sequence parallelism (each TP rank holds 1/tp of the sequence between the TP matmuls): the same HF
+references, with the norm gradients summed over TP by ``finalize_model_grads``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--sp", action="store_true")
     ap.add_argument("--out", required=True)
     ap.add_argument("--families", default="llama,mistral,qwen2,qwen2_untied,qwen3")
     args = ap.parse_args()
@@ -29,7 +33,7 @@ def main() -> None:
 
     from megarl.backends.megatron.forward import (forward_backward, gather_logits, hidden_states_out, output_weight,
                                                   token_logprobs)
-    from megarl.backends.megatron.model import build_model, transformer_config, unwrap
+    from megarl.backends.megatron.model import build_model, unwrap
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
     from megarl.backends.megatron.weights import export_stage_hf, load_hf_weights
     from megarl.convert.arch import read_arch
@@ -51,9 +55,9 @@ def main() -> None:
             hf_loss.backward()
             hf_grads = {n: p.grad.detach().clone() for n, p in hf.named_parameters()}
 
-            model = build_model(arch)
+            model = build_model(arch, sequence_parallel=args.sp)
             load_hf_weights(model, arch, hf_sd.__getitem__)
-            packed_matches_hf(model, arch, hf, family, f"tp{args.tp} pp{args.pp}")  # (the export below overwrites
+            packed_matches_hf(model, arch, hf, family, f"tp{args.tp} pp{args.pp}{' sp' * args.sp}")  # (the export below overwrites
             # the weights with gradients)
             mb = [{"input_ids": ids, "targets": targets}]
             logits = forward_backward(model, mb, lambda out, b: gather_logits(out, arch.vocab_size),
@@ -74,7 +78,7 @@ def main() -> None:
 
             # the trainer's path: Megatron DDP buffers, then finalize_model_grads (DP all-reduce, tied
             # embedding sync across PP stages, TP all-reduce of qk-norm weights)
-            ddp = DistributedDataParallel(transformer_config(arch), DistributedDataParallelConfig(), model)
+            ddp = DistributedDataParallel(unwrap(model).config, DistributedDataParallelConfig(), model)
             params = list(unwrap(model).parameters())
             main_grads = {}
             for hidden in (False, True):

@@ -215,6 +215,9 @@ def test_one_layout_check_serves_config_converter_and_backend():
 
     moe = read_arch(tiny_hf_config("qwen3_moe").to_dict())  # 4 experts of intermediate size 64
     assert ParallelDims(2, 1, ep=2).check(4, moe).dp(4) == 2  # ep lies inside dp: no extra ranks
+    with pytest.raises(ValueError, match=r"parallel.sp=true splits activations over the tensor-parallel ranks; it "
+                                         r"needs parallel.tp > 1"):
+        load_config(None, ["model.hf_dir=tiny:qwen2", "parallel.sp=true"], world_size=2)
     with pytest.raises(ValueError, match=r"parallel.ep=3 must divide the number of experts \(4\); valid values: "
                                          r"1, 2, 4\."):
         ParallelDims(1, 1, ep=3).check(3, moe)

@@ -89,6 +89,30 @@ def test_packed_micro_batches_address_the_same_tokens_with_less_padding(whole_gr
     assert waste(padded) > 0.5 and waste(packed) < 0.25, (waste(padded), waste(packed))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_micro_batch_lengths_round_up_to_a_multiple_and_address_the_same_tokens(packed):
+    """Sequence parallelism splits every micro-batch over the TP ranks: ``multiple`` pads its length (packed: with
+    tail segments of their own; with ``align``, their lengths stay multiples of it), the tokens stay where they were."""
+    ro = long_tailed(5)
+    for multiple, align in ((3, 1), (4, 2), (8, 4)):
+        mbs = make_packed_micro_batches(ro, ro.groups(), 512, align=align, multiple=multiple) if packed else \
+            make_micro_batches(ro, ro.groups(), 512, multiple=multiple)
+        plain = make_packed_micro_batches(ro, ro.groups(), 512, align=align) if packed else \
+            make_micro_batches(ro, ro.groups(), 512)
+        for mb, ref in zip(mbs, plain, strict=True):
+            s, s_ref = mb.input_ids.shape[1], ref.input_ids.shape[1]
+            assert s % multiple == 0 and s_ref <= s < s_ref + multiple * align
+            assert mb.rows == ref.rows and torch.equal(mb.resp_tokens, ref.resp_tokens)
+            flat = mb.input_ids.view(-1)
+            for r, row in enumerate(mb.rows):
+                n = len(ro.response_ids[row])
+                assert flat[mb.resp_positions[r, :n] + 1].tolist() == ro.response_ids[row]
+            if packed:
+                cu = mb.cu_seqlens.tolist()
+                assert cu[-1] == s and all((b - a) % align == 0 for a, b in zip(cu, cu[1:]))
+                assert cu[:len(mb.rows) + 1] == ref.cu_seqlens.tolist()[:len(mb.rows) + 1]
+
+
 def test_concat_then_select_gives_back_each_part():
     a, b = long_tailed(1, groups=2), long_tailed(2, groups=3)
     b.group_ids += 10

@@ -1,7 +1,7 @@
 """Run megatron-core 0.16 on machines without CUDA (gloo, local layer spec). A no-op wherever CUDA exists.
 
 megatron-core hard-codes the GPU in ~150 places. Rather than fork any of its code we redirect, once per
-process and only when ``torch.cuda.is_available()`` is False, the five kinds of call that fail on CPU:
+process and only when ``torch.cuda.is_available()`` is False, the kinds of call that fail on CPU:
 
 1. **Device arguments.** ``device="cuda"``, ``device=torch.cuda.current_device()`` (an int), ``.cuda()``,
    ``.to("cuda")`` and ``pin_memory=True`` inside factory functions, RoPE, the causal-mask builders,
@@ -22,6 +22,9 @@ process and only when ``torch.cuda.is_available()`` is False, the five kinds of 
    split sizes is kept); and
    the backward of the EP all-to-all / all-gather asks ``torch.cuda.current_device()`` inside autograd's engine,
    where the mode is off: every backward pass runs with the mode pushed again.
+7. **Uneven gathers.** At tp > 1 with ep > 1 the alltoall dispatcher gathers and reduce-scatters a different
+   number of tokens per TP rank; gloo's all-gather and reduce-scatter take equal sizes only. Those two calls pad
+   to the largest part and gather (the reduce-scatter: an all-reduce, then this rank's part) -- the same result.
 
 The mode is pushed on the calling thread (autograd runs CPU backward on that thread). A mode is switched off
 while its own handler runs, and ``backward`` goes through the handler, so the backward of Megatron's activation
@@ -178,6 +181,35 @@ def _patch_moe() -> None:
     graph._engine_run_backward = torch.autograd._engine_run_backward = engine_run_backward
 
 
+def _patch_uneven_collectives() -> None:
+    """Item 7: megatron-core's first-dimension gather / reduce-scatter with per-rank sizes, in equal-size gloo calls."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        most = max(output_split_sizes)
+        padded = input_.new_zeros((most, *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        out = input_.new_empty((most * group.size(), *input_.shape[1:]))
+        dist.all_gather_into_tensor(out, padded, group=group)
+        return torch.cat([out[r * most: r * most + n] for r, n in enumerate(output_split_sizes)])
+
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        dist.all_reduce(total, group=group)
+        start = sum(input_split_sizes[:group.rank()])
+        return total[start: start + input_split_sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
+
+
 def enable_cpu_compat() -> bool:
     """Install the redirections if CUDA is absent. Idempotent. Returns True when they are active."""
     global _mode
@@ -192,6 +224,7 @@ def enable_cpu_compat() -> bool:
     _patch_rng()
     _patch_checkpointing()
     _patch_moe()
+    _patch_uneven_collectives()
     _mode = _CudaToCpuMode()
     _mode.__enter__()
     return True

@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megarl.backends.megatron import context_parallel as cp
 from megarl.backends.megatron import moe
 from megarl.backends.megatron.model import unwrap
+from megarl.backends.megatron.sequence_parallel import gather_hidden
 from megarl.kernels import token_logprobs_entropy
 
 PostProcess = Callable[[torch.Tensor, dict[str, Any]], Any]
@@ -59,13 +60,17 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
         return []
     if padding:
         filler = {k: v for k, v in micro_batches[0].items() if k in ("input_ids", "position_ids", "model_kwargs")} \
-            if real else {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+            if real else {"input_ids": torch.zeros(1, 8 * sequence_multiple(model), dtype=torch.long)}
         micro_batches = [*micro_batches, *[{**filler, "_padding": True}] * padding]
     b, s = micro_batches[0]["input_ids"].shape
     for mb in micro_batches:
         if tuple(mb["input_ids"].shape) != (b, s):
             raise ValueError(f"micro-batches must share one shape for the pipeline, got {(b, s)} and "
                              f"{tuple(mb['input_ids'].shape)}; pad them to a common length.")
+    if s % sequence_multiple(model):
+        raise ValueError(f"micro-batch length {s} is not a multiple of {sequence_multiple(model)}: under sequence "
+                         f"parallelism (parallel.sp) each TP rank takes 1/tp of every sequence (and 1/(2 cp) of "
+                         f"each at context parallelism); pad it (rollout/packing.py, rollout/batch.py: multiple=).")
 
     split = unwrap(model).config.context_parallel_size  # 1 under whole_sequences
     seq_length = cp.padded_length(s, split) if split > 1 else s * cp.cp_size()  # Megatron divides it by cp
@@ -97,6 +102,16 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
     return [o["data"] for o in out[:real]] if forward_only else list(out[:real])
 
 
+def sequence_multiple(model: torch.nn.Module) -> int:
+    """What a micro-batch's length must be a multiple of: tp under sequence parallelism (2 cp x tp at context
+    parallelism, whose rank parts must split evenly over TP too), else 1 (context parallelism alone pads itself)."""
+    config = unwrap(model).config
+    if not config.sequence_parallel:
+        return 1
+    cp_factor = 2 * config.context_parallel_size if config.context_parallel_size > 1 else 1
+    return config.tensor_model_parallel_size * cp_factor
+
+
 def gather_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Full-vocabulary logits [b, s, vocab_size] from the TP shards (tests, sampling; not the training path)."""
     full = tensor_parallel.gather_from_tensor_model_parallel_region(
@@ -117,16 +132,18 @@ def hidden_states_out(model: torch.nn.Module):
     """For the body, the model's last stage returns its final (normed) hidden states [b, s, H] where it returned
     logits: its output layer passes its input through. Gradients reach the output weight through whoever applies
     it (``token_logprobs(..., weight=output_weight(model))``); the TP all-reduce of the hidden states' gradient
-    that ColumnParallelLinear would do is done by the fused kernel."""
+    that ColumnParallelLinear would do is done by the fused kernel. Under sequence parallelism the hidden states
+    are gathered over TP first (each rank holds 1/tp of the sequence), as ColumnParallelLinear would."""
     gpt = unwrap(model)
     if not gpt.post_process:
         yield
         return
     layer = gpt.output_layer
-    if layer.sequence_parallel:  # its input would be sequence-sharded; the fused kernel takes whole sequences
-        raise NotImplementedError("the fused output layer (kernels.impl=auto/fused_linear) does not support "
-                                  "Megatron sequence parallelism; use kernels.impl=triton.")
-    layer.forward = lambda hidden_states, weight=None, runtime_gather_output=None: (hidden_states, None)
+
+    def forward(hidden_states, weight=None, runtime_gather_output=None):
+        return (gather_hidden(hidden_states) if layer.sequence_parallel else hidden_states), None
+
+    layer.forward = forward
     try:
         yield
     finally:

@@ -18,6 +18,8 @@ separate inference copy and checks every tensor through the conversion key map.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Iterable
 
 import torch
@@ -27,6 +29,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from megarl.backends.megatron import moe
 from megarl.backends.megatron.context_parallel import whole_sequences
+from megarl.backends.megatron.sequence_parallel import whole_tp_sequences
 from megarl.backends.megatron.forward import forward_backward
 from megarl.backends.megatron.model import unwrap
 from megarl.backends.megatron.weights import load_hf_weights
@@ -87,14 +90,21 @@ class MegatronGenerator(GeneratesNow):
         rounds = moe.passes_in_step(len(chunks))  # ep > 1: agreed before any pass, whose collectives it would meet
         for chunk in chunks:
             gens = [torch.Generator().manual_seed(seeds[i]) for i in chunk]
-            with whole_sequences(unwrap(self.model)):  # at cp > 1 every rank of the group samples the same
+            with self._whole():
                 batch = self._generate_batch([prompts[i] for i in chunk], n, sampling, gens)
             for i, out in zip(chunk, batch):
                 results[i] = out
         for _ in range(rounds - len(chunks)):  # keep pace with the busiest rank of the expert-parallel group
-            with whole_sequences(unwrap(self.model)):
+            with self._whole():
                 self._generate_batch([[0]], 1, sampling, [torch.Generator()], filler=True)
         return results
+
+    @contextlib.contextmanager
+    def _whole(self):
+        """Whole sequences on every rank: at cp > 1 every rank of the group samples the same, and under sequence
+        parallelism every TP rank holds every token (a decode step's one token per row cannot be split)."""
+        with whole_sequences(unwrap(self.model)), whole_tp_sequences(unwrap(self.model)):
+            yield
 
     def _generate_batch(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                         gens: list[torch.Generator], filler: bool = False) -> list[list[Completion]]:

@@ -19,6 +19,7 @@ from megatron.core.transformer.module import Float16Module
 from megarl.backends.megatron.context_parallel import ContextParallelAttention
 from megarl.backends.megatron.cpu_compat import enable_cpu_compat
 from megarl.backends.megatron.packing import install_packed_rope
+from megarl.backends.megatron.sequence_parallel import local_block_spec
 from megarl.convert.arch import ModelArch, check_parallel
 from megarl.kernels import te_available
 
@@ -68,14 +69,20 @@ def moe_config(arch: ModelArch, moe=None, grouped_gemm: bool = False) -> dict:
 
 
 def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init_weights: bool = True,
-                       recompute: str = "none", moe=None, layer_spec: str = "local") -> TransformerConfig:
+                       recompute: str = "none", moe=None, layer_spec: str = "local",
+                       sequence_parallel: bool = False) -> TransformerConfig:
     """The TransformerConfig equal in function to the HF model, for the parallel layout now initialised.
 
     ``recompute`` trades compute for activation memory in training: "full" keeps only each layer's input and
     recomputes the layer in backward (about one more forward), "selective" recomputes core attention only.
+    ``sequence_parallel``: activations outside the TP matmuls split over the TP ranks along the sequence
+    (``sequence_parallel.py``); needs tp > 1.
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"model.recompute='{recompute}' is unknown; use one of {', '.join(RECOMPUTE)}.")
+    if sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() == 1:
+        raise ValueError("parallel.sp=true splits activations over the tensor-parallel ranks; it needs "
+                         "parallel.tp > 1 (or set parallel.sp=false).")
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
@@ -85,7 +92,7 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(), sequence_parallel=sequence_parallel,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         # fusions need apex/TE kernels; they are pure speed, never semantics
         use_cpu_initialization=not on_gpu, bias_activation_fusion=False, bias_dropout_fusion=False,
@@ -115,13 +122,14 @@ def _leave_uninitialised(weight: torch.Tensor) -> None:
 
 def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_spec: str | None = None,
                 seq_length: int | None = None, init_weights: bool = True, recompute: str = "none",
-                moe=None) -> torch.nn.Module:
+                moe=None, sequence_parallel: bool = False) -> torch.nn.Module:
     """The GPTModel stage of this rank (wrapped in Float16Module for bf16/fp16). parallel_state must be set up.
 
     Weights are randomly initialised, or left uninitialised with ``init_weights=False`` (conversion, loading:
     skips minutes of random init on large models). Load real ones with ``weights.load_hf_weights``.
     ``recompute``: activation recomputation in training (see ``transformer_config``); ``moe``: the run's router
-    and dispatcher settings for a mixture-of-experts model (``moe_config``).
+    and dispatcher settings for a mixture-of-experts model (``moe_config``); ``sequence_parallel``: see
+    ``transformer_config``.
     """
     enable_cpu_compat()
     check_parallel(arch, parallel_state.get_tensor_model_parallel_world_size(),
@@ -146,7 +154,9 @@ def build_model(arch: ModelArch, *, dtype: torch.dtype = torch.float32, layer_sp
         spec.submodules.self_attention.submodules.core_attention = ContextParallelAttention
     else:
         raise ValueError(f"model.layer_spec='{spec_name}' is unknown; use 'local' or 'transformer_engine'.")
-    config = transformer_config(arch, dtype, init_weights, recompute, moe, spec_name)
+    config = transformer_config(arch, dtype, init_weights, recompute, moe, spec_name, sequence_parallel)
+    if spec_name == "local":  # torch norms that take sequence parallelism (megatron-core's refuse it)
+        spec = local_block_spec(spec, config)
     model = GPTModel(
         config, spec, vocab_size=arch.padded_vocab_size,
         max_sequence_length=seq_length or arch.max_position_embeddings,

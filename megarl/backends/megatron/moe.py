@@ -57,11 +57,17 @@ def router_losses_scaled(model: torch.nn.Module, factor: float):
     multiplies each micro-batch's router losses by its token count, expecting ``finalize_model_grads`` to divide
     every gradient by the step's tokens. megarl's losses carry their own normaliser and finalize gets no count, so
     the coefficients are divided instead: the router losses then enter the gradient as token-weighted means over
-    the step (all micro-batches and data-parallel ranks) times their configured coefficients."""
+    the step (all micro-batches and data-parallel ranks) times their configured coefficients.
+
+    Where a rank routes only part of each sequence (1/cp at context parallelism, 1/tp more under sequence
+    parallelism) megatron-core multiplies by that part's token count, while the router loss it computes is the
+    rank's share of the whole sequence's: ``factor`` is multiplied by the number of parts, so every layout
+    weights the router losses as one rank with whole sequences does (tests/parallel/test_moe_parallel.py)."""
     config = unwrap(model).config
     if not getattr(config, "num_moe_experts", None):
         yield
         return
+    factor *= config.context_parallel_size * (config.tensor_model_parallel_size if config.sequence_parallel else 1)
     aux, z = config.moe_aux_loss_coeff, config.moe_z_loss_coeff
     config.moe_aux_loss_coeff = aux * factor
     config.moe_z_loss_coeff = z * factor if z and factor else None
@@ -95,13 +101,16 @@ class RouterStats:
     - ``moe/dropped_fraction``: the share of token-to-expert assignments dropped by a capacity limit (0 dropless).
     - ``moe/load_balancing_loss``, ``moe/z_loss``: megatron-core's router losses without their coefficients,
       layer mean (present when their coefficients are > 0).
-    Every rank gets the same values (reduced over data x context and pipeline ranks)."""
+    Every rank gets the same values (reduced over data x context and pipeline ranks, and over tensor-parallel
+    ranks under sequence parallelism, where each routes its slice of the sequence)."""
 
     def __init__(self, model: torch.nn.Module):
         gpt = unwrap(model)
         self.routers = [m for m in gpt.modules() if isinstance(m, TopKRouter)]
         self.layers, self.experts = gpt.config.num_layers, gpt.config.num_moe_experts or 0
         self.topk = gpt.config.moe_router_topk
+        # under sequence parallelism each TP rank routes its own 1/tp of the tokens: counts are summed over TP too
+        self.tp_split = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
         self.load = torch.zeros(self.layers, self.experts, dtype=torch.float64)
         self.calls = torch.zeros(self.layers, dtype=torch.float64)
         self.assigned = torch.zeros(2, dtype=torch.float64)  # kept assignments, tokens routed
@@ -141,16 +150,21 @@ class RouterStats:
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             # each stage filled the rows of its own layers, and counted assignments in its own layers only
             dist.all_reduce(flat, group=parallel_state.get_pipeline_model_parallel_group())
+        if self.tp_split > 1:  # megatron-core's router losses are then each TP rank's share of the whole
+            dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
         flat = flat.cpu()
         n_le, ranks = self.layers * self.experts, dist.get_world_size(dp_cp)
         load = flat[:n_le].view(self.layers, self.experts)
-        calls = flat[n_le: n_le + self.layers] / ranks  # passes per rank
+        calls = flat[n_le: n_le + self.layers] / (ranks * self.tp_split)  # passes per rank
         kept, routed = flat[n_le + self.layers: n_le + self.layers + 2]
         losses = flat[n_le + self.layers + 2:].view(len(names), self.layers)
         imbalance = load.max(1).values / load.mean(1).clamp_min(1e-12)
         out = {"moe/load_imbalance": float(imbalance.mean()),
                "moe/dropped_fraction": float(1.0 - kept / max(float(routed) * self.topk, 1.0))}
-        for name, per_layer in zip(names, losses):  # summed over passes and ranks: a mean per pass and rank
-            out[f"moe/{name}"] = float((per_layer / ranks / calls.clamp_min(1)).mean())
+        # summed over passes and ranks, where the context-parallel (and, under sequence parallelism, the TP) ranks of
+        # one replica each hold their share of the replica's loss: a mean per pass and replica
+        replicas = ranks // parallel_state.get_context_parallel_world_size()
+        for name, per_layer in zip(names, losses):
+            out[f"moe/{name}"] = float((per_layer / replicas / calls.clamp_min(1)).mean())
         return out
 

@@ -34,7 +34,8 @@ from megarl.backends.megatron import moe
 from megarl.backends.megatron.checkpoint import load_training_state, save_model, save_training_state, write_meta
 from megarl.backends.megatron.export import export_hf_weights
 from megarl.backends.megatron.generator import broadcast_from_last_stage
-from megarl.backends.megatron.forward import forward_backward, hidden_states_out, output_weight, token_logprobs
+from megarl.backends.megatron.forward import (forward_backward, hidden_states_out, output_weight, sequence_multiple,
+                                              token_logprobs)
 from megarl.backends.megatron.model import unwrap
 from megarl.backends.megatron.optim import averaged_weights, build_optimizer, is_schedulefree, set_eval_point
 from megarl.convert.arch import ModelArch
@@ -111,7 +112,8 @@ def rollout_logprobs(model: torch.nn.Module, arch: ModelArch, ro: Rollouts, toke
     if len(ro) == 0:  # dynamic sampling emptied this replica (at ep > 1 it still joins the others' passes)
         forward_backward(model, [], lambda o, d: None, forward_only=True)
         return torch.zeros(0, 1), torch.zeros(0, 1)
-    mbs = micro_batches(ro, ro.groups(), token_budget, packing=packing, align=2 * cp.cp_size())
+    mbs = micro_batches(ro, ro.groups(), token_budget, packing=packing, align=2 * cp.cp_size(),
+                        multiple=sequence_multiple(model))
     with _model_output(model, impl):
         out = forward_backward(model, [_mb_inputs(mb) for mb in mbs],
                                lambda o, d: torch.stack(response_logprobs(model, arch, o, d["mb"], temperature,
@@ -253,7 +255,7 @@ class MegatronPolicy:
         also with no groups (dynamic sampling can empty a rank): its DP all-reduce is still needed."""
         self.model.train()
         mbs = micro_batches(ro, groups, token_budget, packing=self.packing, whole_groups=loss_fn.whole_groups,
-                            align=2 * cp.cp_size())
+                            align=2 * cp.cp_size(), multiple=sequence_multiple(self.model))
         rollout_lp = ro.rollout_logprobs()
         inputs = [self._loss_input(ro, mb, mb.mask.new_zeros(mb.mask.shape), None, rollout_lp=rollout_lp)
                   for mb in mbs]
