@@ -1,13 +1,15 @@
-"""Expert parallelism (parallel.ep): training-step tokens/s and peak memory per rank of a small Qwen3-MoE at EP=1
-and EP=2 on the same two ranks, and the time of one verified weight sync into colocated vLLM engines, in one run.
+"""Expert parallelism (parallel.ep) and TP with sequence parallelism (parallel.tp + parallel.sp): training-step
+tokens/s and peak memory per rank of a small Qwen3-MoE at EP=1, EP=2 and TP=2 on the same two ranks, and the time of
+one verified weight sync into colocated vLLM engines, in one run.
 
     .venv/bin/python bench/moe.py                      # CPU: 4 layers, hidden 512, 16 experts of 1024, top 2
-    python bench/moe.py --experts 64 --layers 8 --ranks 8 --eps 1 8      # a node of GPUs
+    python bench/moe.py --experts 64 --layers 8 --ranks 8 --layouts ep1 ep8 tp2-sp     # a node of GPUs
 
-Two data-parallel ranks train their own rows (--rows rows of --tokens tokens each) with GRPO's loss through
+The ranks train the same global batch (--rows rows of --tokens tokens per rank) with GRPO's loss through
 ``MegatronPolicy.train_step`` (the trainer's update: Megatron DDP, AdamW; router load-balancing loss on). At
-EP=1 each rank holds every expert; at EP=2 each holds half and tokens travel to their experts' rank by
-all-to-all. Experts hold most of the weights, so the weights, gradients and Adam moments per rank should fall by
+EP=1 each data-parallel rank holds every expert; at EP=2 each holds half and tokens travel to their experts' rank
+by all-to-all; at TP=2 (sequence parallel, which megatron-core requires for MoE at tp > 1) the two ranks form one
+replica that splits every weight, expert and activation over them and trains the rows of both. Experts hold most of the weights, so the weights, gradients and Adam moments per rank should fall by
 close to half. Peak memory: each rank's peak RSS (CPU) or max_memory_allocated (CUDA) after training, the largest
 over the ranks. Sync: ``ColocatedVLLM.sync`` (experts gathered over the EP ranks into their checkpoint names,
 streamed into vLLM's in-place reload with the MoE kernel repacked, then the log-prob probe), the fastest of
@@ -69,27 +71,32 @@ def measure(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     arch = read_arch_dir(args.model)
-    with distributed(), model_parallel(ParallelDims(1, 1, ep=args.ep)) as layout:
-        g = torch.Generator().manual_seed(layout.dp_rank)  # each data-parallel rank trains its own rows
-        p = args.tokens // 8
-        prompts = [torch.randint(0, 49152, (p,), generator=g).tolist() for _ in range(args.rows)]
-        responses = [torch.randint(0, 49152, (args.tokens - p,), generator=g).tolist() for _ in range(args.rows)]
-        ro = Rollouts(prompts, responses, [[0.0] * len(r) for r in responses], ["stop"] * args.rows,
-                      torch.arange(args.rows))
-        ro.rewards = torch.ones(args.rows, dtype=torch.float64)
-        ro.old_logprobs = torch.full((args.rows, args.tokens - p), -5.0)
-        ro.advantages = torch.randn(args.rows, args.tokens - p, generator=g)
+    tp, ep = args.tp, args.ep
+    with distributed(), model_parallel(ParallelDims(tp, 1, ep=ep)) as layout:
+        # the same global batch at every layout: --rows rows per rank, drawn by the rank's own generator at tp = 1;
+        # a TP replica trains the rows of its tp ranks
+        p, rows, prompts, responses, advantages = args.tokens // 8, args.rows * tp, [], [], []
+        for seed in range(layout.dp_rank * tp, (layout.dp_rank + 1) * tp):
+            g = torch.Generator().manual_seed(seed)
+            prompts += [torch.randint(0, 49152, (p,), generator=g).tolist() for _ in range(args.rows)]
+            responses += [torch.randint(0, 49152, (args.tokens - p,), generator=g).tolist() for _ in range(args.rows)]
+            advantages.append(torch.randn(args.rows, args.tokens - p, generator=g))
+        ro = Rollouts(prompts, responses, [[0.0] * len(r) for r in responses], ["stop"] * rows,
+                      torch.arange(rows))
+        ro.rewards = torch.ones(rows, dtype=torch.float64)
+        ro.old_logprobs = torch.full((rows, args.tokens - p), -5.0)
+        ro.advantages = torch.cat(advantages)
         optim = dict(name="adamw", lr=1e-6, min_lr=0.0, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0,
                      distributed=False, warmup_steps=0, schedule="constant")
-        model = build_model(arch, dtype=dtype, init_weights=False)
+        model = build_model(arch, dtype=dtype, init_weights=False, sequence_parallel=tp > 1)
         reader = HFReader(args.model)
         load_hf_weights(model, arch, reader.get)
         reader.close()
         policy = MegatronPolicy(model, arch, optim, 2 * args.steps + 2, packing=False)
         loss = build_loss("grpo", kl_coef=0.0)
-        times, metrics = timed_updates(policy, ro, [[i] for i in range(args.rows)], loss, args.tokens, args.steps)
+        times, metrics = timed_updates(policy, ro, [[i] for i in range(rows)], loss, args.tokens, args.steps)
         peaks, world = peak_memory_ranks(), dist.get_world_size()
-        engine = ColocatedVLLM(policy, arch, Path(args.model), tp=1, dtype=str(dtype).replace("torch.", ""),
+        engine = ColocatedVLLM(policy, arch, Path(args.model), tp=tp, dtype=str(dtype).replace("torch.", ""),
                                max_model_len=512, kv_cache_mb=256, gpu_memory_utilization=0.3, probe_tol=None,
                                seed=0, group=layout.model_group)
         syncs = []
@@ -97,7 +104,7 @@ def measure(args) -> dict:
             dist.barrier()
             syncs.append(engine.sync())
         engine.close()
-    return {"ep": args.ep, "ranks": world, "experts": arch.num_experts, "layers": arch.num_layers,
+    return {"layout": f"tp{tp}-sp" if tp > 1 else f"ep{ep}", "tp": tp, "ep": ep, "ranks": world, "experts": arch.num_experts, "layers": arch.num_layers,
             "hidden": arch.hidden_size, "expert_ffn": arch.moe_ffn_hidden_size, "top_k": arch.moe_top_k,
             "tokens_per_rank": args.rows * args.tokens, "dtype": str(dtype).replace("torch.", ""),
             "update_s": round(min(times), 3), "update_s_all": [round(t, 3) for t in times],
@@ -113,7 +120,8 @@ def measure(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--eps", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--layouts", nargs="+", default=["ep1", "ep2", "tp2-sp"],
+                    help="epN: N-way expert parallel over data-parallel ranks; tpN-sp: N-way tensor + sequence parallel")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--topk", type=int, default=2)
@@ -124,6 +132,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512, help="tokens per row")
     ap.add_argument("--steps", type=int, default=2, help="timed updates and syncs (after one warm-up each)")
     ap.add_argument("--ep", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ep:
@@ -149,13 +158,14 @@ def run_all(args, model_dir: Path) -> list[dict]:
 
     write_model(args, model_dir)
     rows = []
-    for ep in args.eps:
+    for layout in args.layouts:
+        tp, ep = (int(layout[2:-3]), 1) if layout.startswith("tp") else (1, int(layout[2:]))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
-               __file__, "--ep", str(ep), "--model", str(model_dir), "--rows", str(args.rows), "--tokens",
-               str(args.tokens), "--steps", str(args.steps)]
-        rows.append(run_one(cmd, {"ep": ep}))
+               __file__, "--ep", str(ep), "--tp", str(tp), "--model", str(model_dir), "--rows", str(args.rows),
+               "--tokens", str(args.tokens), "--steps", str(args.steps)]
+        rows.append(run_one(cmd, {"layout": layout}))
         print(json.dumps(rows[-1]), flush=True)
-        base = next((r for r in rows if r["ep"] == 1 and "error" not in r), None)
+        base = next((r for r in rows if r["layout"] == "ep1" and "error" not in r), None)
         for r in rows:
             if base and "error" not in r and r is not base:
                 r["memory_vs_ep1"] = round(r["peak_memory_gib_per_rank"] / base["peak_memory_gib_per_rank"], 3)

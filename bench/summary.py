@@ -164,16 +164,18 @@ def _context_parallel(d: dict) -> list[str]:
 
 
 def _moe(d: dict) -> list[str]:
-    rows = [[r["ep"], _error_cell(r)] + [""] * 8 if "error" in r else
-            [r["ep"], r["ranks"], f"{r['experts']} x {r['expert_ffn']}, top {r['top_k']}", r["tokens_per_s"],
+    key = lambda r: r.get("layout", f"ep{r.get('ep')}")  # noqa: E731 (older files: ep rows only)
+    rows = [[key(r), _error_cell(r)] + [""] * 8 if "error" in r else
+            [key(r), r["ranks"], f"{r['experts']} x {r['expert_ffn']}, top {r['top_k']}", r["tokens_per_s"],
              r.get("tokens_per_s_vs_ep1"), r["peak_memory_gib_per_rank"], r.get("memory_vs_ep1"), r["sync_s"],
              r.get("sync_time_vs_ep1"), r.get("loss_diff_vs_ep1")] for r in d["rows"]]
-    return ["A small Qwen3-MoE trained on the same ranks with every expert on each rank (ep=1) and split over them "
-            "(ep=2), in one run (`bench/moe.py`): training-step tokens/s over all ranks, the largest rank's peak "
-            "memory after training (CPU: peak RSS, the process's whole footprint), and one verified weight sync "
-            "into colocated vLLM.", ""] + _table(
-        ["ep", "ranks", "experts", "tokens/s", "vs ep=1", "peak GiB per rank", "vs ep=1", "sync s", "vs ep=1",
-         "loss |diff| vs ep=1"], rows)
+    return ["A small Qwen3-MoE trained on the same ranks and the same global batch with every expert on each rank "
+            "(ep1), the experts split over them (ep2), and everything split over them by tensor parallelism with "
+            "sequence parallelism (tp2-sp), in one run (`bench/moe.py`): training-step tokens/s over all ranks, the "
+            "largest rank's peak memory after training (CPU: peak RSS, the process's whole footprint), and one "
+            "verified weight sync into colocated vLLM.", ""] + _table(
+        ["layout", "ranks", "experts", "tokens/s", "vs ep1", "peak GiB per rank", "vs ep1", "sync s", "vs ep1",
+         "loss |diff| vs ep1"], rows)
 
 
 def _kk_trpa_grpo(d: dict) -> list[str]:
