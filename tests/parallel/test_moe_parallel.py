@@ -83,6 +83,17 @@ def test_tp2_with_sequence_parallelism_logs_the_one_rank_metrics(tmp_path, data_
     same_metrics(one, tp2, tol=1e-5, skip=("sync/seconds",))
 
 
+@pytest.mark.slow  # CI time (~35 s); passed when written
+def test_tp2_with_sequence_parallelism_syncs_colocated_vllm_at_tp2(tmp_path, data_dir):
+    """The same model with colocated vLLM engines at TP2: every step's sync (TP shards gathered into HF-named
+    tensors, every expert included, streamed into the engines' in-place reload with the MoE kernel repacked)
+    passes its log-prob probe, and the sampler's log-probs agree with the trainer's."""
+    tp2 = launch(tmp_path / "tp2", data_dir, "parallel.tp=2", "parallel.sp=true", "rollout.backend=vllm")
+    assert [r["step"] for r in tp2] == [1, 2]
+    assert all(r["sync/probe_diff_max"] < 1e-4 and r["rollout/logprob_diff_max"] < 1e-4 for r in tp2)
+    assert all(r["moe/load_imbalance"] >= 1.0 for r in tp2)
+
+
 @pytest.mark.slow
 def test_tp2xep2_with_sequence_parallelism_logs_the_ep2_metrics(tmp_path, data_dir):
     """Four ranks: two TP ranks (sequence parallel) x two data-parallel ranks whose experts are split over them
