@@ -65,13 +65,17 @@ def _train_step(d: dict) -> list[str]:
     rows = []
     for r in d["rows"]:
         shape = r["shape"] + (" (recompute)" if r.get("recompute") == "full" else "")
-        head = [shape, r.get("impl", "torch"), r.get("tp", 1), f"{r['params'] / 1e9:.2f}B" if "params" in r else ""]
+        tp = f"{r.get('tp', 1)}" + (" + sp" if r.get("sp") else "")
+        head = [shape, r.get("impl", "torch"), tp, f"{r['params'] / 1e9:.2f}B" if "params" in r else ""]
         if "skipped" in r or "error" in r:
             rows.append(head + [r.get("skipped") or _error_cell(r), *[""] * 9])
         else:
             rows.append(head + [r["dtype"], r["tokens_per_step"], r["tokens_per_s"], r.get("vs_tp1"),
                                 r.get("speed_vs_torch"), r["model_flops_per_s"], r["peak_matmul_gflops"],
                                 f"{100 * r['mfu']:.1f}%", r["peak_memory_gib"], r.get("memory_vs_torch")])
+            if r.get("sp"):  # against the same layout without sequence parallelism
+                rows[-1][-1] = f"{r.get('memory_vs_torch') or ''} (vs no sp: {r.get('memory_vs_no_sp')} memory, " \
+                               f"{r.get('speed_vs_no_sp')} speed)"
     first = next((r for r in d["rows"] if "rows" in r), {})
     return [f"One GRPO update (forward, backward, AdamW), random weights, {first.get('rows')} sequences of "
             f"{first.get('prompt')} prompt + {first.get('response')} response tokens. Baselines: TP=1, and "

@@ -2,6 +2,7 @@
 weights: tokens/s and model FLOPs utilisation against the device's measured matmul peak.
 
     .venv/bin/python bench/train_step.py                          # CPU: the shapes that fit, at TP=1 and TP=2
+    .venv/bin/python bench/train_step.py --shapes qwen2.5-0.5b --impl auto --tp 2 --sp --file train_step_sp
     python bench/train_step.py --rows 16 --prompt 512 --response 512       # a GPU: every shape
 
 Each (shape, kernels.impl, TP) runs in fresh processes (TP > 1: torchrun with TP ranks, one per GPU on CUDA, the
@@ -16,6 +17,8 @@ DDP + AdamW) of --rows sequences of --prompt + --response tokens after one warm-
                    CUDA; every rank at once, summed): the baseline every MFU is relative to, not a datasheet number
     peak_memory    per rank, the largest: CPU peak RSS of the process; CUDA torch.cuda.max_memory_allocated
     vs_tp1         tokens/s over the TP=1 row of the same shape and impl (the TP=1 baseline)
+    *_vs_no_sp     with --sp, each TP > 1 layout is measured again with sequence parallelism (parallel.sp): its
+                   tokens/s and peak memory over the same layout without it
     *_vs_torch     tokens/s and peak memory over the same layout with kernels.impl=torch (the naive baseline: the
                    output layer's fp32 logits for every position, then the plain-torch log-softmax)
 
@@ -92,7 +95,7 @@ def one_shape(shape: str, args) -> dict | None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     arch = read_arch(hf_config(shape))
     with distributed() as info, model_parallel(ParallelDims(args.tp, 1)):
-        model = build_model(arch, dtype=dtype, recompute=args.recompute)
+        model = build_model(arch, dtype=dtype, recompute=args.recompute, sequence_parallel=args.sp_on)
         optim = dict(name="adamw", lr=1e-6, min_lr=0.0, weight_decay=0.01, betas=(0.9, 0.999), grad_clip=1.0,
                      distributed=False, warmup_steps=0, schedule="constant")
         policy = MegatronPolicy(model, arch, optim, args.steps + 1, kernel_impl=args.impl)
@@ -131,7 +134,8 @@ def one_shape(shape: str, args) -> dict | None:
             return None
     tokens = rows * (p + r)
     n = param_count(shape)
-    return {"shape": shape, "tp": args.tp, "impl": args.impl, "recompute": args.recompute, "params": n,
+    return {"shape": shape, "tp": args.tp, "sp": args.sp_on, "impl": args.impl, "recompute": args.recompute,
+            "params": n,
             "dtype": str(dtype).replace("torch.", ""), "rows": rows, "prompt": p, "response": r,
             "tokens_per_step": tokens, "step_seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1), "model_flops_per_s": round(6 * n * tokens / seconds / 1e9, 2),
@@ -157,7 +161,10 @@ def main() -> None:
     ap.add_argument("--recompute-shapes", nargs="*", default=[], choices=list(SHAPES),
                     help="shapes trained with model.recompute=full (activation recomputation: what lets 7B at long "
                          "sequences fit one GPU; MFU still counts 6 x params x tokens)")
+    ap.add_argument("--sp", action="store_true", help="also measure every TP > 1 layout with sequence parallelism")
+    ap.add_argument("--file", default=None, help="results file name (default train_step)")
     ap.add_argument("--recompute", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--sp-on", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -175,7 +182,9 @@ def main() -> None:
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     tps = args.tp or ([1, 2] if device == "cpu" else [t for t in (1, 2, 4, 8) if t <= gpus])
     rows = []
-    for shape, impl, tp in [(s, i, t) for s in args.shapes for i in args.impl for t in tps]:
+    layouts = [(s, i, t, sp) for s in args.shapes for i in args.impl for t in tps
+               for sp in ([False, True] if args.sp and t > 1 else [False])]
+    for shape, impl, tp, sp in layouts:
         # fp32 weights, grads, two Adam moments, split over the TP ranks of one host, + activations per rank
         need = 16 * param_count(shape) + (4 << 30) * tp
         if device == "cpu" and need > psutil.virtual_memory().total:
@@ -189,20 +198,20 @@ def main() -> None:
             one = [__file__, "--one", shape, "--tp", str(tp), "--rows", str(args.rows), "--prompt",
                    str(args.prompt), "--response", str(args.response), "--steps", str(args.steps),
                    "--micro-batch-tokens", str(args.micro_batch_tokens), "--impl", impl,
-                   "--recompute", "full" if shape in args.recompute_shapes else "none"]
+                   "--recompute", "full" if shape in args.recompute_shapes else "none", *(["--sp-on"] if sp else [])]
             launch = [sys.executable] if tp == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp)]
-            rows.append(run_one(launch + one, {"shape": shape, "tp": tp, "impl": impl}))
+            rows.append(run_one(launch + one, {"shape": shape, "tp": tp, "sp": sp, "impl": impl}))
         print(json.dumps(rows[-1]), flush=True)
         _compare(rows)
-        write_result("train_step", rows, sys.argv[1:], complete=False)
-    print(f"wrote {write_result('train_step', rows, sys.argv[1:])}")
+        write_result("train_step", rows, sys.argv[1:], complete=False, file=args.file)
+    print(f"wrote {write_result('train_step', rows, sys.argv[1:], file=args.file)}")
 
 
 def _compare(rows: list[dict]) -> None:
     """vs_tp1, speed_vs_torch and memory_vs_torch of each measured row, against the rows measured so far."""
-    def find(shape, tp, impl):
-        return next((b for b in rows if (b["shape"], b["tp"], b["impl"]) == (shape, tp, impl)
+    def find(shape, tp, impl, sp=False):
+        return next((b for b in rows if (b["shape"], b["tp"], b["impl"], b.get("sp", False)) == (shape, tp, impl, sp)
                      and "tokens_per_s" in b), None)
 
     for r in rows:
@@ -210,7 +219,10 @@ def _compare(rows: list[dict]) -> None:
             continue
         if base := find(r["shape"], 1, r["impl"]):
             r["vs_tp1"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
-        if (base := find(r["shape"], r["tp"], "torch")) and r["impl"] != "torch":
+        if r.get("sp") and (base := find(r["shape"], r["tp"], r["impl"])):
+            r["speed_vs_no_sp"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+            r["memory_vs_no_sp"] = round(r["peak_memory_gib"] / base["peak_memory_gib"], 3)
+        if (base := find(r["shape"], r["tp"], "torch", r.get("sp", False))) and r["impl"] != "torch":
             r["speed_vs_torch"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
             r["memory_vs_torch"] = round(r["peak_memory_gib"] / base["peak_memory_gib"], 3)
 
