@@ -9,8 +9,9 @@ The ranks train the same global batch (--rows rows of --tokens tokens per rank) 
 ``MegatronPolicy.train_step`` (the trainer's update: Megatron DDP, AdamW; router load-balancing loss on). At
 EP=1 each data-parallel rank holds every expert; at EP=2 each holds half and tokens travel to their experts' rank
 by all-to-all; at TP=2 (sequence parallel, which megatron-core requires for MoE at tp > 1) the two ranks form one
-replica that splits every weight, expert and activation over them and trains the rows of both. Experts hold most of the weights, so the weights, gradients and Adam moments per rank should fall by
-close to half. Peak memory: each rank's peak RSS (CPU) or max_memory_allocated (CUDA) after training, the largest
+replica that splits every weight, expert and activation over them and trains the rows of both. Experts hold most
+of the weights, so at EP=2 the weights, gradients and Adam moments per rank should fall by close to half. Peak
+memory: each rank's peak RSS (CPU) or max_memory_allocated (CUDA) after training, the largest
 over the ranks. Sync: ``ColocatedVLLM.sync`` (experts gathered over the EP ranks into their checkpoint names,
 streamed into vLLM's in-place reload with the MoE kernel repacked, then the log-prob probe), the fastest of
 --steps after one warm-up. The model has random weights written once as an HF checkpoint (SmolLM2's tokenizer).
@@ -104,7 +105,8 @@ def measure(args) -> dict:
             dist.barrier()
             syncs.append(engine.sync())
         engine.close()
-    return {"layout": f"tp{tp}-sp" if tp > 1 else f"ep{ep}", "tp": tp, "ep": ep, "ranks": world, "experts": arch.num_experts, "layers": arch.num_layers,
+    return {"layout": f"tp{tp}-sp" if tp > 1 else f"ep{ep}", "tp": tp, "ep": ep, "ranks": world,
+            "experts": arch.num_experts, "layers": arch.num_layers,
             "hidden": arch.hidden_size, "expert_ffn": arch.moe_ffn_hidden_size, "top_k": arch.moe_top_k,
             "tokens_per_rank": args.rows * args.tokens, "dtype": str(dtype).replace("torch.", ""),
             "update_s": round(min(times), 3), "update_s_all": [round(t, 3) for t in times],
@@ -121,7 +123,7 @@ def measure(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layouts", nargs="+", default=["ep1", "ep2", "tp2-sp"],
-                    help="epN: N-way expert parallel over data-parallel ranks; tpN-sp: N-way tensor + sequence parallel")
+                    help="epN: experts split N ways over data-parallel ranks; tpN-sp: N-way tensor + sequence parallel")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--topk", type=int, default=2)

@@ -57,7 +57,8 @@ def main() -> None:
 
             model = build_model(arch, sequence_parallel=args.sp)
             load_hf_weights(model, arch, hf_sd.__getitem__)
-            packed_matches_hf(model, arch, hf, family, f"tp{args.tp} pp{args.pp}{' sp' * args.sp}")  # (the export below overwrites
+            layout = f"tp{args.tp} pp{args.pp}{' sp' * args.sp}"
+            packed_matches_hf(model, arch, hf, family, layout)  # (the export below overwrites
             # the weights with gradients)
             mb = [{"input_ids": ids, "targets": targets}]
             logits = forward_backward(model, mb, lambda out, b: gather_logits(out, arch.vocab_size),

@@ -218,6 +218,11 @@ def test_one_layout_check_serves_config_converter_and_backend():
     with pytest.raises(ValueError, match=r"parallel.sp=true splits activations over the tensor-parallel ranks; it "
                                          r"needs parallel.tp > 1"):
         load_config(None, ["model.hf_dir=tiny:qwen2", "parallel.sp=true"], world_size=2)
+    from megarl.parallel import RankLayout
+
+    cfg = load_config(None, ["model.hf_dir=tiny:qwen2", "parallel.tp=2", "parallel.sp=true"], world_size=2)
+    dims = cfg.parallel.dims()
+    assert RankLayout(dims, 0, 1, None, None).describe() == "layout: tp=2 pp=1 cp=1 dp=1 sp"
     with pytest.raises(ValueError, match=r"parallel.ep=3 must divide the number of experts \(4\); valid values: "
                                          r"1, 2, 4\."):
         ParallelDims(1, 1, ep=3).check(3, moe)

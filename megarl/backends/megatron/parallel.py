@@ -34,25 +34,26 @@ def model_parallel(dims: ParallelDims, seed: int = 1234):
     """Megatron's groups for the body, which gets this rank's ``RankLayout``. Inside groups of the same sizes it
     reuses them and leaves them up."""
     if parallel_state.model_parallel_is_initialized():
-        have = rank_layout().dims
+        have = rank_layout(dims.sp).dims  # sequence parallelism is a model setting, not a group: any will do
         if have != dims:
             raise ValueError(f"model parallel groups already exist with tp={have.tp} pp={have.pp} cp={have.cp} "
                              f"ep={have.ep}; cannot switch to tp={dims.tp} pp={dims.pp} cp={dims.cp} ep={dims.ep} "
                              f"inside them.")
-        yield rank_layout()
+        yield rank_layout(dims.sp)
         return
     init_model_parallel(dims, seed)
     try:
-        yield rank_layout()
+        yield rank_layout(dims.sp)
     finally:
         destroy_model_parallel()
 
 
-def rank_layout() -> RankLayout:
-    """This rank's layout and groups, read from Megatron's parallel state (inside ``model_parallel``)."""
+def rank_layout(sp: bool = False) -> RankLayout:
+    """This rank's layout and groups, read from Megatron's parallel state (inside ``model_parallel``); ``sp``:
+    whether the run uses sequence parallelism (which needs no groups of its own)."""
     ps = parallel_state
     dims = ParallelDims(ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                        ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size())
+                        ps.get_context_parallel_world_size(), ps.get_expert_model_parallel_world_size(), sp)
     return RankLayout(dims, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
                       ps.get_data_parallel_group(), ps.get_model_parallel_group(), ps.get_context_parallel_rank(),
                       ps.get_expert_model_parallel_rank())
