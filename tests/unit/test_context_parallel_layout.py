@@ -56,3 +56,35 @@ def test_packed_segments_are_aligned_and_split_segment_by_segment():
                 want = [*range(a + r * c, a + (r + 1) * c), *range(a + (2 * cp - 1 - r) * c, a + (2 * cp - r) * c)]
                 assert [p for p in held[r] if a <= p < b] == want
     assert make_packed_micro_batches(ro, ro.groups(), 48)[0].cu_seqlens.tolist() != mbs[0].cu_seqlens.tolist()
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+def test_packed_plan_batches_segments_into_each_segments_own_causal_attention(cp):
+    """The packed plan's batched calls (near-equal segments share one, right-padded) give every local query the
+    softmax-weighted values of exactly the keys of its own segment at or before its true position: brute force,
+    query by query, on every rank."""
+    from megarl.backends.megatron.context_parallel import _packed_plan, held_positions
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [2 * cp * n for n in (1, 7, 6, 6, 2, 13, 1, 7)]  # equal ones batch together, a long one alone
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    t, d = cu[-1], 5
+    q_all, k_all, v_all = (torch.randn(t, d, generator=g, dtype=torch.float64) for _ in range(3))
+    seg_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos_in_seg = torch.cat([torch.arange(n) for n in lengths])
+    for rank in range(cp):
+        held = held_positions(t, cu, cp, rank)  # this rank's tokens, in its local order
+        plan = _packed_plan(cu, cp, rank, torch.device("cpu"))
+        assert len(plan.buckets) < len(lengths)  # some segments share a call
+        q = q_all[held]
+        outs = []
+        for qg, kg, masked in plan.buckets:
+            scores = torch.einsum("qkd,skd->kqs", q[qg], k_all[kg]).masked_fill(masked[:, 0], float("-inf"))
+            outs.append(torch.einsum("kqs,skd->qkd", scores.softmax(-1), v_all[kg]).reshape(-1, d))
+        got = torch.cat(outs)[plan.inverse]
+        for row, p in enumerate(held.tolist()):
+            seen = (seg_of == seg_of[p]) & (pos_in_seg <= pos_in_seg[p])
+            w = (k_all[seen] @ q_all[p]).softmax(0)
+            torch.testing.assert_close(got[row], w @ v_all[seen], rtol=1e-12, atol=1e-12)

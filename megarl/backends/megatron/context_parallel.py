@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megarl.backends.megatron.packing import PackedDotProductAttention
+from megarl.backends.megatron.packing import PackedDotProductAttention, attention_buckets
 
 
 def cp_size() -> int:
@@ -151,6 +151,40 @@ def _unpacked_plan(s: int, cp: int, rank: int, device: torch.device) -> tuple[to
     return _natural_order(s, cp, device), (torch.arange(s, device=device)[None, :] > q_pos[:, None])[None, None]
 
 
+@dataclasses.dataclass(frozen=True)
+class _PackedPlan:
+    """How the local core attention runs a packed micro-batch at cp > 1: the gather order of K/V (natural token
+    order), and per bucket of near-equal segments (``packing.attention_buckets``) the local query rows [Lq, k] and
+    gathered key rows [Lk, k] each batch slot reads (right-padded with the segment's last row) and the mask
+    [k, 1, Lq, Lk] by true position (True = not seen; keys past a segment's end lie after all its queries, so the
+    causal rule masks them too); ``inverse``: each local token's row in the buckets' flattened outputs."""
+
+    order: torch.Tensor
+    buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    inverse: torch.Tensor
+
+
+def _packed_plan(cu: list[int], cp: int, rank: int, device: torch.device) -> _PackedPlan:
+    segments = [(a, b) for a, b in zip(cu, cu[1:]) if b > a]
+    buckets, inverse, offset = [], torch.empty(cu[-1] // cp, dtype=torch.long), 0
+    for bucket in attention_buckets([b - a for a, b in segments]):
+        lk = max(segments[i][1] - segments[i][0] for i in bucket)
+        lq, k = lk // cp, len(bucket)
+        qg, kg, q_pos = torch.empty(lq, k, dtype=torch.long), torch.empty(lk, k, dtype=torch.long), []
+        for j, i in enumerate(bucket):
+            a, b = segments[i]
+            n = (b - a) // cp  # this rank's tokens of the segment, from local row a // cp on
+            qg[:, j] = a // cp + torch.arange(lq).clamp(max=n - 1)
+            kg[:, j] = a + torch.arange(lk).clamp(max=b - a - 1)
+            held = local_positions(b - a, cp, rank)
+            q_pos.append(torch.cat([held, held[-1:].expand(lq - n)]))
+            inverse[a // cp: a // cp + n] = offset + torch.arange(n) * k + j
+        masked = torch.arange(lk)[None, None, :] > torch.stack(q_pos)[:, :, None]  # [k, Lq, Lk]
+        buckets.append((qg.to(device), kg.to(device), masked[:, None].to(device)))
+        offset += lq * k
+    return _PackedPlan(_natural_order(cu[-1], cp, device, cu), buckets, inverse.to(device))
+
+
 class ContextParallelAttention(PackedDotProductAttention):
     """The local spec's core attention at cp > 1 (see the module docstring for why it exists): K/V gathered over
     the context-parallel group, the stock arithmetic with a causal mask by true position, packed input segment by
@@ -173,21 +207,16 @@ class ContextParallelAttention(PackedDotProductAttention):
             order, masked = _unpacked_plan(key.shape[0] * cp, cp, rank, query.device)
             key, value = _GatherSequence.apply(key, group, order), _GatherSequence.apply(value, group, order)
             return stock(query, key, value, masked, attn_mask_type, attention_bias)
-        # packed ([t/cp, heads, dim]): each segment's local queries against that segment's gathered keys
+        # packed ([t/cp, heads, dim]): each segment's local queries against that segment's gathered keys, segments
+        # of near-equal length batched into one call (as on one rank, ``packing.AttentionPlan``)
         plan = getattr(packed_seq_params, "megarl_cp_plan", None)
         if plan is None:  # one host sync per forward, shared by every layer
             cu = _bounds(packed_seq_params)
-            plan = packed_seq_params.megarl_cp_plan = (_natural_order(cu[-1], cp, query.device, cu), [
-                (a // cp, b // cp, a, b, local_positions(b - a, cp, rank).to(query.device))
-                for a, b in zip(cu, cu[1:]) if b > a])
-        order, segments = plan
-        key, value = _GatherSequence.apply(key, group, order), _GatherSequence.apply(value, group, order)
-        outs = []
-        for la, lb, a, b, q_off in segments:
-            masked = torch.arange(b - a, device=query.device)[None, :] > q_off[:, None]
-            outs.append(stock(query[la:lb, None], key[a:b, None], value[a:b, None], masked[None, None],
-                              attn_mask_type, attention_bias)[:, 0])
-        return torch.cat(outs).unsqueeze(1)
+            plan = packed_seq_params.megarl_cp_plan = _packed_plan(cu, cp, rank, query.device)
+        key, value = _GatherSequence.apply(key, group, plan.order), _GatherSequence.apply(value, group, plan.order)
+        outs = [stock(query[qg], key[kg], value[kg], masked, attn_mask_type, attention_bias)
+                for qg, kg, masked in plan.buckets]
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])[plan.inverse].unsqueeze(1)
 
 
 @contextlib.contextmanager
