@@ -75,11 +75,13 @@ def test_training_a_moe_model_at_tp2_without_sequence_parallelism_is_refused(tmp
 
 def test_tp2_with_sequence_parallelism_logs_the_one_rank_metrics(tmp_path, data_dir):
     """Attention and experts split over two TP ranks, each rank routing its half of every sequence (parallel.sp):
-    the one-process run's losses, gradient norms and router metrics to 1e-5, the load-balancing loss on. Each rank
-    computes its share of the router loss, scaled by its share of the tokens (moe.router_losses_scaled)."""
-    one = metrics_of(tmp_path / "one", data_dir, *MOE, "rollout.backend=native")
-    tp2 = launch(tmp_path / "tp2", data_dir, "parallel.tp=2", "parallel.sp=true", "rollout.backend=native")
-    assert {"moe/load_imbalance", "moe/load_balancing_loss"} <= set(tp2[0])
+    the one-process run's losses, gradient norms and router metrics to 1e-5, with the load-balancing loss and the
+    z-loss on. Each rank computes its part of each router loss, which megatron-core scales by the rank's part of
+    the tokens (moe.router_losses_scaled undoes it)."""
+    z = "moe.z_loss_coef=0.001"
+    one = metrics_of(tmp_path / "one", data_dir, *MOE, z, "rollout.backend=native")
+    tp2 = launch(tmp_path / "tp2", data_dir, "parallel.tp=2", "parallel.sp=true", z, "rollout.backend=native")
+    assert {"moe/load_imbalance", "moe/load_balancing_loss", "moe/z_loss"} <= set(tp2[0])
     same_metrics(one, tp2, tol=1e-5, skip=("sync/seconds",))
 
 

@@ -161,10 +161,12 @@ class RouterStats:
         imbalance = load.max(1).values / load.mean(1).clamp_min(1e-12)
         out = {"moe/load_imbalance": float(imbalance.mean()),
                "moe/dropped_fraction": float(1.0 - kept / max(float(routed) * self.topk, 1.0))}
-        # summed over passes and ranks, where the context-parallel (and, under sequence parallelism, the TP) ranks of
-        # one replica each hold their share of the replica's loss: a mean per pass and replica
-        replicas = ranks // parallel_state.get_context_parallel_world_size()
+        # summed over passes and ranks. The context-parallel (and, under sequence parallelism, the TP) ranks of one
+        # replica each hold part of its tokens: megatron-core's load-balancing loss is then each part's share of the
+        # replica's loss (summed), its z-loss each part's mean (averaged); either way a mean per pass and replica
+        parts = parallel_state.get_context_parallel_world_size() * self.tp_split
         for name, per_layer in zip(names, losses):
-            out[f"moe/{name}"] = float((per_layer / replicas / calls.clamp_min(1)).mean())
+            per_replica = per_layer / (ranks // parallel_state.get_context_parallel_world_size())
+            out[f"moe/{name}"] = float((per_replica / (parts if name == "z_loss" else 1) / calls.clamp_min(1)).mean())
         return out
 
