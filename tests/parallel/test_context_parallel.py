@@ -42,11 +42,11 @@ def reference(tmp_path_factory):
     return out
 
 
-# CP2 and CP2xPP2 (the pipeline's activation shapes divided by cp) in the default run, and TP2 with sequence
-# parallelism (micro-batches padded to a multiple of tp; greedy samples with it switched off); TP2xCP2 with and
-# without it with -m slow
+# CP2 and CP2xPP2 (the pipeline's activation shapes divided by cp) in the default run; with -m slow TP2xCP2, and TP2
+# and TP2xCP2 with sequence parallelism (micro-batches padded to a multiple of tp; greedy samples with it switched
+# off; the default run covers SP in test_parallel_parity.py and, generation included, test_moe_parallel.py)
 @pytest.mark.parametrize("tp,cp,pp,sp", [(1, 2, 1, False), pytest.param(2, 2, 1, False, marks=pytest.mark.slow),
-                                         (1, 2, 2, False), (2, 1, 1, True),
+                                         (1, 2, 2, False), pytest.param(2, 1, 1, True, marks=pytest.mark.slow),
                                          pytest.param(2, 2, 1, True, marks=pytest.mark.slow)],
                          ids=["cp2", "tp2xcp2", "cp2xpp2", "tp2-sp", "tp2xcp2-sp"])
 def test_layout_matches_cp1_and_hf(reference, tmp_path, tp, cp, pp, sp):
