@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed calls per process (after one warm-up)")
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2, help="processes per (distribution, mode), run alternately")
+    ap.add_argument("--file", default=None, help="results file name (default packing)")
     ap.add_argument("--dist", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -177,8 +178,8 @@ def main() -> None:
                 print(json.dumps(runs[mode][-1]), flush=True)
         rows += [_fastest(runs[mode]) for mode in runs]
         _compare(rows)
-        write_result("packing", rows, sys.argv[1:], complete=False)
-    print(f"wrote {write_result('packing', rows, sys.argv[1:])}")
+        write_result("packing", rows, sys.argv[1:], complete=False, file=args.file)
+    print(f"wrote {write_result('packing', rows, sys.argv[1:], file=args.file)}")
 
 
 if __name__ == "__main__":
