@@ -1,11 +1,14 @@
 """`megarl train` of a tiny Qwen3-MoE with its experts split over two ranks (parallel.ep=2), against the same run
 with every expert on every rank, and resumed at another layout. Rollouts come from colocated vLLM engines, so
-every step's weight sync (experts gathered over the EP ranks into their checkpoint names) is verified too."""
+every step's weight sync (experts gathered over the EP ranks into their checkpoint names) is verified too. Also:
+tensor parallelism with sequence parallelism, and the router losses' weight where ranks hold parts of each
+sequence (CP, SP), against one rank."""
 
 from __future__ import annotations
 
 
 import pytest
+import torch
 
 from megarl.metrics import read_metrics
 from tests.parallel.launch import torchrun
@@ -64,6 +67,28 @@ def test_ep2_checkpoint_resumes_in_one_process(tmp_path, data_dir):
     launch(tmp_path / "moved", data_dir, "parallel.ep=2", "train.steps=1", *off)
     moved = metrics_of(tmp_path / "moved", data_dir, *MOE, *off)
     same_metrics(reference, moved, tol=1e-4, skip=("batch/", "sync/seconds"))
+
+
+@pytest.fixture(scope="module")
+def one_rank_grads(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grads") / "one.pt"
+    torchrun("tests/parallel/worker_moe_grads.py", 1, "--out", str(out))
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("tp,cp,sp", [(1, 2, False), (2, 1, True)], ids=["cp2", "tp2-sp"])
+def test_router_losses_weigh_the_same_when_ranks_hold_parts_of_each_sequence(tmp_path, one_rank_grads, tp, cp, sp):
+    """With the load-balancing loss and the z-loss on, a micro-batch whose sequences are split over two
+    context-parallel ranks, or over two TP ranks by sequence parallelism, gives the one-rank gradient of every
+    parameter (megatron-core weighs each rank's part of a router loss by its part of the tokens;
+    moe.router_losses_scaled multiplies by the number of parts; without it the router gradients differ by ~0.5)."""
+    out = tmp_path / "grads.pt"
+    torchrun("tests/parallel/worker_moe_grads.py", tp * cp, "--tp", str(tp), "--cp", str(cp),
+             *(["--sp"] if sp else []), "--out", str(out))
+    grads = torch.load(out)
+    assert set(grads) == set(one_rank_grads)
+    for name, want in one_rank_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_training_a_moe_model_at_tp2_without_sequence_parallelism_is_refused(tmp_path, data_dir):

@@ -1,0 +1,80 @@
+"""torchrun worker: the gradient of a tiny Qwen3-MoE at the launched layout for one micro-batch, with the
+load-balancing loss and the z-loss on, through the trainer's path (Megatron DDP, ``moe.router_losses_scaled``
+with the step's token count, ``finalize_model_grads``), exported under HF names and saved by global rank 0.
+
+    torchrun --nproc-per-node N tests/parallel/worker_moe_grads.py --tp T --cp C [--sp] --out FILE
+
+The micro-batch (2 x 16 tokens) splits evenly at every layout tested, so no layout adds padding tokens, which
+the router would count: the gradients must then equal the one-rank run's (``test_moe_parallel.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1)
+    ap.add_argument("--sp", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megarl.backends.megatron import moe
+    from megarl.backends.megatron.forward import forward_backward, token_logprobs
+    from megarl.backends.megatron.model import build_model, unwrap
+    from megarl.backends.megatron.parallel import ParallelDims, model_parallel
+    from megarl.backends.megatron.weights import export_stage_hf
+    from megarl.config import MoESection
+    from megarl.convert.arch import read_arch_dir
+    from megarl.convert.bundled import resolve_model_spec
+    from megarl.distributed import distributed
+    from megarl.trainer.build import load_weights_into, once_per_node_then_all
+
+    with distributed(), model_parallel(ParallelDims(args.tp, 1, args.cp, sp=args.sp)):
+        box = [tempfile.mkdtemp(prefix="megarl-moe-grads-") if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box)
+        hf_dir = once_per_node_then_all(lambda: resolve_model_spec("tiny:qwen3_moe", box[0], 1))
+        arch = read_arch_dir(hf_dir)
+        model = build_model(arch, init_weights=False, moe=MoESection(aux_loss_coef=0.05, z_loss_coef=0.01),
+                            sequence_parallel=args.sp)
+        load_weights_into(model, arch, hf_dir)
+        g = torch.Generator().manual_seed(0)
+        ids, targets = torch.randint(0, 300, (2, 16), generator=g), torch.randint(0, 300, (2, 16), generator=g)
+        ddp = DistributedDataParallel(unwrap(model).config, DistributedDataParallelConfig(), model)
+        ddp.train()
+        ddp.zero_grad_buffer()
+        cp = args.cp
+
+        def loss(out, _):  # the mean log-prob of every target this rank holds, summed over the group by DDP
+            lp = token_logprobs(out, targets if cp == 1 else _local(targets, cp), arch.vocab_size)[0]
+            return -lp.sum() / targets.numel(), {}
+
+        with moe.router_losses_scaled(ddp, 1.0 / ids.numel()):
+            forward_backward(ddp, [{"input_ids": ids}], loss, forward_only=False)
+        finalize_model_grads([ddp])
+        for p in unwrap(model).parameters():
+            p.data = p.main_grad.detach().clone()  # export the gradients through the weights' key map
+        grads = dict(export_stage_hf(model, arch))
+        if dist.get_rank() == 0:
+            torch.save(grads, args.out)
+
+
+def _local(t: torch.Tensor, cp: int) -> torch.Tensor:
+    """This context-parallel rank's columns of ``t`` [b, s], in the order its output holds them."""
+    from megatron.core import parallel_state
+
+    from megarl.backends.megatron.context_parallel import local_positions
+
+    return t[:, local_positions(t.shape[1], cp, parallel_state.get_context_parallel_rank())]
+
+
+if __name__ == "__main__":
+    main()
