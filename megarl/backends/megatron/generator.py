@@ -19,7 +19,6 @@ separate inference copy and checks every tensor through the conversion key map.
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Iterable
 
 import torch
@@ -88,14 +87,13 @@ class MegatronGenerator(GeneratesNow):
         per_batch = max(1, self.max_batch_rows // n)
         chunks = [idx[start: start + per_batch] for idx in by_len.values() for start in range(0, len(idx), per_batch)]
         rounds = moe.passes_in_step(len(chunks))  # ep > 1: agreed before any pass, whose collectives it would meet
-        for chunk in chunks:
-            gens = [torch.Generator().manual_seed(seeds[i]) for i in chunk]
-            with self._whole():
+        with self._whole():
+            for chunk in chunks:
+                gens = [torch.Generator().manual_seed(seeds[i]) for i in chunk]
                 batch = self._generate_batch([prompts[i] for i in chunk], n, sampling, gens)
-            for i, out in zip(chunk, batch):
-                results[i] = out
-        for _ in range(rounds - len(chunks)):  # keep pace with the busiest rank of the expert-parallel group
-            with self._whole():
+                for i, out in zip(chunk, batch):
+                    results[i] = out
+            for _ in range(rounds - len(chunks)):  # keep pace with the busiest rank of the expert-parallel group
                 self._generate_batch([[0]], 1, sampling, [torch.Generator()], filler=True)
         return results
 

@@ -22,6 +22,7 @@ from megarl.backends.megatron.packing import install_packed_rope
 from megarl.backends.megatron.sequence_parallel import local_block_spec
 from megarl.convert.arch import ModelArch, check_parallel
 from megarl.kernels import te_available
+from megarl.parallel import ParallelDims
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,9 +81,7 @@ def transformer_config(arch: ModelArch, dtype: torch.dtype = torch.float32, init
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"model.recompute='{recompute}' is unknown; use one of {', '.join(RECOMPUTE)}.")
-    if sequence_parallel and parallel_state.get_tensor_model_parallel_world_size() == 1:
-        raise ValueError("parallel.sp=true splits activations over the tensor-parallel ranks; it needs "
-                         "parallel.tp > 1 (or set parallel.sp=false).")
+    ParallelDims(parallel_state.get_tensor_model_parallel_world_size(), sp=sequence_parallel).check()
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,

@@ -49,6 +49,12 @@ def all_done(done: bool) -> bool:
     return bool(t.item())
 
 
+def sequence_parts(config) -> tuple[int, int]:
+    """(context-parallel parts, TP parts) each sequence is split into before it reaches a router: cp, and tp under
+    sequence parallelism (1 without it: every TP rank routes the whole sequence)."""
+    return config.context_parallel_size, config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
 @contextlib.contextmanager
 def router_losses_scaled(model: torch.nn.Module, factor: float):
     """Multiply the load-balancing and z-loss coefficients by ``factor`` for the body (0: no router loss).
@@ -67,7 +73,8 @@ def router_losses_scaled(model: torch.nn.Module, factor: float):
     if not getattr(config, "num_moe_experts", None):
         yield
         return
-    factor *= config.context_parallel_size * (config.tensor_model_parallel_size if config.sequence_parallel else 1)
+    cp, tp = sequence_parts(config)
+    factor *= cp * tp
     aux, z = config.moe_aux_loss_coeff, config.moe_z_loss_coeff
     config.moe_aux_loss_coeff = aux * factor
     config.moe_z_loss_coeff = z * factor if z and factor else None
@@ -110,7 +117,7 @@ class RouterStats:
         self.layers, self.experts = gpt.config.num_layers, gpt.config.num_moe_experts or 0
         self.topk = gpt.config.moe_router_topk
         # under sequence parallelism each TP rank routes its own 1/tp of the tokens: counts are summed over TP too
-        self.tp_split = gpt.config.tensor_model_parallel_size if gpt.config.sequence_parallel else 1
+        self.cp_split, self.tp_split = sequence_parts(gpt.config)
         self.load = torch.zeros(self.layers, self.experts, dtype=torch.float64)
         self.calls = torch.zeros(self.layers, dtype=torch.float64)
         self.assigned = torch.zeros(2, dtype=torch.float64)  # kept assignments, tokens routed
@@ -164,9 +171,9 @@ class RouterStats:
         # summed over passes and ranks. The context-parallel (and, under sequence parallelism, the TP) ranks of one
         # replica each hold part of its tokens: megatron-core's load-balancing loss is then each part's share of the
         # replica's loss (summed), its z-loss each part's mean (averaged); either way a mean per pass and replica
-        parts = parallel_state.get_context_parallel_world_size() * self.tp_split
+        parts = self.cp_split * self.tp_split
         for name, per_layer in zip(names, losses):
-            per_replica = per_layer / (ranks // parallel_state.get_context_parallel_world_size())
+            per_replica = per_layer / (ranks // self.cp_split)
             out[f"moe/{name}"] = float((per_replica / (parts if name == "z_loss" else 1) / calls.clamp_min(1)).mean())
         return out
 

@@ -1,5 +1,5 @@
 """Sequence parallelism (``parallel.sp``): outside the tensor-parallel matmuls, each TP rank keeps only its
-1/tp slice of the sequence (megatron-core's ``TransformerConfig.sequence_parallel``; docs/architecture.md).
+1/tp slice of the sequence (megatron-core's ``TransformerConfig.sequence_parallel``; docs/sequence_parallel.md).
 
 What megatron-core does itself: the embedding reduce-scatters its output along the sequence, every column-parallel
 linear all-gathers its input first and every row-parallel linear reduce-scatters its output, and MoE layers route
