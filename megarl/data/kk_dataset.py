@@ -26,7 +26,9 @@ def kk_row(puzzle, index: int, split: str, template: str) -> dict:
             "reward_model": {"style": "rule",
                              "ground_truth": {"solution_text_format": puzzle.solution_text_format,
                                               "statements": json.dumps(puzzle.statements)}},
-            "extra_info": {"split": split, "index": index, "people": len(puzzle.names), **extra}}
+            # extra_info.response: a worked solution, the target of a supervised warm-up (`megarl sft`)
+            "extra_info": {"split": split, "index": index, "people": len(puzzle.names), **extra,
+                           "response": puzzle.worked_solution}}
 
 
 def write_kk_dataset(out_dir: str | Path, n_train: int, n_test: int, people: list[int], seed: int = 0,

@@ -74,6 +74,19 @@ class Puzzle:
         return " ".join(lines)
 
     @property
+    def worked_solution(self) -> str:
+        """A response in the K&K answer format, for a supervised warm-up (``megarl sft``): the solution, every
+        statement checked against it, then the answer lines. It teaches the format and how to check an assignment,
+        not how to find one (the prompt ends with ``<think>``, so the text starts inside the thinking)."""
+        role = ["a knight" if k else "a knave" for k in self.knights]
+        guess = ", ".join(f"{n} is {r}" for n, r in zip(self.names, role))
+        checks = [f"{n} is {r}, so the claim \"{render(s, self.names)}\" must be {'true' if k else 'false'}, "
+                  f"and it is {'true' if evaluate(s, self.knights) else 'false'}."
+                  for n, r, s, k in zip(self.names, role, self.statements, self.knights)]
+        return (f" Suppose {guess}. " + " ".join(checks) + " Every statement fits these roles.\n</think>\n"
+                f"<answer> {self.solution_text_format} </answer>")
+
+    @property
     def solution_text_format(self) -> str:
         return "\n".join(f"({i + 1}) {name} is a {'knight' if k else 'knave'}"
                          for i, (name, k) in enumerate(zip(self.names, self.knights)))

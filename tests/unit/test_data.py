@@ -83,6 +83,24 @@ def test_dataset_is_seeded_disjoint_and_its_gold_answers_score_level_1(tmp_path)
         assert compute_score(r["data_source"], gold, r["reward_model"]["ground_truth"])["level"] == 1
 
 
+def test_worked_solutions_score_level_1_and_check_every_statement(tmp_path):
+    """The SFT targets `megarl data kk` writes (extra_info.response) are right answers in the reward's format, and
+    their check of each statement agrees with a brute-force evaluation of it under the solution."""
+    from megarl.data.kk_puzzles import evaluate
+
+    write_kk_dataset(tmp_path, 40, 0, [2, 3, 4, 6], seed=11)
+    for r in read_rows(tmp_path / "train.parquet"):
+        score = compute_score(r["data_source"], r["extra_info"]["response"], r["reward_model"]["ground_truth"])
+        assert score["level"] == 1 and score["format_ok"]
+    rng = random.Random(5)
+    for _ in range(50):
+        p = generate_puzzle(rng, rng.choice([2, 3, 5]))
+        claims = re.findall(r"must be (true|false), and it is (true|false)", p.worked_solution)
+        assert len(claims) == len(p.names)
+        for (must, is_), stmt, knight in zip(claims, p.statements, p.knights):
+            assert must == ("true" if knight else "false") == is_ == str(evaluate(stmt, p.knights)).lower()
+
+
 def test_the_shared_aime_amc_files_read_as_is_and_their_gold_answers_score():
     expect = {"aime-2024.parquet": ("math_dapo", 960), "aime25.parquet": ("aime2025", 960),
               "amc-23.parquet": ("amc_23", 1280)}
