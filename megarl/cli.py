@@ -94,6 +94,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    from megarl.config import load_config
+    from megarl.trainer import run_sft
+
+    run_sft(load_config(args.config, args.overrides))
+    return 0
+
+
 def cmd_vstar(args: argparse.Namespace) -> int:
     from megarl.config import load_config
     from megarl.trainer import run_vstar
@@ -142,6 +150,14 @@ def add_train_parsers(sub) -> None:
     train.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); defaults when omitted")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=8 parallel.tp=2")
     train.set_defaults(func=cmd_train)
+    sft = sub.add_parser("sft", help="supervised fine-tuning on targets in the data (a warm-up before RL)",
+                         description="Fine-tune model.hf_dir on the extra_info.response of every row of "
+                                     "data.train_files (after its rendered prompt) for train.steps optimizer steps of "
+                                     "train.prompts_per_step rows; run.dir/hf is the result (docs/sft.md). The same "
+                                     "config keys, layouts and resume as megarl train; RL keys are unused.")
+    sft.add_argument("--config", default=None, help="YAML preset; defaults when omitted")
+    sft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.train_files=kk/train.parquet")
+    sft.set_defaults(func=cmd_sft)
     vs = sub.add_parser("vstar", help="A*-PO stage 1: V* of every training prompt from N reference samples",
                         description="Sample algo.vstar_samples responses of every prompt of data.train_files from "
                                     "model.hf_dir, score them and write copies of the files with extra_info.v_star "

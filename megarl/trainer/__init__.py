@@ -27,6 +27,18 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
     return metrics
 
 
+def run_sft(cfg: RunConfig) -> dict[str, float]:
+    """Supervised fine-tuning (``megarl sft``, megarl/trainer/sft.py) on every rank of this launch."""
+    from megarl.backends.megatron.parallel import model_parallel
+    from megarl.distributed import distributed
+    from megarl.trainer.sft import sft
+
+    with distributed() as info:
+        cfg.validate(info.world_size)
+        with model_parallel(cfg.parallel.dims(), seed=cfg.run.seed) as layout:
+            return sft(cfg, layout)
+
+
 def run_vstar(cfg: RunConfig, out_dir: str | None = None, **options) -> list[str]:
     """A*-PO stage 1 alone (``megarl vstar``): V* of every prompt of data.train_files under model.hf_dir, written
     to ``out_dir`` (default run.dir/vstar, where ``megarl train`` with the same config finds it). Returns the

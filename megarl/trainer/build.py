@@ -104,6 +104,17 @@ def initial_model(cfg: RunConfig):
     return Path(model_dir), arch, tokenizer, model
 
 
+def make_policy(cfg: RunConfig, model, arch: ModelArch, model_dir: Path, total_updates: int) -> MegatronPolicy:
+    """The trainable policy around ``model``: optim.* over ``total_updates`` optimizer steps, kernels.impl,
+    train.packing."""
+    o = cfg.optim
+    optim = dict(name=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
+                 grad_clip=o.grad_clip, distributed=o.distributed, warmup_steps=o.warmup_steps,
+                 schedule=o.schedule)
+    return MegatronPolicy(model, arch, optim, total_updates, kernel_impl=cfg.kernels.impl, source_dir=model_dir,
+                          packing=cfg.train.packing)
+
+
 def _layer_spec(cfg: RunConfig) -> str | None:
     return None if cfg.model.layer_spec == "auto" else cfg.model.layer_spec
 
@@ -183,12 +194,7 @@ def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, mode
 def build(cfg: RunConfig, layout: RankLayout) -> Components:
     """Every component of the run of ``cfg`` on this rank (inside the process groups ``layout`` describes)."""
     model_dir, arch, tokenizer, model = initial_model(cfg)
-    o = cfg.optim
-    optim = dict(name=o.name, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
-                 grad_clip=o.grad_clip, distributed=o.distributed, warmup_steps=o.warmup_steps,
-                 schedule=o.schedule)
-    policy = MegatronPolicy(model, arch, optim, cfg.train.steps * cfg.train.minibatches_per_step,
-                            kernel_impl=cfg.kernels.impl, source_dir=model_dir, packing=cfg.train.packing)
+    policy = make_policy(cfg, model, arch, model_dir, cfg.train.steps * cfg.train.minibatches_per_step)
     algo = resolve(cfg)
     if dist.get_rank() == 0:
         print("\n".join([layout.describe(), algo.describe(), *algo.notes]), flush=True)

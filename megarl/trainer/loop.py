@@ -38,7 +38,7 @@ def train(c: Components) -> dict[str, float]:
     """Run (or resume) the configured RL training; returns the last step's metrics."""
     cfg = c.cfg
     dp_rank, dp_size, dp_group = c.layout.dp_rank, c.layout.dp_size, c.layout.dp_group
-    step, position = resume(c)
+    step, position = resume(cfg.run.dir, c.policy)
     log = MetricsLogger(cfg.run.dir, total_steps=cfg.train.steps, start_step=step, enabled=dist.get_rank() == 0,
                         progress=cfg.metrics.progress, tensorboard=cfg.metrics.tensorboard, wandb=cfg.metrics.wandb,
                         wandb_project=cfg.metrics.wandb_project, config=to_dict(cfg))
@@ -126,7 +126,7 @@ def train(c: Components) -> dict[str, float]:
                                  f"loss/* in {cfg.run.dir}/metrics.jsonl). Lower optim.lr, check the reward's scale, "
                                  "or the loss hyperparameters.")
             if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == cfg.train.steps:
-                save_checkpoint(c, step, position)
+                save_checkpoint(cfg, c.policy, step, position)
         if cfg.data.val_files and not (cfg.eval.interval and step % cfg.eval.interval == 0) and \
                 step not in {r["step"] for r in read_metrics(Path(cfg.run.dir) / "eval.jsonl")}:  # (a re-run)
             final = evaluate_files(c, list(cfg.data.val_files))

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megarl.backends.protocols import Policy
 from megarl.config import RunConfig, load_config, to_dict
 from megarl.distributed import all_reduce_sum
 from megarl.losses import correction
 from megarl.metrics import Timer
 from megarl.rollout.batch import Rollouts
 from megarl.trainer import checkpointing
-from megarl.trainer.build import Components
 
 # keys that may change between the runs of one run.dir (how long, how often, how parallel, where to log, which
 # kernel computes the same log-probs, what is recomputed instead of stored)
@@ -48,25 +48,26 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume(c: Components) -> tuple[int, int]:
-    """(step, prompt-stream position) of the latest checkpoint of run.dir, with every state restored; (0, 0)."""
+def resume(run_dir: str | Path, policy: Policy) -> tuple[int, int]:
+    """(step, prompt-stream position) of the latest checkpoint of ``run_dir``, with every state restored (the
+    policy's, the RNG's); (0, 0) when there is none."""
     # the newest intact one: prepare_run_dir checked the checksums and set damaged checkpoints aside
-    latest = checkpointing.latest_checkpoint(c.cfg.run.dir)
+    latest = checkpointing.latest_checkpoint(run_dir)
     if latest is None:
         return 0, 0
-    c.policy.load(latest, json.loads((latest / "trainer_state.json").read_text()))
+    policy.load(latest, json.loads((latest / "trainer_state.json").read_text()))
     state = checkpointing.load_trainer_state(latest)  # (and every rank's RNG states)
     if dist.get_rank() == 0:
         print(f"resumed from {latest} (step {state['step']})", flush=True)
     return int(state["step"]), int(state["position"])
 
 
-def save_checkpoint(c: Components, step: int, position: int) -> Path:
+def save_checkpoint(cfg: RunConfig, policy: Policy, step: int, position: int) -> Path:
     """run.dir/checkpoints/step_N: the policy's own files (``Policy.save``: for Megatron also a model checkpoint for
     ``megarl eval``, ``mcore-to-hf`` and ``megarl export``), the step, the prompt stream's position and the RNG."""
     state = {"step": step, "position": position}
-    return checkpointing.save(c.cfg.run.dir, step, state, lambda tmp: state.update(c.policy.save(tmp)),
-                              c.cfg.checkpoint.keep_last)
+    return checkpointing.save(cfg.run.dir, step, state, lambda tmp: state.update(policy.save(tmp)),
+                              cfg.checkpoint.keep_last)
 
 
 def step_metrics(ro: Rollouts, entropy: torch.Tensor | None, updates: list[dict], stats: dict[str, float],
