@@ -4,8 +4,9 @@
 # loss. MODEL=tiny:qwen2 (a random 4-layer model) shows the mechanics in about a minute; the default, the bundled
 # SmolLM2-135M-Instruct, runs at real size (about 90 s per step on 2 cores) but in our runs never wrote the
 # <think>/<answer> format (bench/kk_trpa_grpo.py, 192 tokens: all 48 samples of 3 steps scored -3), so every
-# sample is level 4 and TRPA finds no pairs: to see it learn, point MODEL at a larger local instruct model (e.g.
-# Qwen2.5-0.5B-Instruct).
+# sample is level 4 and TRPA finds no pairs. To give it pairs, warm it up on worked solutions first (`megarl sft`,
+# docs/sft.md; `python bench/kk_trpa_grpo.py --sft-steps 32` leaves one in runs/kk-trpa-grpo/sft/hf, then
+# MODEL=runs/kk-trpa-grpo/sft/hf), or point MODEL at a larger local instruct model (e.g. Qwen2.5-0.5B-Instruct).
 #
 #   bash examples/trpa_knights_and_knaves.sh                 # RUN=runs/trpa-kk STEPS=4
 #   MODEL=tiny:qwen2 STEPS=2 RUN=/tmp/trpa bash examples/trpa_knights_and_knaves.sh
