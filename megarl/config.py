@@ -93,6 +93,9 @@ class RolloutSection:
     # sampled with these weights while this step trains (overlaps with placement=ray); k >= 2: as 1, but the
     # engines keep their weights until a round would be trained more than k steps behind (docs/async.md)
     max_staleness: int = 0
+    # partial rollouts (placement=ray, max_staleness=1): weights pushed mid-round take over (docs/async.md)
+    partial: bool = False
+    partial_tokens: int = 64  # the engines sample in segments of this many tokens, taking new weights between them
 
 
 @frozen
@@ -198,7 +201,8 @@ class KernelsSection:
 MINIMA = {"train.steps": 1, "train.prompts_per_step": 1, "train.minibatches_per_step": 1,
           "train.micro_batch_tokens": 1, "train.logprob_micro_batch_tokens": 0, "parallel.tp": 1, "parallel.pp": 1,
           "moe.aux_loss_coef": 0.0, "moe.z_loss_coef": 0.0, "moe.capacity_factor": 0.001, "rollout.max_tokens": 1,
-          "rollout.group_size": 1, "rollout.engines": 1, "rollout.tp": 1, "rollout.max_staleness": 0, "rollout.temperature": 0.0, "rollout.overlong_buffer": 0,
+          "rollout.group_size": 1, "rollout.engines": 1, "rollout.tp": 1, "rollout.max_staleness": 0,
+          "rollout.temperature": 0.0, "rollout.overlong_buffer": 0, "rollout.partial_tokens": 1,
           "checkpoint.interval": 0, "checkpoint.keep_last": 1, "data.generate_size": 1, "eval.n": 1,
           "eval.interval": 0, "eval.max_tokens": 0, "eval.max_prompts": 0, "optim.lr": 0.0, "optim.min_lr": 0.0,
           "optim.weight_decay": 0.0, "optim.grad_clip": 0.0, "optim.warmup_steps": 0, "algo.vstar_samples": 1,
@@ -255,6 +259,9 @@ class RunConfig:
         if self.rollout.tp > 1 and self.rollout.placement != "ray":
             raise ValueError(f"rollout.tp={self.rollout.tp} sizes the engines of rollout.placement=ray; colocated "
                              f"engines share the trainer's parallel.tp. Set rollout.placement=ray or rollout.tp=1.")
+        if self.rollout.partial and (self.rollout.placement != "ray" or self.rollout.max_staleness != 1):
+            raise ValueError("rollout.partial=true lets weights pushed during a round in flight take over its "
+                             "sequences: it needs rollout.placement=ray and rollout.max_staleness=1.")
         if self.model.hf_dir is None:
             raise ValueError("model.hf_dir is not set: give an HF model directory, 'bundled:smollm2' or "
                              "'tiny:qwen2'.")
@@ -264,9 +271,8 @@ class RunConfig:
 def to_dict(cfg: Any) -> dict:
     """The config as plain YAML-safe data (tuples become lists)."""
     def plain(x):
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+        return {k: plain(v) for k, v in x.items()} if isinstance(x, dict) else \
+            [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
     return plain(dataclasses.asdict(cfg))
 
 

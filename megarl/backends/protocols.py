@@ -47,6 +47,9 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]  # log p of each sampled token under the temperature-scaled distribution, before top-k/p
     finish_reason: Literal["stop", "length"]
+    # partial rollouts: (first token index, weights tag) of each run of tokens sampled with one set of weights, the
+    # tag counting the generator's syncs; None: all tokens with the weights of the call's start
+    segments: list[tuple[int, int]] | None = None
 
 
 @dataclasses.dataclass

@@ -32,6 +32,8 @@ class Rollouts:
     ref_logprobs: torch.Tensor | None = None  # [B, R] float32
     selected: torch.Tensor | None = None  # [B, R] float32, tokens a covariance loss singled out (losses/cov.py)
     versions: torch.Tensor | None = None  # [B] int64: optimizer steps the sampling weights had taken (staleness)
+    # [B] int64, partial rollouts: the first token sampled with newer weights (those being trained); the length if none
+    switch_at: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -98,7 +100,8 @@ class Rollouts:
 
 
 # the optional tensor fields, in declaration order (select and concat carry each of them)
-FIELDS = ("rewards", "acc", "levels", "v_star", "advantages", "old_logprobs", "ref_logprobs", "selected", "versions")
+FIELDS = ("rewards", "acc", "levels", "v_star", "advantages", "old_logprobs", "ref_logprobs", "selected", "versions",
+          "switch_at")
 
 
 def split_groups(groups: list[list[int]], parts: int) -> list[list[list[int]]]:

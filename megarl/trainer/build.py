@@ -183,7 +183,8 @@ def make_generator(cfg: RunConfig, policy: MegatronPolicy, arch: ModelArch, mode
                         dtype=cfg.model.dtype, max_model_len=max_len, kv_cache_mb=cfg.rollout.vllm_kv_cache_mb,
                         gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                         probe_tol=cfg.rollout.vllm_probe_tol, seed=cfg.run.seed, dp_rank=layout.dp_rank,
-                        probe=probe_ids(arch.vocab_size, min(PROBE_LEN, max_len - 1)))
+                        probe=probe_ids(arch.vocab_size, min(PROBE_LEN, max_len - 1)),
+                        partial_tokens=cfg.rollout.partial_tokens if cfg.rollout.partial else 0)
 
     return ColocatedVLLM(policy, arch, model_dir, tp=cfg.parallel.tp, dtype=cfg.model.dtype, max_model_len=max_len,
                          kv_cache_mb=cfg.rollout.vllm_kv_cache_mb,

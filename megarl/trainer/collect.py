@@ -76,6 +76,11 @@ def finish_round(generator, r: Round, now: int) -> tuple[Rollouts, float]:
             ro.sampler_logprobs.append(c.logprobs)
             ro.finish_reasons.append(c.finish_reason)
     ro.versions = torch.full((len(ro),), version, dtype=torch.int64)
+    # partial rollouts: the only push into a round in flight is the one just before it is collected (loop.py), so
+    # tokens with a later tag than a sample's first were sampled with the weights being trained (``now``)
+    if outs and all(c.segments is not None for cs in outs for c in cs):
+        ro.switch_at = torch.tensor([c.segments[1][0] if len(c.segments) > 1 else len(c.token_ids)
+                                     for cs in outs for c in cs], dtype=torch.int64)
     return ro, time.perf_counter() - t0
 
 

@@ -85,7 +85,9 @@ def train(c: Components) -> dict[str, float]:
             step, timer, t0 = step + 1, Timer(), time.perf_counter()
             c.policy.rollout_point(True)  # schedule-free: sample and score pi_old at the averaged point x
             synced: dict[str, float] = {}
-            if pending is None:  # else the engines still sample the round submitted last step
+            # else the engines still sample the round submitted last step; with partial rollouts they take the
+            # new weights in the middle of it (docs/async.md)
+            if pending is None or cfg.rollout.partial:
                 sync(synced)
             with timer("generation"):
                 first = pending or submit(step, position)

@@ -87,10 +87,20 @@ def step_metrics(ro: Rollouts, entropy: torch.Tensor | None, updates: list[dict]
     out.update(global_metrics)
     mask = ro.response_mask() if len(ro) else torch.zeros(0, 1)
     diff, sampler = 0.0, ro.rollout_logprobs() if len(ro) else None
+    # partial rollouts: the tokens sampled with the weights being trained (after each sample's switch)
+    switched = torch.zeros_like(mask) if not len(ro) or ro.switch_at is None else \
+        mask * (torch.arange(mask.shape[1])[None, :] >= ro.switch_at[:, None]).float()
+    diff_new = 0.0
     if len(ro):
-        diff = float(((sampler - ro.old_logprobs).abs() * mask).max())
-    peaks = all_reduce_sum({"d": diff, "s": float(stale.max()) if len(stale) else 0.0}, dp_group, dist.ReduceOp.MAX)
+        gap = (sampler - ro.old_logprobs).abs()
+        diff, diff_new = float((gap * mask).max()), float((gap * switched).max())
+    peaks = all_reduce_sum({"d": diff, "s": float(stale.max()) if len(stale) else 0.0, "dn": diff_new}, dp_group,
+                           dist.ReduceOp.MAX)
     out["rollout/logprob_diff_max"], out["rollout/staleness_max"] = peaks["d"], peaks["s"]
+    if ro.switch_at is not None:
+        parts = all_reduce_sum({"p": float((switched.sum(-1) > 0).sum()), "n": float(len(ro))}, dp_group)
+        out["rollout/partial_fraction"] = parts["p"] / max(parts["n"], 1.0)
+        out["rollout/partial_logprob_diff_max"] = peaks["dn"]
     if correction_hp is not None:
         out.update(mismatch_metrics(ro, sampler, mask, correction_hp, dp_group))
     tokens = float(sum(len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids)))

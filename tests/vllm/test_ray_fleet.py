@@ -19,7 +19,7 @@ import pytest
 
 from megarl.metrics import read_metrics
 from tests.train.test_trainer import TIMING, make_data
-from tests.vllm.conftest import REPO, vllm_env
+from tests.vllm.conftest import REPO, run_worker, vllm_env
 from tests.vllm.test_rollout import ARGS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.cli]
@@ -128,6 +128,44 @@ def test_one_step_off_on_the_fleet_matches_one_step_off_colocated(tmp_path, vllm
     assert max(r["rollout/logprob_diff_max"] for r in colocated) < 1e-3
     assert min(r["rollout/logprob_diff_max"] for r in rows[1:]) > 1e-2
     assert all(r["rollout/queue_wait_seconds"] >= 0 for r in rows)
+
+
+def test_a_partial_rollout_continues_its_sequences_with_the_weights_pushed_mid_call(tmp_path, vllm_model, data_dir):
+    """rollout.partial=true, segments of 2 tokens: weights changed and pushed while a call is in flight take over
+    its unfinished samples between two segments. Each token's sampler log-prob equals the trainer's recomputation
+    with the weights its segment's tag names (old before the switch, new after), where the two differ."""
+    out = run_worker("tests.vllm.worker_partial", str(vllm_model), str(tmp_path / "run"),
+                     str(data_dir / "train.parquet"))
+    assert out["sync"]["sync/probe_diff_max"] < 1e-3
+    samples = out["samples"]
+    assert len(samples) == 6 and [s for s in samples if len(s["segments"]) == 2], samples
+    for s in samples:
+        first_tag = s["segments"][0][1]
+        assert s["segments"][0][0] == 0 and [t for _, t in s["segments"]] in ([first_tag], [first_tag, first_tag + 1])
+        switch = s["segments"][1][0] if len(s["segments"]) == 2 else len(s["sampler"])
+        assert switch % 2 == 0  # between two segments
+        for t, lp in enumerate(s["sampler"]):
+            assert abs(lp - (s["old"] if t < switch else s["new"])[t]) < 1e-3, (t, switch, s)
+        if switch < len(s["sampler"]):
+            assert max(abs(a - b) for a, b in zip(s["old"], s["new"])) > 1e-2  # the check tells them apart
+
+
+@pytest.mark.slow
+def test_one_step_off_with_partial_rollouts_trains(tmp_path, vllm_model, data_dir):
+    """rollout.partial=true on the fleet (segments of 1 token): the run trains at staleness 1 after step 1; where
+    samples spanned the push before their collection, the tokens sampled after it match the trainer's recomputation
+    as a synchronous run's do (their weights are the ones being trained)."""
+    run_dir = tmp_path / "partial"
+    finish(start(run_dir, vllm_model, data_dir, *FLEET, "rollout.max_staleness=1", "rollout.partial=true",
+                 "rollout.partial_tokens=1", "train.steps=4"))
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 1, 1]
+    assert all(0 <= r["rollout/partial_fraction"] <= 1 and r["rollout/partial_logprob_diff_max"] < 1e-3
+               for r in rows)
+    assert rows[0]["rollout/partial_fraction"] == 0  # step 1 is synchronous
+    # 1-token segments sample longer than the tiny update takes: the push lands mid-round (all samples, when run)
+    assert any(r["rollout/partial_fraction"] > 0 for r in rows[1:])
+    assert min(r["rollout/logprob_diff_max"] for r in rows[1:]) > 1e-2  # the tokens before the switch: stale
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ is an error naming what was asked for and what each node has.
 from __future__ import annotations
 
 import os
+import threading
 
 PLACE_TIMEOUT_S = 120.0
 
@@ -28,6 +29,7 @@ class EngineWorker:
         self.args = dict(model_dir=model_dir, dtype=dtype, max_model_len=max_model_len,
                          kv_cache_bytes=kv_cache_mb << 20, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
         self.engine, self.channel = None, None
+        self.tag: int | None = None  # which sync of the fleet its weights came from (partial rollouts)
 
     def rendezvous(self) -> tuple[str, int]:
         """Worker 0: an address on its node for the engine's torch.distributed world."""
@@ -60,7 +62,7 @@ class EngineWorker:
 
         self.channel = WeightChannel(host, port, rank, size, backend=backend)
 
-    def receive(self) -> tuple[int, list[str]]:
+    def receive(self, tag: int | None = None) -> tuple[int, list[str]]:
         names: list[str] = []
 
         def stream():
@@ -68,10 +70,16 @@ class EngineWorker:
                 names.append(name)
                 yield name, tensor
 
-        return self.engine.load_weights(stream()), names
+        loaded = self.engine.load_weights(stream())
+        self.tag = tag
+        return loaded, names
 
     def generate(self, prompts, n, sampling, seeds):
         return self.engine.generate(prompts, n, sampling, seeds)
+
+    def generate_tagged(self, prompts, n, sampling, seeds):
+        """``generate``, with the tag of the weights that sampled it (partial rollouts)."""
+        return self.tag, self.engine.generate(prompts, n, sampling, seeds)
 
     def prompt_logprobs(self, ids: list[int]) -> list[float]:
         return self.engine.prompt_logprobs(ids)
@@ -113,6 +121,9 @@ class Engine:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.tp, self.group = tp, group
+        # one call at a time reaches the workers: every TP rank must see the same calls in the same order, also when
+        # a partial rollout's thread and the trainer's sync both call (partial.py)
+        self.lock = threading.Lock()
         self.workers = [remote_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_bundle_index=i)).remote(*args) for i in range(tp)]
 
@@ -126,7 +137,8 @@ class Engine:
     def call(self, method: str, *args) -> list:
         """Every worker calls ``method`` (vLLM's TP ranks must make the same calls); their futures, worker 0's
         first, whose result is the engine's answer."""
-        return [getattr(w, method).remote(*args) for w in self.workers]
+        with self.lock:
+            return [getattr(w, method).remote(*args) for w in self.workers]
 
     def kill(self, graceful: bool = False) -> None:
         """``graceful``: the workers shut their engines down first (at the run's end; a dead or stuck engine is

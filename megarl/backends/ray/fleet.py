@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from megarl.backends.protocols import Completion, Policy, SamplingParams, Ticket
 from megarl.backends.ray.channel import WeightChannel
 from megarl.backends.ray.engine import Engine, EngineWorker, place
+from megarl.backends.ray.partial import Segmented
 from megarl.backends.vllm.colocated import default_probe_tol
 from megarl.convert.arch import ModelArch
 
@@ -60,8 +62,12 @@ class RayFleet:
 
     def __init__(self, policy: Policy, arch: ModelArch, model_dir: Path, *, engines: int, tp: int, address: str | None,
                  dtype: str, max_model_len: int, kv_cache_mb: int, gpu_memory_utilization: float,
-                 probe_tol: float | None, seed: int, dp_rank: int, probe: list[int]):
+                 probe_tol: float | None, seed: int, dp_rank: int, probe: list[int], partial_tokens: int = 0):
         self.policy, self.arch, self.dp_rank, self.probe = policy, arch, dp_rank, probe
+        # partial rollouts (partial.py): calls sampled in segments of this many tokens (0: whole calls); syncs are
+        # counted (tag) and a push pending holds the segment threads (gate cleared) until it has run
+        self.partial_tokens, self.tag, self.gate = partial_tokens, 0, threading.Event()
+        self.gate.set()
         self.probe_tol = probe_tol if probe_tol is not None else default_probe_tol(dtype)
         self.main = dist.get_rank() == 0
         self.synced_version: int | None = None
@@ -152,11 +158,15 @@ class RayFleet:
     def sync(self) -> dict[str, float]:
         """Send the policy's weights to every engine and verify them (module docstring). Collective; retried with
         fresh engines when one dies during it."""
-        for _ in range(MAX_RESTARTS_PER_CALL + 1):
-            metrics = self._sync_once()
-            if metrics is not None:
-                return metrics
-            self.restarts += 1
+        self.gate.clear()
+        try:
+            for _ in range(MAX_RESTARTS_PER_CALL + 1):
+                metrics = self._sync_once()
+                if metrics is not None:
+                    return metrics
+                self.restarts += 1
+        finally:
+            self.gate.set()
         raise RuntimeError(f"the Ray fleet lost an engine {MAX_RESTARTS_PER_CALL + 1} times in one sync; giving up.")
 
     def _sync_once(self) -> dict[str, float] | None:
@@ -166,7 +176,7 @@ class RayFleet:
         if self.main:
             import ray
 
-            received = [e.call("receive") for e in self.engines]
+            received = [e.call("receive", self.tag + 1) for e in self.engines]
             try:
                 nbytes = self.channel.send(stream)
                 results = [ray.get(futures)[0] for futures in received]
@@ -204,7 +214,7 @@ class RayFleet:
                       f"{len(self.probe)}-token probe = {diff:.3g} > rollout.vllm_probe_tol = {self.probe_tol:g}")
         if status:
             raise RuntimeError(status)
-        self.synced_version = self.policy.version
+        self.synced_version, self.tag = self.policy.version, self.tag + 1
         return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": float(nbytes), "sync/probe_diff_max": diff,
                 "rollout/engine_restarts": float(self.restarts)}
 
@@ -258,8 +268,12 @@ class RayFleet:
                 for i, (p, s) in enumerate(zip(prompts, seeds))]
         k = len(self.engines)
         chunks = [work[j * len(work) // k:(j + 1) * len(work) // k] for j in range(k)]
-        calls = [e.call("generate", [w[2] for w in c], n, sampling, [w[3] for w in c]) if c else None
-                 for e, c in zip(self.engines, chunks)]
+        if self.partial_tokens:
+            calls = [Segmented(e, [w[2] for w in c], [w[3] for w in c], n, sampling, self.partial_tokens, self.gate)
+                     if c else None for e, c in zip(self.engines, chunks)]
+        else:
+            calls = [e.call("generate", [w[2] for w in c], n, sampling, [w[3] for w in c]) if c else None
+                     for e, c in zip(self.engines, chunks)]
         return replicas, chunks, calls
 
     def _receive(self, replicas: dict, chunks: list, calls: list) -> dict | None:
@@ -270,7 +284,7 @@ class RayFleet:
         outs, dead = [], []
         for j, call in enumerate(calls):
             try:
-                outs.append(ray.get(call)[0] if call is not None else [])
+                outs.append([] if call is None else call.get() if isinstance(call, Segmented) else ray.get(call)[0])
             except RayActorError:
                 dead.append(j)
         if dead:
