@@ -89,11 +89,10 @@ class RolloutSection:
     engines: int = 1  # placement=ray: engine replicas
     tp: int = 1  # placement=ray: tensor parallel size of each engine (its workers share one node)
     ray_address: str | None = None
-    # 0: each step samples with the weights it trains (synchronous); 1: one-step-off, the next step's prompts are
-    # sampled with these weights while this step trains (overlaps with placement=ray); k >= 2: as 1, but the
-    # engines keep their weights until a round would be trained more than k steps behind (docs/async.md)
+    # 0: synchronous; 1: one-step-off, the next step's prompts sampled with these weights while this step trains
+    # (overlaps on placement=ray); k >= 2: engines keep weights while within k steps (docs/async.md)
     max_staleness: int = 0
-    # partial rollouts (placement=ray, max_staleness=1): weights pushed mid-round take over (docs/async.md)
+    # partial rollouts (placement=ray, max_staleness=k >= 1; k rounds in flight): new weights take over mid-round
     partial: bool = False
     partial_tokens: int = 64  # the engines sample in segments of this many tokens, taking new weights between them
 
@@ -259,9 +258,10 @@ class RunConfig:
         if self.rollout.tp > 1 and self.rollout.placement != "ray":
             raise ValueError(f"rollout.tp={self.rollout.tp} sizes the engines of rollout.placement=ray; colocated "
                              f"engines share the trainer's parallel.tp. Set rollout.placement=ray or rollout.tp=1.")
-        if self.rollout.partial and (self.rollout.placement != "ray" or self.rollout.max_staleness != 1):
-            raise ValueError("rollout.partial=true lets weights pushed during a round in flight take over its "
-                             "sequences: it needs rollout.placement=ray and rollout.max_staleness=1.")
+        if self.rollout.partial and (self.rollout.placement != "ray" or not self.rollout.max_staleness or
+                                     (self.rollout.max_staleness > 1 and self.rollout.dynamic_sampling)):
+            raise ValueError("rollout.partial=true (rounds in flight take new weights) needs rollout.placement=ray "
+                             "and rollout.max_staleness >= 1 (k >= 2: a queue of k rounds, without dynamic_sampling).")
         if self.model.hf_dir is None:
             raise ValueError("model.hf_dir is not set: give an HF model directory, 'bundled:smollm2' or "
                              "'tiny:qwen2'.")

@@ -48,7 +48,8 @@ class Completion:
     logprobs: list[float]  # log p of each sampled token under the temperature-scaled distribution, before top-k/p
     finish_reason: Literal["stop", "length"]
     # partial rollouts: (first token index, weights tag) of each run of tokens sampled with one set of weights, the
-    # tag counting the generator's syncs; None: all tokens with the weights of the call's start
+    # tag counting the generator's syncs (a segmenting generator's ``tag`` is the count of the weights it holds);
+    # None: all tokens with the weights of the call's start
     segments: list[tuple[int, int]] | None = None
 
 

@@ -76,12 +76,19 @@ def finish_round(generator, r: Round, now: int) -> tuple[Rollouts, float]:
             ro.sampler_logprobs.append(c.logprobs)
             ro.finish_reasons.append(c.finish_reason)
     ro.versions = torch.full((len(ro),), version, dtype=torch.int64)
-    # partial rollouts: the only push into a round in flight is the one just before it is collected (loop.py), so
-    # tokens with a later tag than a sample's first were sampled with the weights being trained (``now``)
+    # partial rollouts: the loop pushes the weights being trained just before collecting, so the tokens whose tag is
+    # the generator's current one (``tag``: its sync count) were sampled with them, if the sample started earlier
     if outs and all(c.segments is not None for cs in outs for c in cs):
-        ro.switch_at = torch.tensor([c.segments[1][0] if len(c.segments) > 1 else len(c.token_ids)
-                                     for cs in outs for c in cs], dtype=torch.int64)
+        ro.switch_at = torch.tensor([switch_point(c, getattr(generator, "tag", None)) for cs in outs for c in cs],
+                                    dtype=torch.int64)
     return ro, time.perf_counter() - t0
+
+
+def switch_point(c, tag: int | None) -> int:
+    """The first token of ``c`` sampled with the weights of sync ``tag`` when its earlier tokens were sampled with
+    older ones; its length when none were (one set of weights throughout, or it ended before that sync)."""
+    last_start, last_tag = c.segments[-1]
+    return last_start if len(c.segments) > 1 and last_tag == tag else len(c.token_ids)
 
 
 def score(ro: Rollouts, prompts: list[Prompt], n: int, tokenizer, executor: RewardExecutor, *, max_tokens: int,

@@ -5,7 +5,8 @@
                                                                                  checked; or native Megatron)
                      (rollout.max_staleness=k >= 1: the round submitted last step and sampled during its update;
                       the next step's round is submitted before this step's update, with the weights of now, or
-                      for k >= 2 with the engines' older ones while that keeps it within k steps; docs/async.md)
+                      for k >= 2 with the engines' older ones while that keeps it within k steps; with partial
+                      rollouts k rounds in flight, taking new weights mid-sequence; docs/async.md)
         rewards    = rule rewards (+ DAPO overlong shaping; dynamic sampling drops uninformative groups)
         old, ref   = log-probs of the samples under pi_old and the reference     (ref := old for RPG)
         advantages = the configured estimator over the whole step               (TRPA levels, A*-PO V* ride along)
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -75,7 +77,9 @@ def train(c: Components) -> dict[str, float]:
                             refresh=not keep)
 
     metrics: dict[str, float] = {}
-    pending: Round | None = None  # the next step's first round, in flight (rollout.max_staleness = 1)
+    # the next steps' first rounds, in flight: one (max_staleness >= 1), or k with partial rollouts (docs/async.md)
+    queue: deque[Round] = deque()
+    depth = async_k if cfg.rollout.partial else min(async_k, 1)
     nonfinite = 0  # consecutive steps whose every update was skipped for a NaN/inf loss or gradient
     with log:
         if step == 0 and cfg.eval.before_train and cfg.data.val_files:
@@ -85,18 +89,20 @@ def train(c: Components) -> dict[str, float]:
             step, timer, t0 = step + 1, Timer(), time.perf_counter()
             c.policy.rollout_point(True)  # schedule-free: sample and score pi_old at the averaged point x
             synced: dict[str, float] = {}
-            # else the engines still sample the round submitted last step; with partial rollouts they take the
-            # new weights in the middle of it (docs/async.md)
-            if pending is None or cfg.rollout.partial:
+            # else the engines still sample rounds submitted earlier; with partial rollouts they take the new
+            # weights in the middle of them (docs/async.md)
+            if not queue or cfg.rollout.partial:
                 sync(synced)
             with timer("generation"):
-                first = pending or submit(step, position)
+                first = queue.popleft() if queue else submit(step, position)
                 ro, position, stats = collect(first, lambda at: submit(step, at, synced), now=step - 1,
                                               **collect_args)
                 # one-step-off: the next step's first round samples with these weights while this step trains;
-                # k >= 2: with the engines' own while it will be trained at most k steps after them
-                keep = async_k >= 2 and held is not None and step - held <= async_k
-                pending = submit(step + 1, position, synced, keep) if async_k and step < cfg.train.steps else None
+                # k >= 2: with the engines' own while it will be trained at most k steps after them; partial: the
+                # queue holds k rounds, for the next k steps
+                keep = async_k >= 2 and not cfg.rollout.partial and held is not None and step - held <= async_k
+                while len(queue) < depth and step + len(queue) < cfg.train.steps:  # refill, in stream order
+                    queue.append(submit(step + 1 + len(queue), queue[-1].end if queue else position, synced, keep))
             c.generator.sleep()  # colocated vLLM on CUDA: give its memory to the update
             if cfg.train.balance_tokens:  # replicas get equal token counts, not equal prompt counts
                 ro = balance_over_dp(ro, dp_group, dp_size)

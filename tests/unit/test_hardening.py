@@ -78,7 +78,7 @@ BAD_CONFIGS = [  # (override, what the one-line error names) -- each silently ac
     ("rollout.tp=0", "rollout.tp=0 must be >= 1"),
     ("rollout.tp=2", "rollout.tp=2 sizes the engines of rollout.placement=ray"),
     ("rollout.max_staleness=-1", "rollout.max_staleness=-1 must be >= 0"),
-    ("rollout.partial=true", "it needs rollout.placement=ray and rollout.max_staleness=1"),
+    ("rollout.partial=true", "needs rollout.placement=ray and rollout.max_staleness >= 1"),
     ("rollout.partial_tokens=0", "rollout.partial_tokens=0 must be >= 1"),
 ]
 

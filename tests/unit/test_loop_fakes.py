@@ -175,23 +175,31 @@ def test_one_step_off_trains_on_samples_exactly_one_version_old(megatron_world, 
     assert len(gen) == 8  # no round was sampled past the last step
 
 
+PARTIAL = ("rollout.placement=ray", "rollout.partial=true")  # (the fake generator stands in for the fleet)
+
+
 # k = 1: killed in step 4's update with step 5's round in flight, resumed from step 2's checkpoint (interval 2);
-# k = 2: killed in step 5's update, resumed from step 4's; the resumed step samples with its own weights
-@pytest.mark.parametrize("k,steps,die_at,kept,after_resume", [(1, 5, 4, 2, [0, 1, 1]), (2, 6, 5, 4, [0, 1])])
-def test_a_killed_asynchronous_run_resumes_without_losing_or_repeating_prompts(megatron_world, tmp_path, k, steps,
-                                                                               die_at, kept, after_resume):
+# k = 2: killed in step 5's update, resumed from step 4's; the resumed step samples with its own weights;
+# k = 3 with partial rollouts: killed in step 6's update with the rounds of steps 7 and 8 in flight, resumed from 4's
+@pytest.mark.parametrize("k,extra,steps,die_at,in_flight,kept,after_resume",
+                         [(1, (), 5, 4, 1, 2, [0, 1, 1]), (2, (), 6, 5, 1, 4, [0, 1]),
+                          (3, PARTIAL, 8, 6, 2, 4, [0, 1, 2, 3])])
+def test_a_killed_asynchronous_run_resumes_without_losing_or_repeating_prompts(megatron_world, tmp_path, k, extra,
+                                                                               steps, die_at, in_flight, kept,
+                                                                               after_resume):
     from megarl.trainer.loop import prepare_run_dir, train
 
-    straight = components(tmp_path / "whole", Log(), steps, f"rollout.max_staleness={k}")
+    straight = components(tmp_path / "whole", Log(), steps, f"rollout.max_staleness={k}", *extra)
     prepare_run_dir(straight.cfg)
     train(straight)
     run = tmp_path / "run"
-    killed = components(run, Log(), steps, f"rollout.max_staleness={k}", die_at=die_at)
+    killed = components(run, Log(), steps, f"rollout.max_staleness={k}", *extra, die_at=die_at)
     prepare_run_dir(killed.cfg)
     with pytest.raises(KeyboardInterrupt):
         train(killed)
-    assert sorted(killed.generator.sampled_with) == list(range(2 * die_at + 2))  # the next round was in flight
-    resumed = components(run, Log(), steps, f"rollout.max_staleness={k}")
+    # the next rounds were in flight
+    assert sorted(killed.generator.sampled_with) == list(range(2 * (die_at + in_flight)))
+    resumed = components(run, Log(), steps, f"rollout.max_staleness={k}", *extra)
     prepare_run_dir(resumed.cfg)
     train(resumed)
     done = [p for _, p in killed.policy.trained[:kept] + resumed.policy.trained]
@@ -245,3 +253,24 @@ def test_bounded_staleness_pushes_weights_only_when_a_round_would_fall_more_than
     prepare_run_dir(c1.cfg)
     train(c1)
     assert one_step_off.count("sync") == 6 and log.count("sync") == syncs
+
+
+def test_partial_rollouts_keep_a_queue_of_k_rounds_in_flight(megatron_world, tmp_path):
+    """rollout.partial=true with max_staleness=3: the rounds of the next 3 steps are in flight (submitted in stream
+    order, each with the weights of its submission), a weight push every step; staleness climbs to 3 and stays."""
+    from megarl.trainer.loop import prepare_run_dir, train
+
+    log = Log()
+    c = components(tmp_path / "run", log, 7, "rollout.max_staleness=3", *PARTIAL)
+    prepare_run_dir(c.cfg)
+    train(c)
+    gen = c.generator.sampled_with
+    staleness = [0, 1, 2, 3, 3, 3, 3]
+    for step, (version, prompts) in enumerate(c.policy.trained, start=1):
+        assert prompts == [2 * step - 2, 2 * step - 1]  # the stream in order: nothing skipped or repeated
+        assert {version - gen[u] for u in prompts} == {staleness[step - 1]}
+    assert [r["rollout/staleness_max"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == staleness
+    assert len(gen) == 14  # no round past the last step
+    assert log[:6] == ["rollout_point True", "sync", "generate", "generate", "generate", "generate"]
+    assert log.count("sync") == 7  # a push every step, into the rounds in flight
+

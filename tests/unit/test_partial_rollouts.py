@@ -97,17 +97,22 @@ def test_a_push_waits_at_the_gate_between_segments():
 
 def test_finish_round_marks_where_the_weights_being_trained_took_over():
     class Gen:
+        tag = 2  # the sync count of the weights it holds now
+
         def collect(self, ticket):
             return ticket.work
 
     from megarl.backends.protocols import Ticket
     from megarl.data.source import Prompt
 
+    # a queue of rounds: a sample may span several pushes; only the tokens of the current weights (tag 2) count
     outs = [[Completion([1, 2, 3, 4], [0.0] * 4, "length", [(0, 1), (2, 2)]),
-             Completion([5, 6], [0.0] * 2, "stop", [(0, 1)])]]
-    r = Round([Prompt(0, [9], "x", None, {})], Ticket(outs), 1, version=3, n=2)
+             Completion([5, 6], [0.0] * 2, "stop", [(0, 1)]),
+             Completion([1, 2, 3, 4, 5], [0.0] * 5, "length", [(0, 0), (1, 1), (3, 2)]),
+             Completion([1, 2, 3], [0.0] * 3, "stop", [(0, 0), (1, 1)])]]  # ended before the last push
+    r = Round([Prompt(0, [9], "x", None, {})], Ticket(outs), 1, version=3, n=4)
     ro, _ = finish_round(Gen(), r, now=4)
-    assert ro.switch_at.tolist() == [2, 2] and ro.versions.tolist() == [3, 3]
+    assert ro.switch_at.tolist() == [2, 2, 3, 3] and ro.versions.tolist() == [3] * 4
     outs[0][1].segments = None  # an unsegmented call: no switch points at all
     assert finish_round(Gen(), r, now=4)[0].switch_at is None
 

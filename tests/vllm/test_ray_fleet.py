@@ -151,15 +151,16 @@ def test_a_partial_rollout_continues_its_sequences_with_the_weights_pushed_mid_c
 
 
 @pytest.mark.slow
-def test_one_step_off_with_partial_rollouts_trains(tmp_path, vllm_model, data_dir):
-    """rollout.partial=true on the fleet (segments of 1 token): the run trains at staleness 1 after step 1; where
-    samples spanned the push before their collection, the tokens sampled after it match the trainer's recomputation
-    as a synchronous run's do (their weights are the ones being trained)."""
+@pytest.mark.parametrize("k,staleness", [(1, [0, 1, 1, 1]), (2, [0, 1, 2, 2])])
+def test_asynchronous_training_with_partial_rollouts(tmp_path, vllm_model, data_dir, k, staleness):
+    """rollout.partial=true on the fleet (segments of 1 token), k = 1 and k = 2 (a queue of two rounds in flight):
+    the run trains at the staleness the queue gives; where samples spanned a push, the tokens sampled after it
+    match the trainer's recomputation as a synchronous run's do (their weights are the ones being trained)."""
     run_dir = tmp_path / "partial"
-    finish(start(run_dir, vllm_model, data_dir, *FLEET, "rollout.max_staleness=1", "rollout.partial=true",
+    finish(start(run_dir, vllm_model, data_dir, *FLEET, f"rollout.max_staleness={k}", "rollout.partial=true",
                  "rollout.partial_tokens=1", "train.steps=4"))
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["rollout/staleness_max"] for r in rows] == [0, 1, 1, 1]
+    assert [r["rollout/staleness_max"] for r in rows] == staleness
     assert all(0 <= r["rollout/partial_fraction"] <= 1 and r["rollout/partial_logprob_diff_max"] < 1e-3
                for r in rows)
     assert rows[0]["rollout/partial_fraction"] == 0  # step 1 is synchronous
