@@ -142,32 +142,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(sub, name: str, func, help: str, description: str, config_help: str, example: str):
+    """A subcommand configured like a run: ``--config PRESET`` and ``key=value`` overrides."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("--config", default=None, help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"e.g. {example}")
+    p.set_defaults(func=func)
+    return p
+
+
 def add_train_parsers(sub) -> None:
-    train = sub.add_parser("train", help="RL training from a YAML preset and key=value overrides",
-                           description="Train (or resume: the same command with a larger train.steps continues from "
-                                       "the latest checkpoint in run.dir). Under torchrun, parallel.tp x parallel.pp "
-                                       "must divide the number of ranks; the rest is data parallel.")
-    train.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); defaults when omitted")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=8 parallel.tp=2")
-    train.set_defaults(func=cmd_train)
-    sft = sub.add_parser("sft", help="supervised fine-tuning on targets in the data (a warm-up before RL)",
-                         description="Fine-tune model.hf_dir on the extra_info.response of every row of "
-                                     "data.train_files (after its rendered prompt) for train.steps optimizer steps of "
-                                     "train.prompts_per_step rows; run.dir/hf is the result (docs/sft.md). The same "
-                                     "config keys, layouts and resume as megarl train; RL keys are unused.")
-    sft.add_argument("--config", default=None, help="YAML preset; defaults when omitted")
-    sft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.train_files=kk/train.parquet")
-    sft.set_defaults(func=cmd_sft)
-    vs = sub.add_parser("vstar", help="A*-PO stage 1: V* of every training prompt from N reference samples",
-                        description="Sample algo.vstar_samples responses of every prompt of data.train_files from "
-                                    "model.hf_dir, score them and write copies of the files with extra_info.v_star "
-                                    "= beta1*log(mean(exp(r/beta1))) (beta1 = algo.vstar_beta1). Killed runs resume. "
-                                    "megarl train with algo.loss=astar_po runs this itself when the data has no V*.")
-    vs.add_argument("--config", default=None, help="YAML preset (the one you will train with)")
+    _config_command(sub, "train", cmd_train, "RL training from a YAML preset and key=value overrides",
+                    "Train (or resume: the same command with a larger train.steps continues from the latest "
+                    "checkpoint in run.dir). Under torchrun, parallel.tp x parallel.pp must divide the number of "
+                    "ranks; the rest is data parallel.",
+                    "YAML preset (configs/*.yaml); defaults when omitted", "train.steps=8 parallel.tp=2")
+    _config_command(sub, "sft", cmd_sft, "supervised fine-tuning on targets in the data (a warm-up before RL)",
+                    "Fine-tune model.hf_dir on the extra_info.response of every row of data.train_files (after its "
+                    "rendered prompt) for train.steps optimizer steps of train.prompts_per_step rows; run.dir/hf is "
+                    "the result (docs/sft.md). The same config keys, layouts and resume as megarl train; RL keys are "
+                    "unused.", "YAML preset; defaults when omitted", "data.train_files=kk/train.parquet")
+    vs = _config_command(sub, "vstar", cmd_vstar,
+                         "A*-PO stage 1: V* of every training prompt from N reference samples",
+                         "Sample algo.vstar_samples responses of every prompt of data.train_files from model.hf_dir, "
+                         "score them and write copies of the files with extra_info.v_star = "
+                         "beta1*log(mean(exp(r/beta1))) (beta1 = algo.vstar_beta1). Killed runs resume. megarl train "
+                         "with algo.loss=astar_po runs this itself when the data has no V*.",
+                         "YAML preset (the one you will train with)", "algo.vstar_samples=8")
     vs.add_argument("--out-dir", default=None, help="where to write (default: run.dir/vstar)")
-    vs.add_argument("--chunk", type=at_least(1), default=32, help="prompts per saved chunk (a killed run redoes at most one)")
-    vs.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    vs.set_defaults(func=cmd_vstar)
+    vs.add_argument("--chunk", type=at_least(1), default=32,
+                    help="prompts per saved chunk (a killed run redoes at most one)")
 
     ex = sub.add_parser("export", help="a training checkpoint as a Hugging Face model, on demand",
                         description="Convert the latest (or --step) checkpoint of RUN_DIR to a Hugging Face directory "
