@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--eval-interval", type=int, default=4)
     ap.add_argument("--lr", default="3e-5", help="the CPU demo's step size for the same model")
     ap.add_argument("--sft-steps", type=int, default=0, help="supervised format warm-up first (0: none)")
+    ap.add_argument("--file", default=None, help="results file name (default kk_trpa_grpo), e.g. for another seed")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     out = Path(args.out)
@@ -104,8 +105,8 @@ def main() -> None:
         if sft:
             rows[-1]["sft"] = sft
         print(rows[-1], flush=True)
-        write_result("kk_trpa_grpo", rows, sys.argv[1:], complete=False)
-    print(f"wrote {write_result('kk_trpa_grpo', rows, sys.argv[1:])}")
+        write_result("kk_trpa_grpo", rows, sys.argv[1:], complete=False, file=args.file)
+    print(f"wrote {write_result('kk_trpa_grpo', rows, sys.argv[1:], file=args.file)}")
 
 
 if __name__ == "__main__":
