@@ -88,26 +88,29 @@ def step_metrics(ro: Rollouts, entropy: torch.Tensor | None, updates: list[dict]
     mask = ro.response_mask() if len(ro) else torch.zeros(0, 1)
     diff, sampler = 0.0, ro.rollout_logprobs() if len(ro) else None
     # partial rollouts: the tokens sampled with the weights being trained (after each sample's switch)
-    switched = torch.zeros_like(mask) if not len(ro) or ro.switch_at is None else \
+    switched = None if not len(ro) or ro.switch_at is None else \
         mask * (torch.arange(mask.shape[1])[None, :] >= ro.switch_at[:, None]).float()
     diff_new = 0.0
     if len(ro):
         gap = (sampler - ro.old_logprobs).abs()
-        diff, diff_new = float((gap * mask).max()), float((gap * switched).max())
+        diff = float((gap * mask).max())
+        diff_new = 0.0 if switched is None else float((gap * switched).max())
     peaks = all_reduce_sum({"d": diff, "s": float(stale.max()) if len(stale) else 0.0, "dn": diff_new}, dp_group,
                            dist.ReduceOp.MAX)
     out["rollout/logprob_diff_max"], out["rollout/staleness_max"] = peaks["d"], peaks["s"]
-    if ro.switch_at is not None:
-        parts = all_reduce_sum({"p": float((switched.sum(-1) > 0).sum()), "n": float(len(ro))}, dp_group)
-        out["rollout/partial_fraction"] = parts["p"] / max(parts["n"], 1.0)
-        out["rollout/partial_logprob_diff_max"] = peaks["dn"]
     if correction_hp is not None:
         out.update(mismatch_metrics(ro, sampler, mask, correction_hp, dp_group))
     tokens = float(sum(len(p) + len(r) for p, r in zip(ro.prompt_ids, ro.response_ids)))
     sums = all_reduce_sum({"ent": float((entropy * mask).sum()) if len(ro) and entropy is not None else 0.0,
                            "n": float(mask.sum()), "tokens": tokens, "groups": float(len(ro.groups())),
-                           "stale": float(stale.sum()), "rows": float(len(stale))}, dp_group)
+                           "stale": float(stale.sum()), "rows": float(len(stale)),
+                           # partial rollouts (in the same reduction: a rank with no rows has no switch points)
+                           "switched": 0.0 if switched is None else float((switched.sum(-1) > 0).sum()),
+                           "segmented": 0.0 if switched is None else float(len(ro))}, dp_group)
     out["rollout/staleness_mean"] = sums["stale"] / max(sums["rows"], 1.0)
+    if sums["segmented"]:
+        out["rollout/partial_fraction"] = sums["switched"] / sums["segmented"]
+        out["rollout/partial_logprob_diff_max"] = peaks["dn"]
     if entropy is not None:
         out["actor/entropy"] = sums["ent"] / max(sums["n"], 1.0)
     out["rollout/groups"] = sums["groups"]

@@ -12,36 +12,24 @@ import torch
 
 
 def main(model_dir: str, run_dir: str, data: str) -> None:
-    from megarl.backends.megatron.parallel import ParallelDims, model_parallel
-    from megarl.config import load_config
-    from megarl.distributed import distributed
     from megarl.rollout.batch import Rollouts
-    from megarl.trainer.build import build
-    from megarl.trainer.loop import prepare_run_dir
+    from tests.vllm.components import built
 
-    cfg = load_config(None, [f"model.hf_dir={model_dir}", f"run.dir={run_dir}", f"data.train_files={data}",
-                             "rollout.placement=ray", "rollout.max_staleness=1", "rollout.partial=true",
-                             "rollout.partial_tokens=2", "rollout.vllm_kv_cache_mb=64", "reward.num_workers=0",
-                             "rollout.max_tokens=12", "data.max_prompt_tokens=400"])
     out = {}
-    with distributed(), model_parallel(ParallelDims(1, 1)) as layout:
-        prepare_run_dir(cfg)
-        c = build(cfg, layout)
-        try:
-            c.generator.sync()
-            prompts = [p.ids for p in c.source.take(0, 3)]
-            params = list(c.policy.module.parameters())
-            old = [p.detach().clone() for p in params]
-            ticket = c.generator.submit(prompts, 2, dataclasses.replace(c.sampling, max_tokens=12))
-            with torch.no_grad():  # new weights, pushed while the call is in flight
-                for p in params:
-                    p.mul_(1.05)
-            c.policy.version += 1
-            out["sync"] = c.generator.sync()
-            outs = c.generator.collect(ticket)
-        finally:
-            c.generator.close()
-        done = [c for cs in outs for c in cs]
+    with built(model_dir, run_dir, data, "rollout.placement=ray", "rollout.max_staleness=1", "rollout.partial=true",
+               "rollout.partial_tokens=2", "rollout.max_tokens=12") as c:
+        c.generator.sync()
+        prompts = [p.ids for p in c.source.take(0, 3)]
+        params = list(c.policy.module.parameters())
+        old = [p.detach().clone() for p in params]
+        ticket = c.generator.submit(prompts, 2, dataclasses.replace(c.sampling, max_tokens=12))
+        with torch.no_grad():  # new weights, pushed while the call is in flight
+            for p in params:
+                p.mul_(1.05)
+        c.policy.version += 1
+        out["sync"] = c.generator.sync()
+        outs = c.generator.collect(ticket)
+        done = [d for ds in outs for d in ds]
         ro = Rollouts([p for p, cs in zip(prompts, outs) for _ in cs], [d.token_ids for d in done],
                       [d.logprobs for d in done], [d.finish_reason for d in done],
                       torch.arange(len(done), dtype=torch.int64))

@@ -10,19 +10,10 @@ import torch
 
 
 def main(model_dir: str, run_dir: str, data: str) -> None:
-    from megarl.backends.megatron.parallel import ParallelDims, model_parallel
-    from megarl.config import load_config
-    from megarl.distributed import distributed
-    from megarl.trainer.build import build
-    from megarl.trainer.loop import prepare_run_dir
+    from tests.vllm.components import built
 
-    cfg = load_config(None, [f"model.hf_dir={model_dir}", f"run.dir={run_dir}", f"data.train_files={data}",
-                             "rollout.backend=vllm", "rollout.vllm_kv_cache_mb=64", "reward.num_workers=0",
-                             "rollout.max_tokens=8", "data.max_prompt_tokens=400"])
     out = {}
-    with distributed(), model_parallel(ParallelDims(1, 1)) as layout:
-        prepare_run_dir(cfg)
-        c = build(cfg, layout)
+    with built(model_dir, run_dir, data, "rollout.backend=vllm", "rollout.max_tokens=8") as c:
         out["first"] = c.generator.sync()
         with torch.no_grad():  # an update the engine never receives
             for p in c.policy.module.parameters():
@@ -36,7 +27,6 @@ def main(model_dir: str, run_dir: str, data: str) -> None:
         c.policy.version += 1
         out["stale_after_bump"] = c.generator.stale
         out["second"] = c.generator.sync()
-        c.generator.close()
     print("RESULT " + json.dumps(out), flush=True)
 
 
