@@ -135,6 +135,7 @@ class MicroBatch:
     cu_seqlens: torch.Tensor | None = None  # packed: [n + 1] int32 segment boundaries (megatron's THD format)
     max_seqlen: int = 0  # packed: the longest segment
     tokens: int = 0  # tokens of samples; the rest of input_ids is padding
+    padding: torch.Tensor | None = None  # [b, S] bool: True where input_ids holds no sample's token
 
 
 def make_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int, pad_id: int = 0,
@@ -158,15 +159,17 @@ def make_micro_batches(ro: Rollouts, groups: list[list[int]], token_budget: int,
         pos = torch.zeros(len(chunk), width, dtype=torch.int64)
         tok = torch.full((len(chunk), width), pad_id, dtype=torch.int64)
         mask = torch.zeros(len(chunk), width)
+        padding = torch.ones(len(chunk), seq_len, dtype=torch.bool)
         for r, i in enumerate(chunk):
             p, y = ro.prompt_ids[i], ro.response_ids[i]
             ids[r, :len(p) + len(y)] = torch.tensor(p + y)
+            padding[r, :len(p) + len(y)] = False
             pos[r, :len(y)] = torch.arange(len(p) - 1, len(p) - 1 + len(y))
             pos[r, len(y):] = len(p) - 1  # padding reads a valid position; the mask zeroes it
             pos[r] += r * seq_len  # into input_ids.view(-1)
             tok[r, :len(y)] = torch.tensor(y)
             mask[r, :len(y)] = 1.0
-        out.append(MicroBatch(chunk, ids, pos, tok, mask,
+        out.append(MicroBatch(chunk, ids, pos, tok, mask, padding=padding,
                               tokens=sum(len(ro.prompt_ids[i]) + len(ro.response_ids[i]) for i in chunk)))
     return out
 

@@ -91,11 +91,13 @@ def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budge
         pos = torch.zeros(len(rows), width, dtype=torch.int64)
         tok = torch.full((len(rows), width), pad_id, dtype=torch.int64)
         mask = torch.zeros(len(rows), width)
+        padding = torch.ones(1, seq, dtype=torch.bool)
         cu, at = [0], 0
         for r, i in enumerate(rows):
             p, y = ro.prompt_ids[i], ro.response_ids[i]
             n = length[i]
             ids[0, at:at + real[i]] = torch.tensor(p + y)
+            padding[0, at:at + real[i]] = False
             position_ids[0, at:at + n] = torch.arange(n)
             pos[r, :] = at + len(p) - 1  # padding columns read a valid position; the mask zeroes them
             pos[r, :len(y)] += torch.arange(len(y))
@@ -111,7 +113,8 @@ def make_packed_micro_batches(ro: Rollouts, groups: list[list[int]], token_budge
             cu.append(at)
         bounds = torch.tensor(cu, dtype=torch.int32)
         out.append(MicroBatch(rows, ids, pos, tok, mask, position_ids=position_ids, cu_seqlens=bounds,
-                              max_seqlen=int((bounds[1:] - bounds[:-1]).max()), tokens=sum(real[i] for i in rows)))
+                              max_seqlen=int((bounds[1:] - bounds[:-1]).max()), tokens=sum(real[i] for i in rows),
+                              padding=padding))
     return out
 
 

@@ -71,21 +71,29 @@ def test_ep2_checkpoint_resumes_in_one_process(tmp_path, data_dir):
 
 @pytest.fixture(scope="module")
 def one_rank_grads(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grads") / "one.pt"
-    torchrun("tests/parallel/worker_moe_grads.py", 1, "--out", str(out))
-    return torch.load(out)
+    out = {}
+    for pad in (False, True):
+        out[pad] = tmp_path_factory.mktemp("grads") / "one.pt"
+        torchrun("tests/parallel/worker_moe_grads.py", 1, "--out", str(out[pad]), *(["--pad"] if pad else []))
+    return {pad: torch.load(f) for pad, f in out.items()}
 
 
+@pytest.mark.parametrize("pad", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("tp,cp,sp", [(1, 2, False), (2, 1, True)], ids=["cp2", "tp2-sp"])
-def test_router_losses_weigh_the_same_when_ranks_hold_parts_of_each_sequence(tmp_path, one_rank_grads, tp, cp, sp):
+def test_router_losses_weigh_the_same_when_ranks_hold_parts_of_each_sequence(tmp_path, one_rank_grads, tp, cp, sp,
+                                                                             pad):
     """With the load-balancing loss and the z-loss on, a micro-batch whose sequences are split over two
     context-parallel ranks, or over two TP ranks by sequence parallelism, gives the one-rank gradient of every
     parameter (megatron-core weighs each rank's part of a router loss by its part of the tokens;
-    moe.router_losses_scaled multiplies by the number of parts; without it the router gradients differ by ~0.5)."""
+    moe.router_losses_scaled multiplies by the number of parts; without it the router gradients differ by ~0.5).
+    Padded: one row is 7/16 padding (left out by the padding mask), so the two ranks' parts hold 16 and 9 real
+    tokens (SP) or 12 and 13 (CP), and each part of the load-balancing loss still counts as an equal share
+    (moe._count_evenly; with megatron-core's own count of each part's real tokens the embedding gradient differed
+    by up to 0.07 at both layouts)."""
     out = tmp_path / "grads.pt"
     torchrun("tests/parallel/worker_moe_grads.py", tp * cp, "--tp", str(tp), "--cp", str(cp),
-             *(["--sp"] if sp else []), "--out", str(out))
-    grads = torch.load(out)
+             *(["--sp"] if sp else []), *(["--pad"] if pad else []), "--out", str(out))
+    grads, one_rank_grads = torch.load(out), one_rank_grads[pad]
     assert set(grads) == set(one_rank_grads)
     for name, want in one_rank_grads.items():
         torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
@@ -108,6 +116,18 @@ def test_tp2_with_sequence_parallelism_logs_the_one_rank_metrics(tmp_path, data_
     tp2 = launch(tmp_path / "tp2", data_dir, "parallel.tp=2", "parallel.sp=true", z, "rollout.backend=native")
     assert {"moe/load_imbalance", "moe/load_balancing_loss", "moe/z_loss"} <= set(tp2[0])
     same_metrics(one, tp2, tol=1e-5, skip=("sync/seconds",))
+
+
+def test_cp2_logs_the_one_rank_metrics(tmp_path, data_dir):
+    """Each sequence split over two context-parallel ranks (packed micro-batches, whose segments and tail padding
+    fall unevenly on the ranks): the one-process run's losses, gradient norms and router metrics to 1e-5, with the
+    load-balancing loss and the z-loss on. The padding mask keeps padding out of the router losses and metrics
+    (without it the load-balancing loss differed by 0.1% at step 1: CP pads each segment to a multiple of 2 cp)."""
+    z = "moe.z_loss_coef=0.001"
+    one = metrics_of(tmp_path / "one", data_dir, *MOE, z, "rollout.backend=native")
+    cp2 = launch(tmp_path / "cp2", data_dir, "parallel.cp=2", z, "rollout.backend=native")
+    assert {"moe/load_imbalance", "moe/load_balancing_loss", "moe/z_loss"} <= set(cp2[0])
+    same_metrics(one, cp2, tol=1e-5, skip=("sync/seconds", "batch/"))
 
 
 @pytest.mark.slow  # CI time (~35 s); passed when written
@@ -147,3 +167,18 @@ def test_pp2_and_pp2xep2_training_log_the_one_rank_metrics(tmp_path, data_dir):
              timeout=900)
     pp2ep2 = read_metrics(tmp_path / "pp2ep2" / "metrics.jsonl")
     same_metrics(one_off, pp2ep2, tol=1e-4, skip=("sync/seconds", "batch/"))
+
+
+@pytest.mark.slow
+def test_tp2xpp2_with_sequence_parallelism_logs_the_one_rank_metrics(tmp_path, data_dir):
+    """Four ranks: two pipeline stages, each split over two TP ranks with sequence parallelism, both router losses
+    on. The second stage's routers get their TP rank's part of the padding mask from megarl (megatron-core scatters
+    it on the first stage only): the one-process run's metrics, to 1e-5."""
+    z = "moe.z_loss_coef=0.001"
+    one = metrics_of(tmp_path / "one", data_dir, *MOE, z, "rollout.backend=native")
+    torchrun("megarl.cli", 4, "train", *BASE, f"run.dir={tmp_path / 'tp2pp2'}",
+             f"data.train_files={data_dir / 'train.parquet'}", *MOE, z, "parallel.tp=2", "parallel.sp=true",
+             "parallel.pp=2", "rollout.backend=native", timeout=900)
+    tp2pp2 = read_metrics(tmp_path / "tp2pp2" / "metrics.jsonl")
+    assert {"moe/load_balancing_loss", "moe/z_loss"} <= set(tp2pp2[0])
+    same_metrics(one, tp2pp2, tol=1e-5, skip=("sync/seconds", "batch/"))

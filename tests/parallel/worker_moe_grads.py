@@ -4,8 +4,11 @@ with the step's token count, ``finalize_model_grads``), exported under HF names 
 
     torchrun --nproc-per-node N tests/parallel/worker_moe_grads.py --tp T --cp C [--sp] --out FILE
 
-The micro-batch (2 x 16 tokens) splits evenly at every layout tested, so no layout adds padding tokens, which
-the router would count: the gradients must then equal the one-rank run's (``test_moe_parallel.py``).
+The micro-batch (2 x 16 tokens) splits evenly at every layout tested; with ``--pad`` its second row holds 9 real
+tokens and 7 of padding (the padding mask given), so the ranks' parts hold unequal numbers of real tokens. The
+gradients must equal the one-rank run's (``test_moe_parallel.py``).
+
+    torchrun --nproc-per-node N tests/parallel/worker_moe_grads.py --tp T --cp C [--sp] [--pad] --out FILE
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--cp", type=int, default=1)
     ap.add_argument("--sp", action="store_true")
+    ap.add_argument("--pad", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -53,12 +57,15 @@ def main() -> None:
         ddp.zero_grad_buffer()
         cp = args.cp
 
-        def loss(out, _):  # the mean log-prob of every target this rank holds, summed over the group by DDP
-            lp = token_logprobs(out, targets if cp == 1 else _local(targets, cp), arch.vocab_size)[0]
-            return -lp.sum() / targets.numel(), {}
+        padding = torch.arange(16)[None, :] >= torch.tensor([16, 9 if args.pad else 16])[:, None]
+        real = (~padding).float()
 
-        with moe.router_losses_scaled(ddp, 1.0 / ids.numel()):
-            forward_backward(ddp, [{"input_ids": ids}], loss, forward_only=False)
+        def loss(out, _):  # the mean log-prob of every real target this rank holds, summed over the group by DDP
+            lp = token_logprobs(out, targets if cp == 1 else _local(targets, cp), arch.vocab_size)[0]
+            return -(lp * (real if cp == 1 else _local(real, cp))).sum() / real.sum(), {}
+
+        with moe.router_losses_scaled(ddp, 1.0 / float(real.sum())):
+            forward_backward(ddp, [{"input_ids": ids, "padding": padding}], loss, forward_only=False)
         finalize_model_grads([ddp])
         for p in unwrap(model).parameters():
             p.data = p.main_grad.detach().clone()  # export the gradients through the weights' key map

@@ -4,8 +4,9 @@ Layout (megatron-core's, which its RoPE slicing and Transformer Engine's CP atte
 padded to a multiple of 2 cp is cut into 2 cp equal chunks and rank r holds chunks r and 2cp-1-r, so that under
 the causal mask every rank has the same amount of attention work.
 
-- Inputs: ``shard_inputs`` cuts input ids and position ids along the sequence (``forward.forward_backward``);
-  packed micro-batches segment by segment (each segment aligned to 2 cp by the packer).
+- Inputs: ``shard_inputs`` cuts input ids, position ids and the padding mask along the sequence
+  (``forward.forward_backward``); packed micro-batches segment by segment (each segment aligned to 2 cp by the
+  packer).
 - Attention: with Transformer Engine, megatron-core's TE core attention runs CP itself. The local spec's
   ``DotProductAttention`` refuses cp > 1 (megatron-core 0.16 asserts it), so ``ContextParallelAttention``
   exists: it all-gathers K and V over the group (its backward sums each rank's K/V gradient back to the rank that
@@ -66,19 +67,24 @@ def _bounds(packed_seq_params) -> list[int] | None:
     return None if packed_seq_params is None else packed_seq_params.cu_seqlens_q.tolist()
 
 
-def shard_inputs(ids: torch.Tensor, pos: torch.Tensor, packed_seq_params) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's part of input ids and position ids [b, s]: unpacked, padded at the end to a multiple of 2 cp
-    (under the causal mask no real token sees the padding); packed, the segments are already aligned."""
+def shard_inputs(ids: torch.Tensor, pos: torch.Tensor, packed_seq_params,
+                 padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's part of input ids, position ids and (when given) the padding mask [b, s]: unpacked, padded at
+    the end to a multiple of 2 cp (under the causal mask no real token sees the padding, which the mask marks);
+    packed, the segments are already aligned."""
     cp, rank, s = cp_size(), parallel_state.get_context_parallel_rank(), ids.shape[1]
     cu = _bounds(packed_seq_params)
     if cu is None:
         pad = padded_length(s, cp) - s
         ids, pos = torch.nn.functional.pad(ids, (0, pad)), torch.nn.functional.pad(pos, (0, pad))
+        if padding is not None:
+            padding = torch.nn.functional.pad(padding, (0, pad), value=True)
     elif any((b - a) % (2 * cp) for a, b in zip(cu, cu[1:])):
         raise ValueError(f"packed segments must be multiples of 2 cp = {2 * cp} long at context parallelism; build "
                          f"the micro-batches with align=2*cp (rollout/packing.py).")
     idx = held_positions(ids.shape[1], cu, cp, rank).to(ids.device)
-    return ids.index_select(1, idx), pos.index_select(1, idx)
+    return ids.index_select(1, idx), pos.index_select(1, idx), \
+        None if padding is None else padding.index_select(1, idx.to(padding.device))
 
 
 def _natural_order(s: int, cp: int, device, cu: list[int] | None = None) -> torch.Tensor:

@@ -39,7 +39,8 @@ def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
 def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]], post: PostProcess, *,
                      forward_only: bool) -> list[Any]:
     """Run all micro-batches through the pipeline. Each micro-batch holds ``input_ids`` [b, s] (the same b and s
-    for all of them: pipeline stages exchange fixed shapes), optionally ``position_ids`` and ``model_kwargs``
+    for all of them: pipeline stages exchange fixed shapes), optionally ``position_ids``, ``padding`` ([b, s] bool,
+    True at padding: a MoE model's router losses leave those tokens out when training) and ``model_kwargs``
     (extra GPTModel.forward arguments, e.g. a KV-cache inference context), plus whatever ``post`` reads.
 
     Returns, on the last pipeline stage, one entry per micro-batch: the metrics dict (training) or the
@@ -79,10 +80,12 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
         mb = next(data_iterator)
         ids = mb["input_ids"]
         pos = mb.get("position_ids", position_ids_for(ids))
+        padding = None if forward_only else mb.get("padding")
         if split > 1:
-            ids, pos = cp.shard_inputs(ids, pos, mb.get("model_kwargs", {}).get("packed_seq_params"))
+            ids, pos, padding = cp.shard_inputs(ids, pos, mb.get("model_kwargs", {}).get("packed_seq_params"), padding)
+        kwargs = {**mb.get("model_kwargs", {}), **moe.padding_kwargs(mdl, padding)}
         with moe.padding_pass(mdl) if mb.get("_padding") else contextlib.nullcontext():
-            logits = mdl(ids, pos, attention_mask=None, **mb.get("model_kwargs", {}))
+            logits = mdl(ids, pos, attention_mask=None, **kwargs)
 
         def loss_func(output: torch.Tensor):
             if mb.get("_padding"):

@@ -54,9 +54,12 @@ def _device() -> torch.device:
 
 def _mb_inputs(mb: MicroBatch) -> dict:
     dev = _device()
+    out = {"input_ids": mb.input_ids.to(dev), "mb": mb}
+    if mb.padding is not None:
+        out["padding"] = mb.padding.to(dev)
     if mb.cu_seqlens is None:
-        return {"input_ids": mb.input_ids.to(dev), "mb": mb}
-    return {"input_ids": mb.input_ids.to(dev), "position_ids": mb.position_ids.to(dev), "mb": mb,
+        return out
+    return {**out, "position_ids": mb.position_ids.to(dev),
             "model_kwargs": {"packed_seq_params": packed_seq_params(mb.cu_seqlens, mb.max_seqlen, dev)}}
 
 
@@ -279,9 +282,9 @@ class MegatronPolicy:
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        # MoE: router losses as token-weighted means over the step (moe.router_losses_scaled), router metrics
+        # MoE: router losses as means over the step's real tokens (moe.router_losses_scaled), router metrics
         with _model_output(self.model, self.kernel_impl), moe.RouterStats(self.model) as routers, \
-                moe.router_losses_scaled(self.model, 1.0 / max(shape["_padded"], 1.0)):
+                moe.router_losses_scaled(self.model, 1.0 / max(shape["_real"], 1.0)):
             per_mb = forward_backward(self.model, [_mb_inputs(mb) for mb in mbs], post, forward_only=False)
         finalize_model_grads([self.model])
         batch.update(routers.metrics())
