@@ -50,7 +50,7 @@ def one_model(name: str, args, work: Path) -> dict:
     from megarl.config import load_config
     from megarl.distributed import distributed
     from megarl.trainer.build import build
-    from megarl.trainer.loop import prepare_run_dir
+    from megarl.trainer.state import prepare_run_dir
 
     cfg = load_config(None, [f"model.hf_dir={model_dir(name, work)}", f"run.dir={work / 'run'}",
                              "rollout.backend=vllm", "reward.num_workers=0", "data.generate=arithmetic",

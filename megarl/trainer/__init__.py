@@ -12,7 +12,8 @@ def run_training(cfg: RunConfig) -> dict[str, float]:
     from megarl.backends.megatron.parallel import model_parallel
     from megarl.distributed import distributed
     from megarl.trainer.build import build
-    from megarl.trainer.loop import prepare_run_dir, train
+    from megarl.trainer.loop import train
+    from megarl.trainer.state import prepare_run_dir
 
     with distributed() as info:
         cfg.validate(info.world_size)

@@ -20,17 +20,15 @@ import time
 from collections import deque
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from megarl.config import RunConfig, save_config, to_dict
-from megarl.metrics import MetricsLogger, Timer, append_jsonl, read_metrics, truncate_metrics
+from megarl.config import RunConfig, to_dict
+from megarl.metrics import MetricsLogger, Timer, append_jsonl, read_metrics
 from megarl.rollout.batch import split_groups
-from megarl.trainer import checkpointing
 from megarl.trainer.build import Components
 from megarl.trainer.collect import Round, advantages_over_dp, balance_over_dp, collect, select_over_dp, submit_round
 from megarl.trainer.evaluate import evaluate_files
-from megarl.trainer.state import check_compatible, resume, save_checkpoint, step_metrics
+from megarl.trainer.state import resume, save_checkpoint, step_metrics
 
 
 MAX_NONFINITE_STEPS = 3
@@ -151,21 +149,3 @@ def record_eval(cfg: RunConfig, step: int, results: dict[str, float]) -> dict[st
     if dist.get_rank() == 0:
         append_jsonl(Path(cfg.run.dir) / "eval.jsonl", {"step": step, **results})
     return results
-
-
-def prepare_run_dir(cfg: RunConfig) -> None:
-    """Main rank: create run.dir, refuse an incompatible earlier config, write the resolved one, drop stale
-    temporaries and metrics past the checkpoint that will be resumed."""
-    run = Path(cfg.run.dir)
-    if dist.get_rank() == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        check_compatible(cfg, run / "config.yaml")
-        save_config(cfg, run / "config.yaml")
-        checkpointing.remove_partial(run)
-        latest = checkpointing.latest_checkpoint(run, verify=True)
-        last = int(latest.name.split("_")[1]) if latest else 0
-        truncate_metrics(run / "metrics.jsonl", last)
-        # from scratch, eval.before_train runs again: drop its earlier step-0 line rather than repeat it
-        truncate_metrics(run / "eval.jsonl", last if latest else -1)
-    dist.barrier()
-    torch.manual_seed(cfg.run.seed)

@@ -26,7 +26,7 @@ from megarl.losses.sft import sft_loss
 from megarl.metrics import MetricsLogger
 from megarl.rollout.batch import Rollouts
 from megarl.trainer.build import initial_model, make_policy, train_files
-from megarl.trainer.loop import prepare_run_dir
+from megarl.trainer.state import prepare_run_dir
 from megarl.trainer.state import resume, save_checkpoint
 
 RESPONSE_KEY = "response"  # extra_info.response: the target text of a row

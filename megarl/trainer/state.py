@@ -1,5 +1,6 @@
-"""What the loop saves, restores and reports besides the update itself: checkpoints and resume, the HF export,
-the per-step metrics reduced over data parallel, and the check that a resumed run keeps its algorithm."""
+"""What the loop saves, restores and reports besides the update itself: the run directory, checkpoints and
+resume, the HF export, the per-step metrics reduced over data parallel, and the check that a resumed run keeps its
+algorithm."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import torch
 import torch.distributed as dist
 
 from megarl.backends.protocols import Policy
-from megarl.config import RunConfig, load_config, to_dict
+from megarl.config import RunConfig, load_config, save_config, to_dict
 from megarl.distributed import all_reduce_sum
 from megarl.losses import correction
-from megarl.metrics import Timer
+from megarl.metrics import Timer, truncate_metrics
 from megarl.rollout.batch import Rollouts
 from megarl.trainer import checkpointing
 
@@ -36,6 +37,24 @@ def check_compatible(cfg: RunConfig, saved: Path) -> None:
                          f"experiments; use a new run.dir, or the same settings (only train.steps, checkpoint.*, "
                          f"eval.*, metrics.*, parallel.*, kernels.*, model.recompute, reward workers, run.dir may "
                          f"change).")
+
+
+def prepare_run_dir(cfg: RunConfig) -> None:
+    """Main rank: create run.dir, refuse an incompatible earlier config, write the resolved one, drop stale
+    temporaries and metrics past the checkpoint that will be resumed."""
+    run = Path(cfg.run.dir)
+    if dist.get_rank() == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        check_compatible(cfg, run / "config.yaml")
+        save_config(cfg, run / "config.yaml")
+        checkpointing.remove_partial(run)
+        latest = checkpointing.latest_checkpoint(run, verify=True)
+        last = int(latest.name.split("_")[1]) if latest else 0
+        truncate_metrics(run / "metrics.jsonl", last)
+        # from scratch, eval.before_train runs again: drop its earlier step-0 line rather than repeat it
+        truncate_metrics(run / "eval.jsonl", last if latest else -1)
+    dist.barrier()
+    torch.manual_seed(cfg.run.seed)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -117,7 +117,8 @@ def components(run: Path, log: Log, steps: int, *extra: str, die_at: int = 0) ->
 
 
 def test_a_step_runs_its_phases_in_order_and_logs_its_metrics(megatron_world, tmp_path):
-    from megarl.trainer.loop import prepare_run_dir, train
+    from megarl.trainer.loop import train
+    from megarl.trainer.state import prepare_run_dir
 
     log = Log()
     c = components(tmp_path / "run", log, steps=3)
@@ -134,7 +135,8 @@ def test_a_step_runs_its_phases_in_order_and_logs_its_metrics(megatron_world, tm
 
 
 def test_resume_restores_step_position_and_the_policys_state(megatron_world, tmp_path):
-    from megarl.trainer.loop import prepare_run_dir, train
+    from megarl.trainer.loop import train
+    from megarl.trainer.state import prepare_run_dir
 
     run = tmp_path / "run"
     whole = components(tmp_path / "whole", Log(), steps=4)
@@ -156,7 +158,8 @@ def test_resume_restores_step_position_and_the_policys_state(megatron_world, tmp
 
 
 def test_one_step_off_trains_on_samples_exactly_one_version_old(megatron_world, tmp_path):
-    from megarl.trainer.loop import prepare_run_dir, train
+    from megarl.trainer.loop import train
+    from megarl.trainer.state import prepare_run_dir
 
     log = Log()
     c = components(tmp_path / "run", log, 4, "rollout.max_staleness=1")
@@ -187,7 +190,8 @@ PARTIAL = ("rollout.placement=ray", "rollout.partial=true")  # (the fake generat
 def test_a_killed_asynchronous_run_resumes_without_losing_or_repeating_prompts(megatron_world, tmp_path, k, extra,
                                                                                steps, die_at, in_flight, kept,
                                                                                after_resume):
-    from megarl.trainer.loop import prepare_run_dir, train
+    from megarl.trainer.loop import train
+    from megarl.trainer.state import prepare_run_dir
 
     straight = components(tmp_path / "whole", Log(), steps, f"rollout.max_staleness={k}", *extra)
     prepare_run_dir(straight.cfg)
@@ -212,7 +216,8 @@ def test_a_killed_asynchronous_run_resumes_without_losing_or_repeating_prompts(m
 
 def test_one_step_off_with_dynamic_sampling_samples_extra_rounds_with_the_weights_being_trained(megatron_world,
                                                                                                  tmp_path):
-    from megarl.trainer.loop import prepare_run_dir, train
+    from megarl.trainer.loop import train
+    from megarl.trainer.state import prepare_run_dir
 
     c = components(tmp_path / "run", Log(), 3, "rollout.max_staleness=1", "rollout.dynamic_sampling=true")
     c.generator.all_wrong = {0, 2, 5}  # dropped groups: steps 1 and 2 each need a second round
@@ -236,7 +241,8 @@ def test_bounded_staleness_pushes_weights_only_when_a_round_would_fall_more_than
                                                                                          k, staleness, syncs):
     """rollout.max_staleness=k >= 2: one-step-off, but the engine keeps its weights while the round it samples
     will be trained at most k steps after them; a weight sync every k steps instead of every step."""
-    from megarl.trainer.loop import prepare_run_dir, train
+    from megarl.trainer.loop import train
+    from megarl.trainer.state import prepare_run_dir
 
     log = Log()
     c = components(tmp_path / "run", log, 7, f"rollout.max_staleness={k}")
@@ -258,7 +264,8 @@ def test_bounded_staleness_pushes_weights_only_when_a_round_would_fall_more_than
 def test_partial_rollouts_keep_a_queue_of_k_rounds_in_flight(megatron_world, tmp_path):
     """rollout.partial=true with max_staleness=3: the rounds of the next 3 steps are in flight (submitted in stream
     order, each with the weights of its submission), a weight push every step; staleness climbs to 3 and stays."""
-    from megarl.trainer.loop import prepare_run_dir, train
+    from megarl.trainer.loop import train
+    from megarl.trainer.state import prepare_run_dir
 
     log = Log()
     c = components(tmp_path / "run", log, 7, "rollout.max_staleness=3", *PARTIAL)

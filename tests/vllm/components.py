@@ -13,7 +13,7 @@ def built(model_dir: str, run_dir: str, data: str, *overrides: str):
     from megarl.config import load_config
     from megarl.distributed import distributed
     from megarl.trainer.build import build
-    from megarl.trainer.loop import prepare_run_dir
+    from megarl.trainer.state import prepare_run_dir
 
     cfg = load_config(None, [f"model.hf_dir={model_dir}", f"run.dir={run_dir}", f"data.train_files={data}",
                              "rollout.vllm_kv_cache_mb=64", "reward.num_workers=0", "data.max_prompt_tokens=400",
