@@ -187,6 +187,20 @@ def test_fleet_under_context_parallelism_matches_colocated(tmp_path, vllm_model,
     same([{k: v for k, v in r.items() if not k.startswith("batch/")} for r in colocated], rows, tol=1e-4)
 
 
+@pytest.mark.slow  # CI time (60 s); passed when written
+def test_a_moe_model_on_the_fleet_matches_colocated(tmp_path, data_dir):
+    """A tiny Qwen3-MoE (4 experts, top 2): every expert streamed to two engines, whose CPU MoE kernel is repacked
+    on each reload. The run logs the colocated vLLM run's rewards, losses, gradient norms and router metrics
+    (1e-5), and every sync of every engine passes its log-prob probe."""
+    finish(start(tmp_path / "colocated", "tiny:qwen3_moe", data_dir))
+    finish(start(tmp_path / "fleet", "tiny:qwen3_moe", data_dir, *FLEET))
+    colocated, rows = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("colocated", "fleet"))
+    assert {"moe/load_imbalance", "moe/load_balancing_loss"} <= set(rows[0])
+    for r in rows:
+        assert r["sync/probe_diff_max"] < 1e-3 and r["rollout/logprob_diff_max"] < 1e-3
+    same(colocated, rows, tol=1e-5)
+
+
 @pytest.mark.slow  # CI time (29 s); passed when written and on 2026-12-04
 def test_a_cluster_too_small_is_named(tmp_path, vllm_model, data_dir):
     """An address where no cluster answers, then an existing cluster of one CPU asked for two engines: each one
