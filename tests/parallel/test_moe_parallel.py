@@ -99,6 +99,27 @@ def test_router_losses_weigh_the_same_when_ranks_hold_parts_of_each_sequence(tmp
         torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("recompute,pp", [("none", 1), ("full", 1), pytest.param("full", 2, marks=pytest.mark.slow)],
+                         ids=["stored", "recompute", "recompute-pp2"])
+def test_a_padding_pass_adds_nothing_to_the_gradient(tmp_path, recompute, pp):
+    """Two data-parallel ranks with two micro-batches and one: at ep = 2 the second rank adds a padding pass to stay
+    in lock step with the first (every pass of a MoE layer is a collective over the EP group). With both router
+    losses on, the gradients equal ep = 1's (no padding pass), also under full recompute, where each layer's
+    forward runs again in the backward and reads the router-loss coefficients then (each pass switches them in
+    its forward and, by a hook on its output, in its backward; before, the padding pass's recomputed router losses
+    moved the embedding gradient by up to 0.5). With -m slow also at pp = 2 (4 ranks), whose schedule interleaves
+    the passes' forwards and backwards."""
+    want, got = tmp_path / "ep1.pt", tmp_path / "ep2.pt"
+    torchrun("tests/parallel/worker_moe_lockstep.py", 2, "--ep", "1", "--out", str(want))
+    torchrun("tests/parallel/worker_moe_lockstep.py", 2 * pp, "--ep", "2", "--pp", str(pp), "--recompute", recompute,
+             "--out", str(got))
+    want = torch.load(want)
+    got = torch.load(got) if pp == 1 else {k: v for s in range(pp) for k, v in torch.load(f"{got}.stage{s}").items()}
+    assert set(got) == set(want)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_training_a_moe_model_at_tp2_without_sequence_parallelism_is_refused(tmp_path, data_dir):
     """megatron-core trains MoE layers at tp > 1 only with sequence parallelism: a one-line error naming
     parallel.sp=true instead of megatron-core's own error deep inside the first step."""

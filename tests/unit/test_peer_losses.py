@@ -48,7 +48,7 @@ def brute(name: str, inp: LossInput, hp: dict) -> float:
             gate = [4 / tau / (1 + math.exp(-tau * (math.exp(lr(inp, b, t)) - 1))) for t in ts]
             per_seq.append(sum(-g * a for g in gate) / len(ts))
         elif name == "cispo":  # token-mean: return the token sum here, divided below
-            per_seq.append(sum(-min(max(math.exp(lr(inp, b, t)), 0.0), 1.28) * a * float(inp.logprobs[b, t])
+            per_seq.append(sum(-min(max(math.exp(lr(inp, b, t)), 0.0), 1.28) * a * float(inp.logprobs[b, t].detach())
                                for t in ts))
     if name == "cispo":
         return sum(per_seq) / sum(map(sum, MASK))

@@ -49,11 +49,13 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
 
     At parallel.cp > 1 each rank runs its part of every sequence (padded to a multiple of 2 cp, or of each packed
     segment; ``context_parallel.shard_inputs``): ``post`` gets this rank's [b, S/cp, ...] output and maps
-    positions with ``context_parallel.pick_local``. Under ``context_parallel.whole_sequences`` (generation) nothing is sharded.
+    positions with ``context_parallel.pick_local``. Under ``context_parallel.whole_sequences`` (generation)
+    nothing is sharded.
 
     At expert parallelism (ep > 1) every rank of the expert-parallel group runs as many passes as the busiest one
     (``moe.passes_in_step``): the others add padding passes (a copy of their first micro-batch, or 8 pad tokens)
-    whose output is dropped, whose router losses are off and whose loss is zero.
+    whose output is dropped, whose router losses are off (``moe.set_padding_pass``, in their forward and their
+    backward) and whose loss is zero.
     """
     real = len(micro_batches)
     padding = moe.passes_in_step(real) - real
@@ -84,8 +86,8 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
         if split > 1:
             ids, pos, padding = cp.shard_inputs(ids, pos, mb.get("model_kwargs", {}).get("packed_seq_params"), padding)
         kwargs = {**mb.get("model_kwargs", {}), **moe.padding_kwargs(mdl, padding)}
-        with moe.padding_pass(mdl) if mb.get("_padding") else contextlib.nullcontext():
-            logits = mdl(ids, pos, attention_mask=None, **kwargs)
+        moe.set_padding_pass(mdl, bool(mb.get("_padding")))
+        logits = moe.mark_pass(mdl, mdl(ids, pos, attention_mask=None, **kwargs), bool(mb.get("_padding")))
 
         def loss_func(output: torch.Tensor):
             if mb.get("_padding"):
@@ -97,9 +99,12 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[dict[str, Any]]
 
         return logits, loss_func
 
-    out = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(micro_batches), model=[model],
-        num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=b, forward_only=forward_only)
+    try:
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(micro_batches), model=[model],
+            num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=b, forward_only=forward_only)
+    finally:
+        moe.set_padding_pass(model, False)
     if not parallel_state.is_pipeline_last_stage():
         return []
     return [o["data"] for o in out[:real]] if forward_only else list(out[:real])

@@ -121,20 +121,35 @@ def router_losses_scaled(model: torch.nn.Module, factor: float):
         config.moe_aux_loss_coeff, config.moe_z_loss_coeff = aux, z
 
 
-_padding = False  # inside a padding pass (forward_backward's lock-step filler): RouterStats does not count it
+_padding = False  # the pass running now (its forward, or its backward) is a lock-step padding pass
+_saved: list = []  # the router-loss coefficients a padding pass switched off
 
 
-@contextlib.contextmanager
-def padding_pass(model: torch.nn.Module):
-    """A pass run only to keep the expert-parallel ranks in step: its router losses are off and its routing is not
-    counted in the step's router metrics."""
+def set_padding_pass(model: torch.nn.Module, on: bool) -> None:
+    """Switch between a real pass and a padding pass (``forward.forward_backward``'s lock-step filler), whose router
+    losses are off and whose routing the router metrics do not count. Called when a pass's forward starts and,
+    through ``mark_pass``, when its backward starts: under ``model.recompute=full`` each layer runs again in the
+    backward and reads the router-loss coefficients then, and a pipeline schedule interleaves the passes' forwards
+    and backwards. Without that, a padding pass recomputed its router losses into the gradient
+    (tests/parallel/test_moe_parallel.py)."""
     global _padding
-    _padding = True
-    try:
-        with router_losses_scaled(model, 0.0):
-            yield
-    finally:
-        _padding = False
+    config = unwrap(model).config
+    if on == _padding or not getattr(config, "num_moe_experts", None):
+        return
+    if on:
+        _saved[:] = [config.moe_aux_loss_coeff, config.moe_z_loss_coeff]
+        config.moe_aux_loss_coeff, config.moe_z_loss_coeff = 0.0, None
+    else:
+        config.moe_aux_loss_coeff, config.moe_z_loss_coeff = _saved
+    _padding = on
+
+
+def mark_pass(model: torch.nn.Module, output: torch.Tensor, padding: bool) -> torch.Tensor:
+    """``output`` (a pass's output on this pipeline stage), hooked so that the pass's backward starts with
+    ``set_padding_pass(model, padding)`` (a MoE model in training only)."""
+    if output.requires_grad and getattr(unwrap(model).config, "num_moe_experts", None):
+        output.register_hook(lambda grad: set_padding_pass(model, padding))
+    return output
 
 
 class RouterStats:
