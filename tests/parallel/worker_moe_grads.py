@@ -14,7 +14,6 @@ gradients must equal the one-rank run's (``test_moe_parallel.py``).
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -29,32 +28,18 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import finalize_model_grads
 
     from megarl.backends.megatron import moe
     from megarl.backends.megatron.forward import forward_backward, token_logprobs
-    from megarl.backends.megatron.model import build_model, unwrap
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
-    from megarl.backends.megatron.weights import export_stage_hf
-    from megarl.config import MoESection
-    from megarl.convert.arch import read_arch_dir
-    from megarl.convert.bundled import resolve_model_spec
     from megarl.distributed import distributed
-    from megarl.trainer.build import load_weights_into, once_per_node_then_all
+    from tests.parallel.moe_worker import exported_gradients, tiny_moe_ddp
 
     with distributed(), model_parallel(ParallelDims(args.tp, 1, args.cp, sp=args.sp)):
-        box = [tempfile.mkdtemp(prefix="megarl-moe-grads-") if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box)
-        hf_dir = once_per_node_then_all(lambda: resolve_model_spec("tiny:qwen3_moe", box[0], 1))
-        arch = read_arch_dir(hf_dir)
-        model = build_model(arch, init_weights=False, moe=MoESection(aux_loss_coef=0.05, z_loss_coef=0.01),
-                            sequence_parallel=args.sp)
-        load_weights_into(model, arch, hf_dir)
+        arch, model, ddp = tiny_moe_ddp(sequence_parallel=args.sp)
         g = torch.Generator().manual_seed(0)
         ids, targets = torch.randint(0, 300, (2, 16), generator=g), torch.randint(0, 300, (2, 16), generator=g)
-        ddp = DistributedDataParallel(unwrap(model).config, DistributedDataParallelConfig(), model)
-        ddp.train()
-        ddp.zero_grad_buffer()
         cp = args.cp
 
         padding = torch.arange(16)[None, :] >= torch.tensor([16, 9 if args.pad else 16])[:, None]
@@ -67,9 +52,7 @@ def main() -> None:
         with moe.router_losses_scaled(ddp, 1.0 / float(real.sum())):
             forward_backward(ddp, [{"input_ids": ids, "padding": padding}], loss, forward_only=False)
         finalize_model_grads([ddp])
-        for p in unwrap(model).parameters():
-            p.data = p.main_grad.detach().clone()  # export the gradients through the weights' key map
-        grads = dict(export_stage_hf(model, arch))
+        grads = exported_gradients(model, arch)
         if dist.get_rank() == 0:
             torch.save(grads, args.out)
 

@@ -14,10 +14,8 @@ At ep = 2 the two ranks' MoE layers exchange tokens in every pass, so rank 1 add
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import torch
-import torch.distributed as dist
 
 
 def main() -> None:
@@ -28,29 +26,17 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
 
     from megarl.backends.megatron import moe
     from megarl.backends.megatron.forward import forward_backward, token_logprobs
-    from megarl.backends.megatron.model import build_model, unwrap
     from megarl.backends.megatron.parallel import ParallelDims, model_parallel
-    from megarl.backends.megatron.weights import export_stage_hf
-    from megarl.config import MoESection
-    from megarl.convert.arch import read_arch_dir
-    from megarl.convert.bundled import resolve_model_spec
     from megarl.distributed import distributed
-    from megarl.trainer.build import load_weights_into, once_per_node_then_all
-
-    from megatron.core import parallel_state
+    from tests.parallel.moe_worker import exported_gradients, tiny_moe_ddp
 
     with distributed(), model_parallel(ParallelDims(pp=args.pp, ep=args.ep)):
-        box = [tempfile.mkdtemp(prefix="megarl-moe-lockstep-") if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box)
-        hf_dir = once_per_node_then_all(lambda: resolve_model_spec("tiny:qwen3_moe", box[0], 1))
-        arch = read_arch_dir(hf_dir)
-        model = build_model(arch, init_weights=False, moe=MoESection(aux_loss_coef=0.05, z_loss_coef=0.01),
-                            recompute=args.recompute)
-        load_weights_into(model, arch, hf_dir)
+        arch, model, ddp = tiny_moe_ddp(recompute=args.recompute)
         g = torch.Generator().manual_seed(0)
         lengths = [[16, 11], [7, 16], [12, 5]]  # micro-batches 0, 1 on rank 0; 2 on rank 1
         batches = []
@@ -61,9 +47,6 @@ def main() -> None:
         total = float(sum(sum(real) for real in lengths))
         dp_rank = parallel_state.get_data_parallel_rank()
         mine = batches[:2] if dp_rank == 0 else batches[2:]
-        ddp = DistributedDataParallel(unwrap(model).config, DistributedDataParallelConfig(), model)
-        ddp.train()
-        ddp.zero_grad_buffer()
 
         def loss(out, mb):  # the log-prob of every real target, over the step's real tokens
             lp = token_logprobs(out, mb["targets"], arch.vocab_size)[0]
@@ -72,9 +55,7 @@ def main() -> None:
         with moe.router_losses_scaled(ddp, 1.0 / total):
             forward_backward(ddp, mine, loss, forward_only=False)
         finalize_model_grads([ddp])
-        for p in unwrap(model).parameters():
-            p.data = p.main_grad.detach().clone()  # export the gradients through the weights' key map
-        grads = dict(export_stage_hf(model, arch))
+        grads = exported_gradients(model, arch)
         if dp_rank == 0:
             stage = parallel_state.get_pipeline_model_parallel_rank()
             torch.save(grads, args.out if args.pp == 1 else f"{args.out}.stage{stage}")
