@@ -99,7 +99,9 @@ def test_router_losses_weigh_the_same_when_ranks_hold_parts_of_each_sequence(tmp
         torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("recompute,pp", [("none", 1), ("full", 1), pytest.param("full", 2, marks=pytest.mark.slow)],
+# CI time: the stored case (also covered by the ep = 2 training run) and pp = 2 in -m slow; passed when written
+@pytest.mark.parametrize("recompute,pp", [pytest.param("none", 1, marks=pytest.mark.slow), ("full", 1),
+                                          pytest.param("full", 2, marks=pytest.mark.slow)],
                          ids=["stored", "recompute", "recompute-pp2"])
 def test_a_padding_pass_adds_nothing_to_the_gradient(tmp_path, recompute, pp):
     """Two data-parallel ranks with two micro-batches and one: at ep = 2 the second rank adds a padding pass to stay
@@ -139,6 +141,7 @@ def test_tp2_with_sequence_parallelism_logs_the_one_rank_metrics(tmp_path, data_
     same_metrics(one, tp2, tol=1e-5, skip=("sync/seconds",))
 
 
+@pytest.mark.slow  # CI time (50 s; the CP2 gradients with padding run by default above); passed when written
 def test_cp2_logs_the_one_rank_metrics(tmp_path, data_dir):
     """Each sequence split over two context-parallel ranks (packed micro-batches, whose segments and tail padding
     fall unevenly on the ranks): the one-process run's losses, gradient norms and router metrics to 1e-5, with the
