@@ -66,6 +66,8 @@ class GeneratesNow:
     """``submit``/``collect`` of a generator that cannot overlap generation with training (it runs on the trainer's
     own devices): submit generates at once, with the weights of that moment, as an asynchronous one would."""
 
+    tag: int | None = None  # its completions carry no segments: all tokens of a call share one set of weights
+
     def submit(self, prompts: list[list[int]], n: int, sampling: SamplingParams,
                seeds: list[int] | None = None, refresh: bool = True) -> Ticket:
         return Ticket(self.generate(prompts, n, sampling, seeds) if refresh else
@@ -83,6 +85,9 @@ class GeneratesNow:
 
 class Generator(Protocol):
     stale: bool  # its weights lag the policy's: the loop calls ``sync()`` before the next step's rollouts
+    # the count of syncs behind the weights it holds where its completions carry ``segments`` (partial rollouts:
+    # the Ray fleet); None where they do not
+    tag: int | None
 
     def sync(self) -> dict[str, float]:
         """Take the policy's current weights (and check them); returns metrics (``sync/*``). Collective."""

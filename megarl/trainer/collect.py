@@ -79,7 +79,7 @@ def finish_round(generator, r: Round, now: int) -> tuple[Rollouts, float]:
     # partial rollouts: the loop pushes the weights being trained just before collecting, so the tokens whose tag is
     # the generator's current one (``tag``: its sync count) were sampled with them, if the sample started earlier
     if outs and all(c.segments is not None for cs in outs for c in cs):
-        ro.switch_at = torch.tensor([switch_point(c, getattr(generator, "tag", None)) for cs in outs for c in cs],
+        ro.switch_at = torch.tensor([switch_point(c, generator.tag) for cs in outs for c in cs],
                                     dtype=torch.int64)
     return ro, time.perf_counter() - t0
 
