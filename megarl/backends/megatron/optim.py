@@ -16,6 +16,7 @@ model is x.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -52,6 +53,15 @@ def build_optimizer(model_chunks: list[torch.nn.Module], *, name: str, lr: float
         # step count comes from the checkpoint
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
     return optimizer, scheduler
+
+
+def zero_grad(optimizer) -> None:
+    """``optimizer.zero_grad()`` without torch's non-leaf ``.grad`` warning: megatron-core's distributed optimizer
+    keeps slices of fp32 parameters (views, so non-leaf tensors) in its groups and its ``zero_grad`` reads their
+    ``.grad``, which torch flags on every run. Harmless: Megatron's gradients live in ``main_grad``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+        optimizer.zero_grad()
 
 
 def _use_schedulefree(optimizer, betas: tuple[float, float]) -> None:

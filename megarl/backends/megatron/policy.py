@@ -37,7 +37,7 @@ from megarl.backends.megatron.generator import broadcast_from_last_stage
 from megarl.backends.megatron.forward import (forward_backward, hidden_states_out, output_weight, sequence_multiple,
                                               token_logprobs)
 from megarl.backends.megatron.model import unwrap
-from megarl.backends.megatron.optim import averaged_weights, build_optimizer, is_schedulefree, set_eval_point
+from megarl.backends.megatron.optim import averaged_weights, build_optimizer, is_schedulefree, set_eval_point, zero_grad
 from megarl.convert.arch import ModelArch
 from megarl.convert.hf_io import ShardedWriter, atomic_output_dir, copy_side_files
 from megarl.distributed import all_reduce_sum
@@ -281,7 +281,7 @@ class MegatronPolicy:
             return loss, {"loss/total": float(loss.detach()), **{f"loss/{k}": v for k, v in metrics.items()}}
 
         self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        zero_grad(self.optimizer)
         # MoE: router losses as means over the step's real tokens (moe.router_losses_scaled), router metrics
         with _model_output(self.model, self.kernel_impl), moe.RouterStats(self.model) as routers, \
                 moe.router_losses_scaled(self.model, 1.0 / max(shape["_real"], 1.0)):
