@@ -42,6 +42,12 @@ ALGOS: dict[str, list[str]] = {
     # short wrong answers (held-out 0.06 at step 15) as Dr. GRPO and RPG did; at 0.7 it learns (0.58)
     "gspo": ["algo.loss=gspo", "rollout.temperature=0.7"],
     "cispo": ["algo.loss=cispo"],
+    # GMPO and SAPO average each response's tokens first, as GSPO: sampled at 0.7 as GSPO is
+    "gmpo": ["algo.loss=gmpo", "rollout.temperature=0.7"],
+    "sapo": ["algo.loss=sapo", "rollout.temperature=0.7"],
+    # Clip-Cov and KL-Cov: GRPO's token mean, with a few high-covariance tokens' gradients dropped or KL-penalised
+    "clip_cov": ["algo.loss=clip_cov"],
+    "kl_cov": ["algo.loss=kl_cov"],
 }
 
 # The demo's settings beside the defaults, chosen by measuring (runs on the 2-core machine): 4 prompts x 8 samples

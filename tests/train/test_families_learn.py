@@ -1,4 +1,4 @@
-"""Slow (estimated at half an hour on 2 cores): every algorithm family of `megarl demo` raises the training reward of the
+"""Slow (estimated at 45 minutes on 2 cores): every algorithm family of `megarl demo` raises the training reward of the
 bundled SmolLM2-135M-Instruct over its first steps, run through `megarl demo --algo all` as a user runs it.
 
 Over the first steps the reward rises as the responses lose the overlong penalty and then get right (README, "The
